@@ -1,0 +1,156 @@
+"""Training slices from ``galip-data`` output, preprocessed exactly as the runtime does.
+
+The chain is the runtime's own (galip.runtime.volume / geometry / intensity): load →
+canonical → slices along ``axis`` → resample in-plane to ``spacing`` → normalise (clipped
+to [0, 1]) → pad to a multiple of 32 → centre crop/pad to ``size`` × ``size``. What a
+model saw in training is therefore what ``galip-run`` feeds it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from galip.runtime.domains import Domain
+from galip.runtime.errors import ConfigError
+from galip.runtime.geometry import (inplane_spacing, pad_to_multiple, resample_slices,
+                                    to_canonical, volume2slices)
+from galip.runtime.intensity import fit_intensity, normalize
+from galip.runtime.volume import load_volume
+
+SIZE_MULTIPLE = 32
+
+
+def preprocess_config(size: int, *, axis: int = 2, spacing: float | None = None,
+                      percentiles: tuple[float, float] = (0.5, 99.5),
+                      min_foreground: float = 0.05) -> dict:
+    """The preprocessing settings stored in checkpoints and, later, the bundle manifest."""
+    return {"size": int(size), "axis": int(axis), "spacing": spacing,
+            "percentiles": list(percentiles), "size_multiple": SIZE_MULTIPLE,
+            "min_foreground": float(min_foreground)}
+
+
+def read_index(data_dir: str | Path) -> dict:
+    """Read ``index.json`` of a ``galip-data`` folder (one-line error if it is not one)."""
+    index_path = Path(data_dir) / "index.json"
+    if not index_path.is_file():
+        raise ConfigError(f"{data_dir} has no index.json; expected a folder written by galip-data")
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{index_path} is not valid JSON ({error.msg}); rewrite it with galip-data") from None
+    if not index.get("subjects"):
+        raise ConfigError(f"{index_path} lists no subjects; run galip-data with --subjects 1 or more")
+    return index
+
+
+def subject_file(data_dir: str | Path, subject: dict, domain: Domain) -> Path:
+    """Path of ``domain``'s volume for one ``index.json`` subject entry."""
+    files = subject.get("files", {})
+    name = files.get(domain.suffix) or files.get(domain.name)
+    if name is None:
+        raise ConfigError(f"subject {subject.get('id')} has no {domain.suffix} volume; "
+                          f"available: {', '.join(sorted(files)) or 'none'}")
+    return Path(data_dir) / name
+
+
+def split_unpaired(subjects: Sequence[dict], domains: Sequence[Domain]) -> dict[str, list[dict]]:
+    """Give each domain different subjects (round robin), so training is truly unpaired.
+
+    With fewer subjects than domains every domain gets every subject (a warning-worthy
+    but usable set-up for smoke tests).
+    """
+    if len(subjects) < len(domains):
+        return {d.name: list(subjects) for d in domains}
+    return {d.name: list(subjects[i::len(domains)]) for i, d in enumerate(domains)}
+
+
+def volume_slices(path: str | Path, domain: Domain, config: dict) -> np.ndarray:
+    """All slices of one volume with enough foreground: (n, size, size) float32 in [0, 1]."""
+    volume = load_volume(path)
+    data, affine, _ = to_canonical(volume.data, volume.affine)
+    axis = config["axis"]
+    stack = volume2slices(data, axis)
+    if config.get("spacing"):
+        stack, _ = resample_slices(stack, inplane_spacing(affine, axis),
+                                   (config["spacing"], config["spacing"]))
+    imap = fit_intensity(stack, domain.kind, percentiles=tuple(config["percentiles"]))
+    stack = normalize(stack, imap, clip=True)
+    stack, _ = pad_to_multiple(stack, config["size_multiple"])
+    stack = _centre_fit(stack, config["size"])
+    foreground = (stack > 0.05).mean(axis=(1, 2))
+    return np.ascontiguousarray(stack[foreground >= config["min_foreground"]], dtype=np.float32)
+
+
+def load_training_slices(data_dir: str | Path, domains: Sequence[Domain], size: int, *,
+                         axis: int = 2, spacing: float | None = None,
+                         split: str = "unpaired") -> dict[str, np.ndarray]:
+    """Slices per domain name, ``(n, size, size)`` float32 in [0, 1].
+
+    ``split="unpaired"`` gives each domain different subjects; ``"all"`` uses every
+    subject for every domain (diffusion trains on one domain, so it wants all of them).
+    """
+    index = read_index(data_dir)
+    config = preprocess_config(size, axis=axis, spacing=spacing)
+    if split == "unpaired":
+        assignment = split_unpaired(index["subjects"], domains)
+    elif split == "all":
+        assignment = {d.name: list(index["subjects"]) for d in domains}
+    else:
+        raise ValueError(f"split must be 'unpaired' or 'all', got {split!r}")
+    slices = {}
+    for domain in domains:
+        stacks = [volume_slices(subject_file(data_dir, s, domain), domain, config)
+                  for s in assignment[domain.name]]
+        stack = np.concatenate(stacks) if stacks else np.zeros((0, size, size), np.float32)
+        if len(stack) == 0:
+            raise ConfigError(f"no usable {domain.name} slices in {data_dir}; "
+                              "check the volumes hold brain signal")
+        slices[domain.name] = stack
+    return slices
+
+
+class SliceSampler:
+    """Random batches per domain, reproducible from ``seed`` and resumable.
+
+    Each domain has its own numpy Generator, so drawing for one domain does not shift
+    another's sequence; ``state_dict`` stores the generators' states as plain data.
+    """
+
+    def __init__(self, slices_by_domain: dict[str, np.ndarray], batch: int, seed: int):
+        if batch < 1:
+            raise ConfigError(f"batch size must be at least 1, got {batch}")
+        self.slices = slices_by_domain
+        self.batch = batch
+        seeds = np.random.SeedSequence(seed).spawn(len(slices_by_domain))
+        self._rngs = {name: np.random.default_rng(s) for name, s in zip(sorted(slices_by_domain), seeds)}
+
+    def sample(self, domain: str) -> np.ndarray:
+        """A batch ``(batch, 1, size, size)`` float32 drawn with replacement."""
+        stack = self.slices[domain]
+        rows = self._rngs[domain].integers(0, len(stack), size=self.batch)
+        return stack[rows][:, None]
+
+    def state_dict(self) -> dict:
+        return {name: json.dumps(rng.bit_generator.state) for name, rng in self._rngs.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, encoded in state.items():
+            self._rngs[name].bit_generator.state = json.loads(encoded)
+
+
+def _centre_fit(stack: np.ndarray, size: int) -> np.ndarray:
+    """Centre-crop or zero-pad the last two axes of ``stack`` to ``size`` × ``size``."""
+    out = np.zeros((stack.shape[0], size, size), dtype=stack.dtype)
+    src, dst = [], []
+    for n in stack.shape[1:]:
+        if n >= size:
+            start = (n - size) // 2
+            src.append(slice(start, start + size)); dst.append(slice(0, size))
+        else:
+            start = (size - n) // 2
+            src.append(slice(0, n)); dst.append(slice(start, start + n))
+    out[:, dst[0], dst[1]] = stack[:, src[0], src[1]]
+    return out
