@@ -1,16 +1,14 @@
-"""Shared plumbing for the typer CLIs: one-line errors, exit code 2, atomic writes."""
+"""Shared plumbing for the typer CLIs: one-line errors and exit code 2."""
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
-import tempfile
-from pathlib import Path
 from typing import Iterator
 
 import typer
 from rich.console import Console
 
+from .atomic import atomic_path  # noqa: F401  (re-exported for CLI modules)
 from .errors import GalipError
 
 err_console = Console(stderr=True)
@@ -18,7 +16,9 @@ err_console = Console(stderr=True)
 
 def fail(error: GalipError) -> "typer.Exit":
     """Print ``error`` as one line on stderr and return the exit to raise (code 2)."""
-    err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    err_console.print("[bold red]error:[/] ", end="")
+    # The message is plain text: markup off, so "[data]" in "pip install 'galip[data]'" survives.
+    err_console.print(str(error), markup=False, highlight=False, soft_wrap=True)
     return typer.Exit(code=error.exit_code)
 
 
@@ -29,29 +29,6 @@ def user_errors() -> Iterator[None]:
         yield
     except GalipError as error:
         raise fail(error) from None
-
-
-@contextlib.contextmanager
-def atomic_path(target: Path, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path in ``target``'s folder; rename it onto ``target`` on success.
-
-    Nothing is left behind on failure, so a reader never sees a half-written file.
-    ``suffix`` defaults to the target's full suffix (``.nii.gz`` stays ``.nii.gz`` so
-    writers that look at the extension behave).
-    """
-    target = Path(target)
-    if suffix is None:
-        suffix = "".join(target.suffixes) or ".tmp"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 def is_interactive() -> bool:

@@ -2,7 +2,7 @@
 
 Every error a user can cause is a ``GalipError``: its message is one line that says what
 was expected, what was found and how to fix it. The CLIs print that line and exit with
-code 2 (see :func:`galip.runtime.cli_support.run_cli`), never a traceback.
+code 2 (see :func:`galip.runtime.cli_support.user_errors`), never a traceback.
 """
 
 

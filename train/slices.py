@@ -1,9 +1,9 @@
 """Training slices from ``galip-data`` output, preprocessed exactly as the runtime does.
 
-The chain is the runtime's own (galip.runtime.volume / geometry / intensity): load →
-canonical → slices along ``axis`` → resample in-plane to ``spacing`` → normalise (clipped
-to [0, 1]) → pad to a multiple of 32 → centre crop/pad to ``size`` × ``size``. What a
-model saw in training is therefore what ``galip-run`` feeds it.
+The chain is the runtime's own (:mod:`galip.runtime.preprocess`): load → canonical →
+slices along ``axis`` → resample in-plane to ``spacing`` → normalise (clipped to [0, 1])
+→ pad to a multiple of 32; training then centre-crops/pads to ``size`` × ``size`` for
+fixed-size batches. What a model saw in training is therefore what ``galip-run`` feeds it.
 """
 from __future__ import annotations
 
@@ -15,21 +15,17 @@ import numpy as np
 
 from galip.runtime.domains import Domain
 from galip.runtime.errors import ConfigError
-from galip.runtime.geometry import (inplane_spacing, pad_to_multiple, resample_slices,
-                                    to_canonical, volume2slices)
-from galip.runtime.intensity import fit_intensity, normalize
+from galip.runtime.preprocess import PreprocessConfig, plan_volume
 from galip.runtime.volume import load_volume
-
-SIZE_MULTIPLE = 32
 
 
 def preprocess_config(size: int, *, axis: int = 2, spacing: float | None = None,
                       percentiles: tuple[float, float] = (0.5, 99.5),
                       min_foreground: float = 0.05) -> dict:
-    """The preprocessing settings stored in checkpoints and, later, the bundle manifest."""
-    return {"size": int(size), "axis": int(axis), "spacing": spacing,
-            "percentiles": list(percentiles), "size_multiple": SIZE_MULTIPLE,
-            "min_foreground": float(min_foreground)}
+    """The preprocessing settings stored in checkpoints and, later, the bundle manifest:
+    the runtime's :class:`PreprocessConfig` plus the training crop size and slice filter."""
+    config = PreprocessConfig(axis=axis, spacing=spacing, percentiles=tuple(percentiles))
+    return {**config.to_dict(), "size": int(size), "min_foreground": float(min_foreground)}
 
 
 def read_index(data_dir: str | Path) -> dict:
@@ -70,16 +66,8 @@ def split_unpaired(subjects: Sequence[dict], domains: Sequence[Domain]) -> dict[
 def volume_slices(path: str | Path, domain: Domain, config: dict) -> np.ndarray:
     """All slices of one volume with enough foreground: (n, size, size) float32 in [0, 1]."""
     volume = load_volume(path)
-    data, affine, _ = to_canonical(volume.data, volume.affine)
-    axis = config["axis"]
-    stack = volume2slices(data, axis)
-    if config.get("spacing"):
-        stack, _ = resample_slices(stack, inplane_spacing(affine, axis),
-                                   (config["spacing"], config["spacing"]))
-    imap = fit_intensity(stack, domain.kind, percentiles=tuple(config["percentiles"]))
-    stack = normalize(stack, imap, clip=True)
-    stack, _ = pad_to_multiple(stack, config["size_multiple"])
-    stack = _centre_fit(stack, config["size"])
+    plan, raw = plan_volume(volume.data, volume.affine, domain.kind, PreprocessConfig.from_dict(config))
+    stack = _centre_fit(plan.prepare(raw), config["size"])
     foreground = (stack > 0.05).mean(axis=(1, 2))
     return np.ascontiguousarray(stack[foreground >= config["min_foreground"]], dtype=np.float32)
 

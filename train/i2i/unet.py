@@ -9,12 +9,13 @@ attention, no gradient-checkpointing autograd Function, any H, W multiple of 2^(
 
 Reference configuration (DESIGN.md): base 32, multipliers (1, 1, 2, 2, 4, 4), 2 res
 blocks, attention at downsample factors 8/16/32 + middle, 32 channels per head,
-context 512, 4 classes → 13,242,881 parameters (context 768 → 14,127,617).
+context 512, 3 class rows (T1/T2/PD, IXI) → 13,242,881 parameters (context 768 →
+14,127,617). The class embedding is indexed by ``Domain.class_id`` of the runtime's
+domain registry, so it has ``max(class_id) + 1`` rows for the trained domains.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ class UNetConfig:
     head_channels: int = 32
     transformer_depth: int = 1
     context_dim: int = 512
-    n_classes: int = 4          # rows of the class embedding (one per known domain)
+    n_classes: int = 3          # rows of the class embedding: max(Domain.class_id) + 1
     groups: int = 32            # GroupNorm groups
     dropout: float = 0.0
 

@@ -1,0 +1,297 @@
+"""LMI as an ONNX model-local function ``galip::LMI`` built from standard ops only.
+
+One operator, three implementations (DESIGN.md, "The LMI operator"): this is the portable
+one. It runs in onnxruntime on CPU through the function body; TensorRT (>= 10.7 prefers a
+registered plugin over a local function of the same name) maps the very same node to the
+CUDA plugin of :mod:`galip.export.tensorrt.lmi_plugin` through ``op_type`` + the
+``plugin_namespace`` attribute.
+
+Contract, with the ONNX ops that implement each step of the function body:
+
+1. soft-bin every pixel, w_a(v) = exp(−(v − c_a)² / 2σ²) / Σ_b exp(−(v − c_b)² / 2σ²),
+   c = linspace(0, 1, B): ``Softmax`` over the bin axis of −(v − c)²/2σ², (N, B, H, W);
+2. per offset τ = (dy, dx) ∈ [−r, r]², row-major from (−r, −r): shift Y's weights, Y and an
+   all-ones validity mask by τ with ``Pad`` (zeros, once) + ``Slice``; out-of-image samples
+   get all-zero weights, so they are absent, never intensity 0;
+3. joint P_τ(a, b)(i) = Σ_j w_a(X_j) w_b(Y_{j+τ}) / #pairs over the p × p patch around i
+   with both j and j + τ inside: outer product ``Mul`` → (N, B·B, H, W), box mean with
+   ``AveragePool`` (count_include_pad=1, zero padding drops j outside) over the box mean of
+   the shifted mask (the same 1/p² cancels);
+4. marginals from that joint (sums over b and over a: one 1×1 ``Conv`` with 0/1 weights),
+   entropies −Σ p log p guarded as p·log(max(p, 1e-30)) (0·log 0 = 0), MI = H_X + H_Y − H_XY
+   = Σ P log(P / P_X P_Y), NMI = 2·MI / (H_X + H_Y);
+5. stack the T = (2r + 1)² maps (N, T, H, W), ``ArgMax`` (select_last_index=0: ties go to
+   the first offset), and ``GatherElements`` the LMI and the shifted Y (0 outside) there.
+
+Edge cases the contract leaves open, decided here (and shared by the reference loop in the
+tests): an offset with no valid pair in the patch (only possible when r > p // 2) has an
+empty histogram, MI = 0; NMI with H_X + H_Y = 0 (both patches constant) is 0.
+
+Parameters are baked into the body at construction (model settings stored in the
+manifest). The node still carries them, plus ``plugin_namespace`` and ``aot``, as
+attributes: the TensorRT parser hands node attributes to the plugin, and the function
+declares every one of them with its baked value as default so onnxruntime accepts the call
+(:func:`check_lmi_nodes` rejects a node whose attributes disagree with its function).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from galip.runtime.errors import ConfigError
+
+DOMAIN = "galip"                 # ONNX domain of the function and the node
+OP_TYPE = "LMI"                  # == TensorRT plugin name ("galip::LMI")
+PLUGIN_NAMESPACE = "galip"       # == TensorRT plugin namespace
+DEFAULT_OPSET = 17
+MIN_OPSET = 13                   # Softmax(axis), ReduceSum/Unsqueeze axes-as-input
+MIN_IR_VERSION = 9               # FunctionProto.attribute_proto (attribute defaults)
+LMI_DEFAULTS = {"patch": 3, "radius": 1, "bins": 27, "sigma": 8 / 255, "normalize": True}
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def lmi_params(patch: int = 3, radius: int = 1, bins: int = 27, sigma: float = 8 / 255,
+               normalize: bool = True) -> dict:
+    """Checked LMI parameters as a plain dict (the manifest's ``lmi`` settings)."""
+    if int(patch) != patch or patch < 1 or patch % 2 == 0:
+        raise ConfigError(f"LMI patch must be an odd positive integer, got {patch!r}")
+    if int(radius) != radius or radius < 0:
+        raise ConfigError(f"LMI radius must be an integer >= 0, got {radius!r}")
+    if int(bins) != bins or bins < 2:
+        raise ConfigError(f"LMI bins must be an integer >= 2, got {bins!r}")
+    if not sigma > 0:
+        raise ConfigError(f"LMI sigma must be > 0, got {sigma!r}")
+    return {"patch": int(patch), "radius": int(radius), "bins": int(bins),
+            "sigma": float(np.float32(sigma)), "normalize": bool(normalize)}
+
+
+def offsets(radius: int) -> list[tuple[int, int]]:
+    """The T = (2r + 1)² offsets (dy, dx) in the contract's row-major order from (−r, −r)."""
+    return [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
+
+
+class _Body:
+    """Collects the nodes of a function body and hands out fresh value names."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self._count = 0
+
+    def op(self, op_type: str, *inputs: str, **attrs) -> str:
+        self._count += 1
+        out = f"{op_type.lower()}_{self._count}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+    def const(self, value, dtype=np.float32) -> str:
+        self._count += 1
+        out = f"const_{self._count}"
+        tensor = numpy_helper.from_array(np.asarray(value, dtype=dtype), name=out)
+        self.nodes.append(helper.make_node("Constant", [], [out], value=tensor))
+        return out
+
+
+def _sum_plogp(g: _Body, p: str, channels: int) -> str:
+    """Σ_channels p log p of (N, C, H, W) → (N, 1, H, W), with 0·log 0 = 0.
+
+    The guard is log(max(p, 1e-30)): exact at p = 0, and below 1e-30 the term is < 1e-28.
+    The channel sum is a 1×1 Conv with ones (a GEMM, much faster than ReduceSum here).
+    """
+    plogp = g.op("Mul", p, g.op("Log", g.op("Max", p, g.const(1e-30))))
+    return g.op("Conv", plogp, g.const(np.ones((1, channels, 1, 1))))
+
+
+def _function_attributes(params: dict) -> list[onnx.AttributeProto]:
+    """The node attributes the function accepts, with the baked values as defaults."""
+    return [helper.make_attribute("patch", params["patch"]),
+            helper.make_attribute("radius", params["radius"]),
+            helper.make_attribute("bins", params["bins"]),
+            helper.make_attribute("sigma", params["sigma"]),
+            helper.make_attribute("normalize", int(params["normalize"])),
+            helper.make_attribute("plugin_namespace", PLUGIN_NAMESPACE),
+            helper.make_attribute("aot", 1)]
+
+
+def lmi_function_proto(patch: int = 3, radius: int = 1, bins: int = 27,
+                       sigma: float = 8 / 255, normalize: bool = True,
+                       opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
+    """The ``galip::LMI`` local function: X, Y (N, 1, H, W) float32 → lmi, y_at (N, 1, H, W).
+
+    N, H, W are dynamic; the parameters are baked in. ``opset`` is the default-domain opset
+    the body is written for (>= 13; it must equal the opset of the model that holds it).
+    """
+    params = lmi_params(patch, radius, bins, sigma, normalize)
+    if opset < MIN_OPSET:
+        raise ConfigError(f"the LMI function needs ONNX opset >= {MIN_OPSET}, got {opset}")
+    p, r, B = params["patch"], params["radius"], params["bins"]
+    g = _Body()
+
+    # Shape (N, B·B, H, W) of the flattened joint.
+    shape_x = g.op("Shape", "X")
+    n_ = g.op("Slice", shape_x, g.const([0], np.int64), g.const([1], np.int64))
+    hw_ = g.op("Slice", shape_x, g.const([2], np.int64), g.const([4], np.int64))
+    shape_joint = g.op("Concat", n_, g.const([B * B], np.int64), hw_, axis=0)
+
+    # 1. Soft-bin weights (N, B, H, W): softmax over bins of −(v − c)² / 2σ².
+    centres = g.const(np.linspace(0.0, 1.0, B, dtype=np.float32).reshape(1, B, 1, 1))
+    neg_inv_two_var = g.const(-1.0 / (2.0 * params["sigma"] ** 2))
+
+    def soft_bin(v: str) -> str:
+        d = g.op("Sub", v, centres)
+        return g.op("Softmax", g.op("Mul", g.op("Mul", d, d), neg_inv_two_var), axis=1)
+
+    w_x, w_y = soft_bin("X"), soft_bin("Y")
+
+    # 2. Zero-pad Y, its weights and the validity mask by r once; each offset is a Slice.
+    pads = g.const([0, 0, r, r, 0, 0, r, r], np.int64)
+    ones = g.op("ConstantOfShape", shape_x,
+                value=numpy_helper.from_array(np.ones(1, np.float32)))
+    y_pad, w_y_pad, mask_pad = (g.op("Pad", v, pads) for v in ("Y", w_y, ones))
+    w_x5 = g.op("Unsqueeze", w_x, g.const([2], np.int64))             # (N, B, 1, H, W)
+    axes_hw = g.const([2, 3], np.int64)
+    pool = {"kernel_shape": [p, p], "pads": [p // 2] * 4, "strides": [1, 1],
+            "count_include_pad": 1}
+    tiny = g.const(0.5 / (p * p))        # below any non-empty pair count / p²
+    zero, one, two = g.const(0.0), g.const(1.0), g.const(2.0)
+    w_marg = np.zeros((2 * B, B, B, 1, 1), np.float32)
+    for a in range(B):
+        w_marg[a, a, :] = 1.0            # P_X(a) = Σ_b P(a, b)
+        w_marg[B + a, :, a] = 1.0        # P_Y(a) = Σ_b P(b, a)
+    w_marg = g.const(w_marg.reshape(2 * B, B * B, 1, 1))
+    mi_maps, y_shifted = [], []
+    for dy, dx in offsets(r):
+        # Slice [r + d, r + d + size) of the padded axis, i.e. end = −(r − d) or "to the end".
+        starts = g.const([r + dy, r + dx], np.int64)
+        ends = g.const([-(r - d) if r - d > 0 else _INT64_MAX for d in (dy, dx)], np.int64)
+        shift = lambda v: g.op("Slice", v, starts, ends, axes_hw)     # noqa: E731
+        y_s, w_y_s, mask_s = shift(y_pad), shift(w_y_pad), shift(mask_pad)
+        y_shifted.append(y_s)
+
+        # 3. Joint histogram over the valid pairs of the patch, kept as S = Σ_pairs / p²
+        #    (N, B·B, H, W) and c = #pairs / p² (N, 1, H, W): P = S / c.
+        outer = g.op("Mul", w_x5, g.op("Unsqueeze", w_y_s, g.const([1], np.int64)))
+        s_joint = g.op("AveragePool", g.op("Reshape", outer, shape_joint), **pool)
+        count = g.op("AveragePool", mask_s, **pool)
+        c_safe = g.op("Max", count, tiny)
+
+        # 4. Marginals of that joint: sums over b (P_X) and over a (P_Y) as one 1×1 Conv
+        #    with 0/1 weights (2B, B·B) (a ReduceSum over the reshaped (N, B, B, H, W)).
+        #    H_X + H_Y = −Σ p log p over those 2B channels; with Σ_ab S = c,
+        #    H_XY = −Σ P log P = log c − Σ S log S / c (no division of the B·B tensor).
+        marg = g.op("Div", g.op("Conv", s_joint, w_marg), c_safe)       # (N, 2B, H, W)
+        h_marg = g.op("Neg", _sum_plogp(g, marg, 2 * B))
+        h_xy = g.op("Sub", g.op("Log", c_safe), g.op("Div", _sum_plogp(g, s_joint, B * B), c_safe))
+        mi = g.op("Sub", h_marg, h_xy)
+        if params["normalize"]:
+            # NMI = 2·MI / (H_X + H_Y); 0 where both patches are constant (H_X + H_Y = 0).
+            positive = g.op("Greater", h_marg, zero)
+            safe = g.op("Where", positive, h_marg, one)
+            mi = g.op("Where", positive, g.op("Div", g.op("Mul", mi, two), safe), zero)
+        # An offset without any valid pair has an empty histogram: MI = 0.
+        mi = g.op("Where", g.op("Greater", count, zero), mi, zero)
+        mi_maps.append(mi)                                               # (N, 1, H, W)
+
+    # 5. Max over offsets, first index on ties; y_at = Y at the arg-max offset (0 outside).
+    mi_stack = g.op("Concat", *mi_maps, axis=1)                          # (N, T, H, W)
+    y_stack = g.op("Concat", *y_shifted, axis=1)
+    best = g.op("ArgMax", mi_stack, axis=1, keepdims=1, select_last_index=0)
+    g.nodes.append(helper.make_node("GatherElements", [mi_stack, best], ["lmi"], axis=1))
+    g.nodes.append(helper.make_node("GatherElements", [y_stack, best], ["y_at"], axis=1))
+
+    doc = (f"galip LMI (DESIGN.md contract): patch={p} radius={r} bins={B} "
+           f"sigma={params['sigma']!r} normalize={params['normalize']}")
+    return helper.make_function(
+        DOMAIN, OP_TYPE, ["X", "Y"], ["lmi", "y_at"], g.nodes,
+        [helper.make_opsetid("", opset)],
+        attribute_protos=_function_attributes(params), doc_string=doc)
+
+
+def lmi_node(x: str, y: str, outputs: tuple[str, str] = ("lmi", "y_at"), name: str | None = None,
+             **params) -> onnx.NodeProto:
+    """A call of ``galip::LMI`` on value names ``x``, ``y`` → ``outputs`` (lmi, y_at).
+
+    Carries the LMI parameters, ``plugin_namespace="galip"`` and ``aot=1`` as attributes:
+    TensorRT maps the node to the plugin by op_type + namespace (and picks its AOT kernel);
+    onnxruntime runs the function body, whose declared attributes these are.
+    """
+    attrs = {a.name: helper.get_attribute_value(a)
+             for a in _function_attributes(lmi_params(**params))}
+    return helper.make_node(OP_TYPE, [x, y], list(outputs), name=name or f"{OP_TYPE}_{x}_{y}",
+                            domain=DOMAIN, **attrs)
+
+
+def _opset_of(model: onnx.ModelProto, domain: str) -> int | None:
+    return next((o.version for o in model.opset_import if o.domain == domain), None)
+
+
+def _baked_params(function: onnx.FunctionProto) -> dict:
+    """The parameters a ``galip::LMI`` function was built with (its attribute defaults)."""
+    values = {a.name: helper.get_attribute_value(a) for a in function.attribute_proto}
+    values["normalize"] = bool(values["normalize"])
+    return {k: values[k] for k in LMI_DEFAULTS}
+
+
+def add_lmi_function(model: onnx.ModelProto, params: dict | None = None) -> onnx.ModelProto:
+    """Add the ``galip::LMI`` function (and the 'galip' opset import) to ``model`` in place.
+
+    The function is written for the model's default-domain opset; the IR version is raised
+    to >= 9 (function attribute defaults). A model holds one LMI setting: an existing
+    ``galip::LMI`` function with other parameters is an error. Returns ``model``.
+    """
+    params = lmi_params(**{**LMI_DEFAULTS, **(params or {})})
+    opset = _opset_of(model, "")
+    if opset is None or opset < MIN_OPSET:
+        raise ConfigError(f"the LMI function needs a model with default-domain opset >= "
+                          f"{MIN_OPSET}, got {opset}; export the model with a newer opset")
+    for existing in model.functions:
+        if (existing.domain, existing.name) == (DOMAIN, OP_TYPE):
+            if _baked_params(existing) != params:
+                raise ConfigError(f"model already holds galip::LMI with {_baked_params(existing)}, "
+                                  f"asked for {params}; one LMI setting per model")
+            return model
+    model.functions.append(lmi_function_proto(**params, opset=opset))
+    if _opset_of(model, DOMAIN) is None:
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    model.ir_version = max(model.ir_version, MIN_IR_VERSION)
+    return model
+
+
+def check_lmi_nodes(model: onnx.ModelProto) -> None:
+    """Raise ConfigError where a ``galip::LMI`` node's attributes disagree with its function.
+
+    onnxruntime runs the baked body whatever the node says, while TensorRT's plugin reads
+    the node: the two must not drift apart.
+    """
+    function = next((f for f in model.functions if (f.domain, f.name) == (DOMAIN, OP_TYPE)), None)
+    nodes = [n for n in model.graph.node if (n.domain, n.op_type) == (DOMAIN, OP_TYPE)]
+    if nodes and function is None:
+        raise ConfigError("model has galip::LMI nodes but no galip::LMI function; "
+                          "call add_lmi_function(model, params)")
+    for node in nodes:
+        given = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        for a in function.attribute_proto:
+            want = helper.get_attribute_value(a)
+            got = given.get(a.name, want)
+            if isinstance(want, bytes):
+                same = got == want
+            else:
+                same = np.isclose(float(got), float(want), rtol=1e-6, atol=0)
+            if not same:
+                raise ConfigError(f"LMI node {node.name!r}: attribute {a.name}={got!r} but its "
+                                  f"function was built with {want!r}; rebuild the node")
+
+
+def lmi_model(patch: int = 3, radius: int = 1, bins: int = 27, sigma: float = 8 / 255,
+              normalize: bool = True, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """Standalone model x, y (N, 1, H, W) float32 → lmi, y_at (N, 1, H, W) through galip::LMI."""
+    params = lmi_params(patch, radius, bins, sigma, normalize)
+    dims = ["N", 1, "H", "W"]
+    graph = helper.make_graph(
+        [lmi_node("x", "y", ("lmi", "y_at"), name="lmi", **params)], "galip_lmi",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims) for n in ("x", "y")],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims) for n in ("lmi", "y_at")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              ir_version=MIN_IR_VERSION, producer_name="galip")
+    add_lmi_function(model, params)
+    return model

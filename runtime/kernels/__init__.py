@@ -1,0 +1,1 @@
+"""Kernel sources (C++/CUDA) compiled on first use; see :mod:`galip.runtime.lmi_native`."""

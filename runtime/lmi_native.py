@@ -1,0 +1,202 @@
+"""Native (C++/OpenMP) LMI kernel: built on first use, loaded with ctypes; numpy only.
+
+The kernel computes the local-wise mutual information of the MIDiffusion paper (Sec. 4.2,
+Eq. 8 and 11) under the galip contract (DESIGN.md, "The LMI operator"); the per-pixel math
+lives in ``kernels/lmi.cuh`` and is shared with the CUDA kernel of the TensorRT plugin.
+
+Build: ``$CXX`` (else ``g++``) ``-O3 -march=native -fopenmp -shared -fPIC`` compiles
+``kernels/lmi_host.cpp`` into ``$GALIP_CACHE`` (else ``~/.cache/galip/kernels/``); the file
+name carries a sha256 of the sources, compiler, flags and CPU, so an edited source or another
+machine sharing the home folder gets its own build. The library is compiled to a temporary
+file and renamed into place, which is safe when several processes build at once.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BackendError, ConfigError
+
+__all__ = ["lmi_numpy", "native_available", "check_lmi_args", "support_radius", "library_path"]
+
+KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
+SOURCES = ("lmi.cuh", "lmi_host.cpp")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_build_error: BackendError | None = None
+
+
+def check_lmi_args(x_shape, y_shape, patch, radius, bins, sigma) -> None:
+    """Raise ``ConfigError`` (one line) unless x, y are (N, 1, H, W) alike and the params valid.
+
+    patch: odd int >= 1; radius: int >= 0; bins: int >= 2; sigma: float > 0.
+    """
+    x_shape, y_shape = tuple(x_shape), tuple(y_shape)
+    if len(x_shape) != 4 or x_shape[1] != 1:
+        raise ConfigError(f"LMI expects x of shape (N, 1, H, W), got {x_shape}; add the channel axis")
+    if x_shape != y_shape:
+        raise ConfigError(f"LMI expects x and y of the same shape, got {x_shape} and {y_shape}")
+    if x_shape[2] < 1 or x_shape[3] < 1:
+        raise ConfigError(f"LMI expects H, W >= 1, got {x_shape}")
+    if not isinstance(patch, int) or patch < 1 or patch % 2 == 0:
+        raise ConfigError(f"LMI patch must be an odd int >= 1, got {patch!r}")
+    if not isinstance(radius, int) or radius < 0:
+        raise ConfigError(f"LMI radius must be an int >= 0, got {radius!r}")
+    if not isinstance(bins, int) or bins < 2:
+        raise ConfigError(f"LMI bins must be an int >= 2, got {bins!r}")
+    if not float(sigma) > 0.0:
+        raise ConfigError(f"LMI sigma must be > 0, got {sigma!r}")
+
+
+def _compiler() -> list[str]:
+    """The C++ compiler command: $CXX (may carry flags) or g++; BackendError when absent."""
+    cxx = shlex.split(os.environ.get("CXX", "")) or ["g++"]
+    if shutil.which(cxx[0]) is None:
+        raise BackendError(
+            f"LMI native kernel needs a C++ compiler, found none at {cxx[0]!r} "
+            "(set $CXX or install g++); lmi() falls back to the dense PyTorch path")
+    return cxx
+
+
+def _cpu_tag() -> str:
+    """CPU identity for the cache key (-march=native builds must not travel between CPUs)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("GALIP_CACHE")
+    return Path(root) / "kernels" if root else Path.home() / ".cache" / "galip" / "kernels"
+
+
+def library_path() -> Path:
+    """Where the library for these sources, this compiler, these flags and this CPU lives."""
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update((KERNEL_DIR / name).read_bytes())
+    digest.update(" ".join(_compiler() + list(FLAGS)).encode())
+    digest.update(_cpu_tag().encode())
+    return _cache_dir() / f"lmi_host-{digest.hexdigest()[:20]}.so"
+
+
+def _build(target: Path) -> None:
+    """Compile lmi_host.cpp into a temporary file beside ``target``, then rename it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem + ".", suffix=".tmp")
+    os.close(fd)
+    cmd = _compiler() + list(FLAGS) + ["-o", tmp, str(KERNEL_DIR / "lmi_host.cpp")]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            first = (proc.stderr.strip().splitlines() or ["no output"])[0]
+            raise BackendError(f"LMI native kernel failed to compile ({shlex.join(cmd)}): {first}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> ctypes.CDLL:
+    """Build (once per source/compiler/CPU) and load the library; BackendError on failure."""
+    global _lib, _build_error
+    with _lock:
+        if _lib is not None:
+            return _lib
+        if _build_error is not None:
+            raise _build_error
+        try:
+            path = library_path()
+            if not path.exists():
+                _build(path)
+            lib = ctypes.CDLL(str(path))
+        except BackendError as error:
+            _build_error = error
+            raise
+        except OSError as error:
+            _build_error = BackendError(f"LMI native kernel could not be built or loaded: {error}")
+            raise _build_error from error
+        f32 = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
+        i32 = np.ctypeslib.ndpointer(np.int32, flags="C_CONTIGUOUS")
+        lib.galip_lmi_host.restype = ctypes.c_int
+        lib.galip_lmi_host.argtypes = (
+            [f32, f32] + [ctypes.c_int] * 6 + [ctypes.c_float] + [ctypes.c_int] * 2 + [f32, f32, i32])
+        lib.galip_lmi_support_radius_host.restype = ctypes.c_int
+        lib.galip_lmi_support_radius_host.argtypes = [ctypes.c_int, ctypes.c_float]
+        _lib = lib
+        return lib
+
+
+def native_available() -> bool:
+    """True when the native kernel is built (building it now if needed) and loads."""
+    try:
+        _load()
+    except BackendError:
+        return False
+    return True
+
+
+def support_radius(bins: int = 27, sigma: float = 8 / 255) -> int:
+    """Truncation radius K (bins) the kernel keeps around each sample's nearest centre."""
+    return int(_load().galip_lmi_support_radius_host(bins, sigma))
+
+
+def _default_threads() -> int:
+    env = os.environ.get("GALIP_NUM_THREADS")
+    if env:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def lmi_numpy(x: np.ndarray, y: np.ndarray, patch: int = 3, radius: int = 1, bins: int = 27,
+              sigma: float = 8 / 255, normalize: bool = True, *, num_threads: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Local-wise (normalised) mutual information of x against y with the native kernel.
+
+    Args:
+        x, y: (N, 1, H, W) arrays (cast to float32), values in [0, 1] (values outside soft-bin
+            like the nearest edge bin).
+        patch: odd patch side p (default 3); radius: search radius r, (2r+1)^2 offsets
+            (default 1); bins: B soft bins, centres linspace(0, 1, B) (default 27); sigma:
+            Gaussian width (default 8/255); normalize: NMI = 2 MI / (H_X + H_Y) (default True).
+        num_threads: OpenMP threads; default $GALIP_NUM_THREADS or the usable cores.
+
+    Returns:
+        lmi_map (N, 1, H, W) float32; y_at (N, 1, H, W) float32, y at the arg-max offset (0
+        where it falls outside the image); offset_index (N, 1, H, W) int32, row-major index
+        of the arg-max offset, 0 = (-r, -r) (ties, |dMI| <= 1e-6, go to the first offset).
+    """
+    check_lmi_args(np.shape(x), np.shape(y), patch, radius, bins, sigma)
+    lib = _load()
+    x32 = np.ascontiguousarray(x, dtype=np.float32)
+    y32 = np.ascontiguousarray(y, dtype=np.float32)
+    n, _, h, w = x32.shape
+    lmi = np.empty((n, 1, h, w), np.float32)
+    y_at = np.empty((n, 1, h, w), np.float32)
+    index = np.empty((n, 1, h, w), np.int32)
+    threads = _default_threads() if num_threads is None else int(num_threads)
+    code = lib.galip_lmi_host(x32, y32, n, h, w, patch, radius, bins, float(sigma),
+                              int(bool(normalize)), threads, lmi, y_at, index)
+    if code == -1:
+        raise BackendError(f"LMI native kernel ran out of memory for input of shape {x32.shape}")
+    if code != 0:
+        raise ConfigError(f"LMI native kernel rejected its parameters (code {code})")
+    return lmi, y_at, index

@@ -1,0 +1,316 @@
+"""MIDiffusion: score network, schedule, conditioning, samplers, training, CLI.
+
+Tiny networks on 16² inputs and a cheap stand-in for the LMI operator keep these at
+seconds on a shared 2-core machine; the real operator is exercised in
+test_diffusion_lmi.py.
+"""
+from __future__ import annotations
+
+import io
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import typer
+from typer.testing import CliRunner
+
+from galip.train.midiffusion import conditioning, samplers
+from galip.train.midiffusion.cli import diffusion
+from galip.train.midiffusion.conditioning import LMIConfig, LMIDenoiser
+from galip.train.midiffusion.schedule import DDPMSchedule, ddim_timesteps, q_sample
+from galip.train.midiffusion.scorenet import ScoreNet, ScoreNetConfig, count_parameters
+from galip.train.midiffusion.trainer import load_denoiser, train_diffusion
+
+TINY = ScoreNetConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, attention_ds=(2,), groups=4)
+SHORT = DDPMSchedule(num_timesteps=12, beta_start=1e-3, beta_end=0.3)
+
+
+def fake_lmi(x, y, config):
+    """Cheap stand-in with the operator's shape and dependence on both inputs."""
+    return F.avg_pool2d(1.0 - (x - y).abs(), 3, 1, 1, count_include_pad=False)
+
+
+@pytest.fixture(autouse=True)
+def stub_lmi(monkeypatch):
+    monkeypatch.setattr(conditioning, "lmi_map", fake_lmi)
+
+
+@pytest.fixture
+def slices():
+    rng = np.random.default_rng(0)
+    base = rng.random((6, 4, 4)).astype(np.float32)
+    return np.kron(base, np.ones((4, 4), np.float32))      # (6, 16, 16) blocky "anatomy"
+
+
+def tiny_denoiser(seed=0):
+    torch.manual_seed(seed)
+    return LMIDenoiser(ScoreNet(TINY)).eval()
+
+
+# ---------------------------------------------------------------- score network
+def test_reference_network_has_8950913_parameters():
+    assert count_parameters(ScoreNet(ScoreNetConfig())) == 8_950_913
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (16, 24), (40, 32)])
+def test_reference_network_any_multiple_of_8(hw):
+    net = ScoreNet().eval()
+    with torch.no_grad():
+        out = net(torch.randn(2, 3, *hw), torch.tensor([0, 999]))
+    assert out.shape == (2, 1, *hw)
+
+
+def test_network_refuses_sizes_off_the_multiple():
+    with pytest.raises(ValueError, match="multiples of 8"):
+        ScoreNet()(torch.randn(1, 3, 12, 16), torch.tensor([1]))
+
+
+def test_config_round_trips_through_json():
+    config = ScoreNetConfig()
+    assert ScoreNetConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert DDPMSchedule.from_dict(json.loads(json.dumps(SHORT.to_dict()))) == SHORT
+    assert LMIConfig.from_dict(json.loads(json.dumps(LMIConfig().to_dict()))) == LMIConfig()
+
+
+# ---------------------------------------------------------------- schedule
+def test_linear_schedule_endpoints():
+    schedule = DDPMSchedule()
+    assert schedule.betas[0] == pytest.approx(1e-4) and schedule.betas[-1] == pytest.approx(0.02)
+    assert float(schedule.alphas_cumprod[-1]) == pytest.approx(4.04e-5, rel=0.01)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 10, 1000])
+def test_ddim_timesteps_start_at_pure_noise_and_descend(steps):
+    ts = ddim_timesteps(1000, steps)
+    assert len(ts) == steps and ts[0] == 999 and ts[-1] >= 0
+    assert all(a > b for a, b in zip(ts, ts[1:]))
+    if steps == 1000:
+        assert ts == list(range(999, -1, -1))
+
+
+# ---------------------------------------------------------------- update rules
+def _pairs():
+    return [(11, 10), (11, 7), (5, 4), (3, 0), (0, -1), (4, -1)]
+
+
+@pytest.mark.parametrize("clip_x0", [False, True])
+@pytest.mark.parametrize("t,t_prev", _pairs())
+def test_ddim_with_eta_1_is_the_ddpm_ancestral_step(t, t_prev, clip_x0):
+    g = torch.Generator().manual_seed(t * 31 + t_prev)
+    x_t, eps, noise = (torch.randn(2, 1, 4, 4, generator=g) * 1.5 for _ in range(3))
+    ab = SHORT.alphas_cumprod
+    tt, tp = torch.tensor([t]), torch.tensor([t_prev])
+    ddim = samplers.ddim_update(eps, x_t, tt, tp, noise, ab, eta=1.0, clip_x0=clip_x0)
+    ddpm = samplers.ddpm_update(eps, x_t, tt, tp, noise, ab, clip_x0=clip_x0)
+    torch.testing.assert_close(ddim.prev_sample, ddpm.prev_sample, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ddim.pred_original_sample, ddpm.pred_original_sample)
+
+
+def test_ddpm_step_variance_is_the_posterior_variance():
+    ab, betas = SHORT.alphas_cumprod.double(), SHORT.betas
+    x_t, eps = torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4)
+    for t in range(1, 12):
+        tt, tp = torch.tensor([t]), torch.tensor([t - 1])
+        a = samplers.ddpm_update(eps, x_t, tt, tp, torch.zeros_like(x_t), SHORT.alphas_cumprod, clip_x0=False)
+        b = samplers.ddpm_update(eps, x_t, tt, tp, torch.ones_like(x_t), SHORT.alphas_cumprod, clip_x0=False)
+        beta_tilde = (1 - ab[t - 1]) / (1 - ab[t]) * betas[t]            # Ho et al. Eq. 7
+        assert float((b.prev_sample - a.prev_sample).mean()) == pytest.approx(float(beta_tilde.sqrt()), rel=1e-4)
+
+
+@pytest.mark.parametrize("t,t_prev", _pairs())
+def test_ddim_eta_0_with_the_true_noise_stays_on_the_trajectory(t, t_prev):
+    x0 = torch.rand(2, 1, 4, 4) * 2 - 1
+    eps = torch.randn(2, 1, 4, 4)
+    ab = SHORT.alphas_cumprod
+    x_t = q_sample(x0, torch.tensor([t]), eps, ab)
+    out = samplers.ddim_update(eps, x_t, torch.tensor([t]), torch.tensor([t_prev]),
+                               torch.randn_like(x0) * 100, ab, eta=0.0)
+    expected = x0 if t_prev < 0 else q_sample(x0, torch.tensor([t_prev]), eps, ab)
+    torch.testing.assert_close(out.prev_sample, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.pred_original_sample, x0, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- samplers
+def test_ddim_with_T_steps_and_eta_1_equals_ancestral_sampling():
+    model, source = tiny_denoiser(), torch.rand(2, 1, 16, 16)
+    ddpm = samplers.sample_ddpm(model, source, SHORT, generator=torch.Generator().manual_seed(3))
+    ddim = samplers.sample_ddim(model, source, SHORT, SHORT.num_timesteps, eta=1.0,
+                                generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(ddim, ddpm, atol=1e-5, rtol=1e-5)
+    assert ddpm.shape == source.shape and 0 <= ddpm.min() and ddpm.max() <= 1
+
+
+def test_samplers_are_deterministic_by_seed():
+    model, source = tiny_denoiser(), torch.rand(1, 1, 16, 16)
+
+    def run(seed, eta):
+        return samplers.sample_ddim(model, source, DDPMSchedule(), 3, eta=eta,
+                                    generator=torch.Generator().manual_seed(seed))
+    for eta in (0.0, 1.0):
+        assert torch.equal(run(0, eta), run(0, eta))
+        assert not torch.equal(run(0, eta), run(1, eta))
+
+
+def test_translate_slices_keeps_type_and_shape():
+    model = tiny_denoiser()
+    sources = np.random.default_rng(0).random((3, 16, 16)).astype(np.float32)
+    out = samplers.translate_slices(model, sources, steps=2, seed=5, batch_size=2)
+    again = samplers.translate_slices(model, sources, steps=2, seed=5, batch_size=2)
+    assert isinstance(out, np.ndarray) and out.shape == sources.shape
+    np.testing.assert_array_equal(out, again)
+    as_tensor = samplers.translate_slices(model, torch.from_numpy(sources)[:, None], sampler="ddpm",
+                                          schedule=SHORT, seed=5)
+    assert isinstance(as_tensor, torch.Tensor) and as_tensor.shape == (3, 1, 16, 16)
+
+
+def test_one_step_exports_to_onnx_with_t_as_graph_inputs():
+    ort = pytest.importorskip("onnxruntime")
+    ab = DDPMSchedule().alphas_cumprod
+
+    class Step(torch.nn.Module):            # what the export engineer wraps: LMI + net + update
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_denoiser()
+            self.register_buffer("alpha_bar", ab)
+
+        def forward(self, x_t, t, t_prev, noise, source, lmi_ss):
+            return samplers.ddim_step(self.model, x_t, t, t_prev, noise, source, lmi_ss,
+                                      self.alpha_bar, eta=0.5).prev_sample
+
+    step, names = Step().eval(), ["x_t", "t", "t_prev", "noise", "source", "lmi_ss"]
+    feed = [torch.randn(1, 1, 16, 16), torch.tensor([999]), torch.tensor([899]),
+            torch.randn(1, 1, 16, 16), torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16)]
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(step, tuple(feed), buffer, dynamo=False, input_names=names, opset_version=17)
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    for t, t_prev in [(999, 899), (40, 0), (3, -1)]:
+        feed[1], feed[2] = torch.tensor([t]), torch.tensor([t_prev])
+        with torch.no_grad():
+            expected = step(*feed).numpy()
+        got = session.run(None, {n: v.numpy() for n, v in zip(names, feed)})[0]
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+# ---------------------------------------------------------------- shared conditioning
+def test_one_condition_function_serves_training_and_sampling(monkeypatch, tmp_path, slices):
+    calls = {"condition": [], "lmi": []}
+    real_condition = conditioning.condition
+
+    def spy_condition(x_t, reference, lmi_ref_ref, config):
+        calls["condition"].append(reference.clone())
+        return real_condition(x_t, reference, lmi_ref_ref, config)
+
+    def spy_lmi(x, y, config):
+        calls["lmi"].append((x.clone(), y.clone(), config))
+        return fake_lmi(x, y, config)
+
+    monkeypatch.setattr(conditioning, "condition", spy_condition)
+    monkeypatch.setattr(conditioning, "lmi_map", spy_lmi)
+    lmi_config = LMIConfig(normalize=False, sigma=0.05)
+    # training: the reference is the clean target batch; LMI(x0, u(x_t)) and LMI(x0, x0)
+    train_diffusion(tmp_path, {"steps": 1, "size": 16, "batch": 2}, slices=slices, net_config=TINY,
+                    schedule=SHORT, lmi_config=lmi_config, progress=False)
+    assert len(calls["condition"]) == 1 and len(calls["lmi"]) == 2
+    (x1, y1, c1), (x2, y2, c2) = calls["lmi"]
+    reference = calls["condition"][0]
+    assert torch.equal(x1, reference) and torch.equal(x2, reference) and torch.equal(y2, reference)
+    assert any(torch.equal(reference[0, 0], torch.from_numpy(s)) for s in slices)
+    assert 0 <= y1.min() and y1.max() <= 1 and c1 == c2 == lmi_config
+    # sampling with the trained model: the reference is the source; LMI(G, G) once, then LMI(G, u(x_t))
+    calls["condition"].clear(), calls["lmi"].clear()
+    model, schedule, _ = load_denoiser(tmp_path / "checkpoint.pt")
+    source = torch.rand(2, 1, 16, 16)
+    samplers.sample_ddim(model, source, schedule, 3, generator=torch.Generator().manual_seed(0))
+    assert len(calls["condition"]) == 3 and len(calls["lmi"]) == 1 + 3
+    assert all(torch.equal(x, source) for x, _, _ in calls["lmi"])
+    assert all(c == lmi_config for _, _, c in calls["lmi"])
+
+
+def test_condition_maps_x_t_into_the_lmi_domain():
+    x_t = torch.tensor([-3.0, -1.0, 0.0, 1.0, 5.0]).reshape(1, 1, 1, 5)
+    torch.testing.assert_close(conditioning.lmi_input(x_t),
+                               torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]).reshape(1, 1, 1, 5))
+    out = conditioning.condition(x_t.expand(2, 1, 8, 5).contiguous(), torch.rand(2, 1, 8, 5), None, LMIConfig())
+    assert out.shape == (2, 3, 8, 5)
+
+
+# ---------------------------------------------------------------- training
+def test_one_training_step_updates_weights_with_a_finite_loss(tmp_path, slices):
+    result = train_diffusion(tmp_path, {"steps": 1, "size": 16, "batch": 2}, slices=slices,
+                             net_config=TINY, schedule=SHORT, progress=False)
+    assert result["step"] == 1 and np.isfinite(result["loss"]) and not result["interrupted"]
+    torch.manual_seed(0)
+    initial = ScoreNet(TINY).state_dict()
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    changed = [k for k, v in payload["model"].items() if not torch.equal(v, initial[k])]
+    assert len(changed) > len(initial) // 2
+    assert {"kind", "version", "step", "model", "ema", "optimizer", "rng", "noise_generator",
+            "sampler", "config", "target", "preprocess"} <= set(payload)
+    assert set(payload["config"]) == {"train", "net", "schedule", "lmi", "data_range"}
+    assert payload["target"]["name"] == "T2" and payload["preprocess"]["size"] == 16
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, slices):
+    kwargs = dict(slices=slices, net_config=TINY, schedule=SHORT, progress=False)
+    straight = train_diffusion(tmp_path / "a", {"steps": 4, "size": 16, "batch": 2, "seed": 7}, **kwargs)
+    train_diffusion(tmp_path / "b", {"steps": 2, "size": 16, "batch": 2, "seed": 7}, **kwargs)
+    resumed = train_diffusion(tmp_path / "b", {"steps": 4}, resume=True, slices=slices, progress=False)
+    assert straight["step"] == resumed["step"] == 4 and straight["loss"] == resumed["loss"]
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    for key in ("model",):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    assert all(torch.equal(a["ema"]["module"][k], b["ema"]["module"][k]) for k in a["ema"]["module"])
+    assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(),
+                                                    b["optimizer"]["state"][0].values()))
+    assert torch.equal(a["noise_generator"], b["noise_generator"]) and a["sampler"] == b["sampler"]
+
+
+def test_resume_refuses_contradicting_settings(tmp_path, slices):
+    from galip.runtime.errors import ConfigError
+    kwargs = dict(slices=slices, net_config=TINY, schedule=SHORT, progress=False)
+    train_diffusion(tmp_path, {"steps": 1, "size": 16, "batch": 2}, **kwargs)
+    with pytest.raises(ConfigError, match="--batch 3 contradicts"):
+        train_diffusion(tmp_path, {"steps": 2, "batch": 3}, resume=True, **kwargs)
+    with pytest.raises(ConfigError, match="already exists"):
+        train_diffusion(tmp_path, {"steps": 2}, **kwargs)
+
+
+# ---------------------------------------------------------------- CLI
+@pytest.fixture
+def cli():
+    app = typer.Typer()
+    app.command()(diffusion)
+    return lambda *args: CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "index.json").write_text(json.dumps({"subjects": [{"id": "sub-000", "files": {}}]}))
+    return folder
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--target", "T9"], "unknown domain"),
+    (["--target", "T2", "--size", "12"], "multiple of 8"),
+    (["--target", "T2", "--steps", "0"], ""),
+    (["--target", "T2", "--batch", "0"], ""),
+    (["--target", "T2", "--resume"], "does not exist"),
+])
+def test_cli_bad_arguments_exit_2(cli, data_dir, tmp_path, args, message):
+    result = cli("--data", data_dir, "--out", tmp_path / "out", *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_data_folder_without_index_exits_2(cli, tmp_path):
+    result = cli("--data", tmp_path, "--out", tmp_path / "out", "--target", "T2")
+    assert result.exit_code == 2 and "index.json" in result.output

@@ -1,0 +1,57 @@
+"""``galip-train generator``: train the I2I-Galip multi-domain generator.
+
+The body is thin: it checks the arguments and calls
+:func:`galip.train.i2i.loop.train_generator` (torch is imported only when the command
+runs). Bad arguments print one line and exit with code 2; Ctrl-C finishes the current
+step, writes the checkpoint and exits with 130.
+"""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from galip.runtime.cli_support import is_interactive, user_errors
+
+
+class Backbone(str, Enum):
+    biomedclip = "biomedclip"
+    tiny = "tiny"
+    none = "none"
+
+
+def generator(
+    data: Annotated[Path, typer.Option(help="Folder written by galip-data (holds index.json).",
+                                       file_okay=False)],
+    out: Annotated[Path, typer.Option(help="Output folder; the checkpoint is OUT/checkpoint.pt.",
+                                      file_okay=False)],
+    domains: Annotated[Optional[str], typer.Option(
+        help="Comma-separated domains, at least two, e.g. T1,T2,PD \\[default on --resume: the checkpoint's].")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Total optimiser steps; lr decays linearly to 0 over the second half \\[default: 10000].")] = None,
+    size: Annotated[Optional[int], typer.Option(min=32, help="Slice size in pixels, a multiple of 32 \\[default: 128].")] = None,
+    batch: Annotated[Optional[int], typer.Option(min=1, help="Batch size per domain \\[default: 4].")] = None,
+    backbone: Annotated[Optional[Backbone], typer.Option(
+        help="Vision-language backbone: biomedclip (open_clip, offline HF cache), tiny (test ViT) "
+             "or none (clip-free: learned context, conv heads) \\[default: biomedclip].")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of weights, domain pairs and batches \\[default: 0].")] = None,
+    save_every: Annotated[int, typer.Option(min=1, help="Write the checkpoint every K steps.")] = 1000,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue OUT/checkpoint.pt on the same schedule.")] = False,
+) -> None:
+    """Train the I2I-Galip generator (cycle-consistent LSGAN with CLIP-feature discriminators)."""
+    console = Console(stderr=True)
+    with user_errors():
+        from .loop import check_arguments, train_generator
+        given = {"steps": steps, "size": size, "batch": batch, "seed": seed,
+                 "backbone": None if backbone is None else backbone.value}
+        check_arguments(data, domains, given, out, resume)   # before torch loads
+        result = train_generator(out, data, domains, given, save_every=save_every, resume=resume,
+                                 progress=is_interactive())
+    losses = " ".join(f"{k} {v:.4g}" for k, v in result["losses"].items())
+    if result["interrupted"]:
+        console.print(f"interrupted at step {result['step']}; checkpoint saved to {result['checkpoint']} "
+                      "(continue with --resume)")
+        raise typer.Exit(code=130)
+    console.print(f"step {result['step']}: {losses}; checkpoint {result['checkpoint']}")

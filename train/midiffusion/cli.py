@@ -1,0 +1,67 @@
+"""``galip-train diffusion``: train a MIDiffusion score network on one target contrast.
+
+The body is thin: cheap argument checks, then
+:func:`galip.train.midiffusion.trainer.train_diffusion` (torch is imported only when the
+command runs). Bad arguments print one line and exit with code 2; Ctrl-C finishes the
+current step, writes the checkpoint and exits with 130.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from galip.runtime.cli_support import is_interactive, user_errors
+from galip.runtime.domains import get_domain
+from galip.runtime.errors import ConfigError
+
+CHECKPOINT_NAME = "checkpoint.pt"
+SIZE_MULTIPLE = 8     # the reference score network halves 3 times
+
+
+def check_arguments(data_dir: Path, target: str, given: dict, out: Path, resume: bool) -> None:
+    """Cheap checks before torch loads: one-line ConfigError for each mistake."""
+    get_domain(target)
+    if not Path(data_dir).is_dir():
+        raise ConfigError(f"data folder {data_dir} does not exist; write one with galip-data --out {data_dir}")
+    if not (Path(data_dir) / "index.json").is_file():
+        raise ConfigError(f"{data_dir} has no index.json; expected a folder written by galip-data")
+    size = given.get("size")
+    if size is not None and (size < SIZE_MULTIPLE or size % SIZE_MULTIPLE):
+        raise ConfigError(f"--size {size} is not a positive multiple of {SIZE_MULTIPLE} "
+                          "(the score network halves 3 times)")
+    checkpoint = Path(out) / CHECKPOINT_NAME
+    if resume and not checkpoint.is_file():
+        raise ConfigError(f"--resume: {checkpoint} does not exist; start without --resume")
+    if not resume and checkpoint.exists():
+        raise ConfigError(f"{checkpoint} exists; pass --resume to continue it or choose another --out")
+
+
+def diffusion(
+    data: Annotated[Path, typer.Option(help="Folder written by galip-data (holds index.json).",
+                                       file_okay=False)],
+    target: Annotated[str, typer.Option(help="Target contrast the model learns: T1, T2, PD or CT.")],
+    out: Annotated[Path, typer.Option(help="Output folder; the checkpoint is OUT/checkpoint.pt.",
+                                      file_okay=False)],
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Total optimiser steps; a resumed run continues to this count \\[default: 100000].")] = None,
+    size: Annotated[Optional[int], typer.Option(min=8, help="Slice size in pixels, a multiple of 8 \\[default: 128].")] = None,
+    batch: Annotated[Optional[int], typer.Option(min=1, help="Batch size \\[default: 4].")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of weights, noise and batches \\[default: 0].")] = None,
+    save_every: Annotated[int, typer.Option(min=1, help="Write the checkpoint every K steps.")] = 1000,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue OUT/checkpoint.pt.")] = False,
+) -> None:
+    """Train a MIDiffusion score network (DDPM, LMI-conditioned) on the target contrast only."""
+    console = Console(stderr=True)
+    with user_errors():
+        given = {"target": target, "steps": steps, "size": size, "batch": batch, "seed": seed,
+                 "save_every": save_every}
+        check_arguments(data, target, given, out, resume)       # before torch loads
+        from .trainer import train_diffusion
+        result = train_diffusion(out, given, data_dir=data, resume=resume, progress=is_interactive())
+    if result["interrupted"]:
+        console.print(f"interrupted at step {result['step']}; checkpoint saved to {result['checkpoint']} "
+                      "(continue with --resume)")
+        raise typer.Exit(code=130)
+    console.print(f"step {result['step']}: loss {result['loss']:.4g}; checkpoint {result['checkpoint']}")
