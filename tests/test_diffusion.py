@@ -55,7 +55,7 @@ def test_reference_network_has_8950913_parameters():
     assert count_parameters(ScoreNet(ScoreNetConfig())) == 8_950_913
 
 
-@pytest.mark.parametrize("hw", [(8, 8), (16, 24), (40, 32)])
+@pytest.mark.parametrize("hw", [(8, 8), (16, 24)])
 def test_reference_network_any_multiple_of_8(hw):
     net = ScoreNet().eval()
     with torch.no_grad():
@@ -135,7 +135,7 @@ def test_ddim_eta_0_with_the_true_noise_stays_on_the_trajectory(t, t_prev):
 
 # ---------------------------------------------------------------- samplers
 def test_ddim_with_T_steps_and_eta_1_equals_ancestral_sampling():
-    model, source = tiny_denoiser(), torch.rand(2, 1, 16, 16)
+    model, source = tiny_denoiser(), torch.rand(2, 1, 8, 8)
     ddpm = samplers.sample_ddpm(model, source, SHORT, generator=torch.Generator().manual_seed(3))
     ddim = samplers.sample_ddim(model, source, SHORT, SHORT.num_timesteps, eta=1.0,
                                 generator=torch.Generator().manual_seed(3))
@@ -144,7 +144,7 @@ def test_ddim_with_T_steps_and_eta_1_equals_ancestral_sampling():
 
 
 def test_samplers_are_deterministic_by_seed():
-    model, source = tiny_denoiser(), torch.rand(1, 1, 16, 16)
+    model, source = tiny_denoiser(), torch.rand(1, 1, 8, 8)
 
     def run(seed, eta):
         return samplers.sample_ddim(model, source, DDPMSchedule(), 3, eta=eta,
@@ -156,14 +156,14 @@ def test_samplers_are_deterministic_by_seed():
 
 def test_translate_slices_keeps_type_and_shape():
     model = tiny_denoiser()
-    sources = np.random.default_rng(0).random((3, 16, 16)).astype(np.float32)
+    sources = np.random.default_rng(0).random((3, 8, 8)).astype(np.float32)
     out = samplers.translate_slices(model, sources, steps=2, seed=5, batch_size=2)
     again = samplers.translate_slices(model, sources, steps=2, seed=5, batch_size=2)
     assert isinstance(out, np.ndarray) and out.shape == sources.shape
     np.testing.assert_array_equal(out, again)
     as_tensor = samplers.translate_slices(model, torch.from_numpy(sources)[:, None], sampler="ddpm",
                                           schedule=SHORT, seed=5)
-    assert isinstance(as_tensor, torch.Tensor) and as_tensor.shape == (3, 1, 16, 16)
+    assert isinstance(as_tensor, torch.Tensor) and as_tensor.shape == (3, 1, 8, 8)
 
 
 def test_one_step_exports_to_onnx_with_t_as_graph_inputs():
@@ -222,7 +222,8 @@ def test_one_condition_function_serves_training_and_sampling(monkeypatch, tmp_pa
     assert any(torch.equal(reference[0, 0], torch.from_numpy(s)) for s in slices)
     assert 0 <= y1.min() and y1.max() <= 1 and c1 == c2 == lmi_config
     # sampling with the trained model: the reference is the source; LMI(G, G) once, then LMI(G, u(x_t))
-    calls["condition"].clear(), calls["lmi"].clear()
+    calls["condition"].clear()
+    calls["lmi"].clear()
     model, schedule, _ = load_denoiser(tmp_path / "checkpoint.pt")
     source = torch.rand(2, 1, 16, 16)
     samplers.sample_ddim(model, source, schedule, 3, generator=torch.Generator().manual_seed(0))
@@ -249,8 +250,10 @@ def test_one_training_step_updates_weights_with_a_finite_loss(tmp_path, slices):
     payload = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     changed = [k for k, v in payload["model"].items() if not torch.equal(v, initial[k])]
     assert len(changed) > len(initial) // 2
-    assert {"kind", "version", "step", "model", "ema", "optimizer", "rng", "noise_generator",
-            "sampler", "config", "target", "preprocess"} <= set(payload)
+    assert set(payload) == {"format", "version", "step", "total_steps", "model", "ema", "optimizer",
+                            "rng", "noise_generator", "sampler", "config", "target", "preprocess",
+                            "data_dir"}
+    assert payload["format"] == "galip-midiffusion" and payload["config"]["lmi"] == LMIConfig().to_dict()
     assert set(payload["config"]) == {"train", "net", "schedule", "lmi", "data_range"}
     assert payload["target"]["name"] == "T2" and payload["preprocess"]["size"] == 16
 
@@ -303,6 +306,7 @@ def data_dir(tmp_path):
     (["--target", "T2", "--steps", "0"], ""),
     (["--target", "T2", "--batch", "0"], ""),
     (["--target", "T2", "--resume"], "does not exist"),
+    (["--target", "T2", "--seed", "x"], ""),
 ])
 def test_cli_bad_arguments_exit_2(cli, data_dir, tmp_path, args, message):
     result = cli("--data", data_dir, "--out", tmp_path / "out", *args)
@@ -314,3 +318,11 @@ def test_cli_bad_arguments_exit_2(cli, data_dir, tmp_path, args, message):
 def test_cli_data_folder_without_index_exits_2(cli, tmp_path):
     result = cli("--data", tmp_path, "--out", tmp_path / "out", "--target", "T2")
     assert result.exit_code == 2 and "index.json" in result.output
+
+
+def test_cli_refuses_to_overwrite_a_checkpoint(cli, data_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "checkpoint.pt").write_bytes(b"")
+    result = cli("--data", data_dir, "--out", tmp_path / "out", "--target", "t2w")
+    assert result.exit_code == 2 and "--resume" in result.output
+

@@ -33,6 +33,14 @@
 #define GALIP_HD
 #endif
 
+// Host loops whose sum may be reassociated (vectorised); nothing under nvcc.
+#if defined(_OPENMP) && !defined(__CUDACC__)
+#define GALIP_SIMD_SUM(var) _Pragma(GALIP_STR(omp simd reduction(+ : var)))
+#define GALIP_STR(x) #x
+#else
+#define GALIP_SIMD_SUM(var)
+#endif
+
 // Two MI values closer than this are a tie (the first offset in row-major order wins).
 #define GALIP_LMI_TIE_TOL 1e-6f
 // Omitted normalised soft-bin mass allowed by the truncation.
@@ -53,12 +61,6 @@ struct GalipLmiShape {
   int support;    // S = min(2K + 1, B) bins kept per sample
   int normalize;  // 1: NMI, 0: MI
 };
-
-// Floats per pixel work area of galip_lmi_pixel: joint B*B, 2 weight windows, 2 log-marginals,
-// one MI per offset.
-GALIP_HD inline int galip_lmi_work_floats(int bins, int radius) {
-  return bins * bins + 4 * bins + (2 * radius + 1) * (2 * radius + 1);
-}
 
 // Step 0: truncation radius K (in bins) of the soft binning.
 // With c = h^2 / 2 sigma^2 (h = 1/(B-1)) and the value at most h/2 from its nearest centre,
@@ -84,22 +86,18 @@ GALIP_HD inline int galip_lmi_support(int bins, float sigma) {
   return s < bins ? s : bins;
 }
 
-// Natural log of a positive normal double, accurate to ~2e-11 relative. Host: branch-free
-// (exponent split + atanh series, log m = 2 atanh((m-1)/(m+1)), |s| <= 0.1716, terms up to s^11)
-// so that g++ vectorises the entropy loops; device: log.
+// Natural log of a positive normal double, absolute error <= 5e-11 (|x| in [1e-300, 1e300]).
+// Host: branch-free (exponent split + atanh series, log m = 2 atanh((m-1)/(m+1)),
+// |s| <= 0.1716, terms up to s^11) so that g++ vectorises the entropy loops; device: log.
 GALIP_HD inline double galip_lmi_log(double x) {
 #if defined(__CUDA_ARCH__)
   return log(x);
 #else
-  unsigned long long u;
-  __builtin_memcpy(&u, &x, 8);
-  double e = (double)((long long)((u >> 52) & 0x7ffull) - 1022);
-  u = (u & 0x800fffffffffffffull) | 0x3fe0000000000000ull;  // mantissa in [0.5, 1)
-  double m;
-  __builtin_memcpy(&m, &u, 8);
-  const bool small = m < 0.70710678118654752440;
-  e = small ? e - 1.0 : e;
-  m = small ? m + m : m;  // m in [0.707, 1.414)
+  unsigned long long u = __builtin_bit_cast(unsigned long long, x);
+  u += 0x3ff0000000000000ull - 0x3fe6a09e667f3bcdull;  // exponent split at sqrt(1/2) (musl)
+  const double e = (double)((long long)(u >> 52) - 0x3ff);
+  u = (u & 0x000fffffffffffffull) + 0x3fe6a09e667f3bcdull;
+  const double m = __builtin_bit_cast(double, u);  // m in [sqrt(1/2), sqrt(2))
   const double s = (m - 1.0) / (m + 1.0), z = s * s;
   double p = 2.0 / 11.0;
   p = p * z + 2.0 / 9.0;
@@ -119,33 +117,46 @@ GALIP_HD inline int galip_lmi_first_bin(float v, int bins, int support) {
   return start > bins - support ? bins - support : start;
 }
 
-// Step 2: normalised Gaussian soft-bin weights of v over bins [start, start + S).
-// The exponent is taken relative to the nearest centre, so the largest term is exp(0) and
-// values outside [0, 1] cannot underflow the sum (they bin like the nearest edge).
-GALIP_HD inline void galip_lmi_soft_bin(float v, int bins, int support, float inv_two_sigma2,
-                                        int start, float* w) {
-  const float h = 1.0f / (float)(bins - 1);
-  float a0 = fminf(fmaxf(rintf(v * (float)(bins - 1)), 0.0f), (float)(bins - 1));
-  const float d0 = v - a0 * h;
-  float sum = 0.0f;
-  for (int k = 0; k < support; ++k) {
-    const float d = v - (float)(start + k) * h;
-    const float wk = expf(-(d * d - d0 * d0) * inv_two_sigma2);
-    w[k] = wk;
-    sum += wk;
+// Step 2: normalised Gaussian soft-bin weights of v over bins [start, start + S) (DESIGN.md
+// "soft-bin every pixel with Gaussian weights normalised over bins"). With c = h^2 / 2 sigma^2
+// and delta = v/h - a0 (a0 the nearest centre), bin a0 + k has weight exp(-c (k^2 - 2 k delta))
+// relative to bin a0; neighbouring ratios form a geometric sequence, so one sample costs two
+// exp calls. Taking a0 as the reference (weight 1) means values outside [0, 1] cannot
+// underflow the sum: they bin like the nearest edge.
+GALIP_HD inline void galip_lmi_soft_bin(float v, int bins, int support, double c, int start,
+                                        double* w) {
+  const double a0 = fmin(fmax(rint((double)v * (bins - 1)), 0.0), (double)(bins - 1));
+  const double delta = (double)v * (bins - 1) - a0;
+  const double q = exp(-2.0 * c);
+  const int k0 = (int)a0 - start;
+  double sum = 1.0, cur = 1.0, g = exp(-c * (1.0 - 2.0 * delta));
+  w[k0] = 1.0;
+  for (int k = k0 + 1; k < support; ++k) {  // upwards: ratio exp(-c (2k + 1 - 2 delta))
+    cur *= g;
+    g *= q;
+    w[k] = cur;
+    sum += cur;
   }
-  const float inv = 1.0f / sum;
+  cur = 1.0;
+  g = exp(-c * (1.0 + 2.0 * delta));
+  for (int k = k0 - 1; k >= 0; --k) {  // downwards: ratio exp(-c (2k + 1 + 2 delta))
+    cur *= g;
+    g *= q;
+    w[k] = cur;
+    sum += cur;
+  }
+  const double inv = 1.0 / sum;
   for (int k = 0; k < support; ++k) w[k] *= inv;
 }
 
 // Weight source reading precomputed planes (host: each pixel's window computed once and
 // reused across offsets and patch positions).
 struct GalipLmiPlanes {
-  const int* start;      // (H, W) first bin
-  const float* weights;  // (H, W, S) window weights
+  const int* start;       // (H, W) first bin
+  const double* weights;  // (H, W, S) window weights
   int W, S;
   GALIP_HD int first_bin(int h, int w) const { return start[h * W + w]; }
-  GALIP_HD const float* weights_at(int h, int w, float*) const {
+  GALIP_HD const double* weights_at(int h, int w, double*) const {
     return weights + (long)(h * W + w) * S;
   }
 };
@@ -154,85 +165,87 @@ struct GalipLmiPlanes {
 struct GalipLmiImage {
   const float* img;  // (H, W)
   int W, bins, S;
-  float inv_two_sigma2;
+  double c;          // h^2 / 2 sigma^2
   GALIP_HD int first_bin(int h, int w) const { return galip_lmi_first_bin(img[h * W + w], bins, S); }
-  GALIP_HD const float* weights_at(int h, int w, float* scratch) const {
+  GALIP_HD const double* weights_at(int h, int w, double* scratch) const {
     const float v = img[h * W + w];
-    galip_lmi_soft_bin(v, bins, S, inv_two_sigma2, galip_lmi_first_bin(v, bins, S), scratch);
+    galip_lmi_soft_bin(v, bins, S, c, galip_lmi_first_bin(v, bins, S), scratch);
     return scratch;
   }
 };
 
-// Step 3: MI (or NMI) of the un-normalised joint J (bx x by box, row stride by) of n pairs.
-// P = J/n, so log(P / (P_X P_Y)) = log J - (log rowsum_a - log n) - log colsum_b.
-GALIP_HD inline float galip_lmi_mi_of_joint(const float* J, int bx, int by, int n, int normalize,
-                                            float* lx, float* ly) {
-  const float tiny = 1.17549435e-38f;  // FLT_MIN: smaller masses count as 0 (0 log 0 = 0)
-  const float log_n = galip_lmi_log((float)n);
-  float hx = 0.0f, hy = 0.0f;
-  for (int b = 0; b < by; ++b) ly[b] = 0.0f;
+GALIP_HD inline double galip_lmi_bin_c(int bins, float sigma) {
+  const double h = 1.0 / (bins - 1);
+  return h * h / (2.0 * (double)sigma * (double)sigma);
+}
+
+// Step 3: MI (or NMI) of the un-normalised joint J (bx x by box, row stride by), paper Eq. 2.
+// P = J / T with T = sum J (= the number of pairs up to rounding; dividing by the actual sum
+// keeps tiny entropies exact), so with E(v) = sum v log v:
+//   MI = (E(J) - E(rowsums) - E(colsums)) / T + log T,   H_X = log T - E(rowsums) / T.
+// Everything is double: near-deterministic bins (e.g. B = 8) give entropies ~1e-3, whose NMI
+// would otherwise be dominated by rounding. Masses below 1e-300 count as 0 (0 log 0 = 0).
+GALIP_HD inline double galip_lmi_mi_of_joint(const double* J, int bx, int by, int normalize,
+                                             double* cs) {
+  const double tiny = 1e-300;
+  double ej = 0.0;
+  GALIP_SIMD_SUM(ej)
+  for (int k = 0; k < bx * by; ++k) {  // flat loop over the box: vectorised
+    const double v = J[k];
+    ej += v * galip_lmi_log(v > tiny ? v : tiny);  // v = 0 adds 0 * log(tiny) = 0
+  }
+  for (int b = 0; b < by; ++b) cs[b] = 0.0;
+  double ex = 0.0, total = 0.0;
   for (int a = 0; a < bx; ++a) {
-    const float* row = J + a * by;
-    float rs = 0.0f;
+    const double* row = J + a * by;
+    double rs = 0.0;
     for (int b = 0; b < by; ++b) {
       rs += row[b];
-      ly[b] += row[b];
+      cs[b] += row[b];
     }
-    const float l = rs > tiny ? galip_lmi_log(rs) - log_n : 0.0f;
-    lx[a] = l;
-    hx -= rs * l;  // n * sum P_X log P_X
+    total += rs;
+    ex += rs > tiny ? rs * galip_lmi_log(rs) : 0.0;
   }
-  for (int b = 0; b < by; ++b) {
-    const float cs = ly[b];
-    const float l = cs > tiny ? galip_lmi_log(cs) : 0.0f;
-    ly[b] = l;
-    hy -= cs * (l - log_n);
-  }
-  float mi = 0.0f;
-  for (int a = 0; a < bx; ++a) {
-    const float* row = J + a * by;
-    const float la = lx[a];
-    float acc = 0.0f;
-    for (int b = 0; b < by; ++b) {
-      const float j = row[b];
-      const float t = j * (galip_lmi_log(j > tiny ? j : 1.0f) - la - ly[b]);
-      acc += j > tiny ? t : 0.0f;
-    }
-    mi += acc;
-  }
-  const float inv_n = 1.0f / (float)n;
-  mi *= inv_n;
+  double ey = 0.0;
+  for (int b = 0; b < by; ++b) ey += cs[b] > tiny ? cs[b] * galip_lmi_log(cs[b]) : 0.0;
+  const double log_t = galip_lmi_log(total);
+  const double mi = (ej - ex - ey) / total + log_t;
   if (!normalize) return mi;
-  const float denom = (hx + hy) * inv_n;  // H_X + H_Y
-  return denom > 1e-12f ? 2.0f * mi / denom : 0.0f;
+  const double denom = 2.0 * log_t - (ex + ey) / total;  // H_X + H_Y
+  return denom > 1e-12 ? 2.0 * mi / denom : 0.0;
+}
+
+// Doubles per pixel work area of galip_lmi_pixel: joint B*B, 2 weight windows, column sums,
+// one MI per offset.
+GALIP_HD inline int galip_lmi_work_size(int bins, int radius) {
+  return bins * bins + 3 * bins + (2 * radius + 1) * (2 * radius + 1);
 }
 
 // Step 4: LMI of one pixel (h, w): MI for every offset, then the tie-aware arg-max.
-// `work` holds galip_lmi_work_floats(B, r) floats. Writes the LMI value and the offset
+// `work` holds galip_lmi_work_size(B, r) doubles. Writes the LMI value and the offset
 // index t* = (dy + r)(2r + 1) + (dx + r).
 template <class Src>
 GALIP_HD inline void galip_lmi_pixel(const Src& sx, const Src& sy, const GalipLmiShape& s, int h,
-                                     int w, float* work, float* out_lmi, int* out_tau) {
+                                     int w, double* work, float* out_lmi, int* out_tau) {
   const int B = s.bins, S = s.support, R = s.radius, D = 2 * R + 1, half = s.patch / 2;
-  float* J = work;
-  float* wx_buf = J + B * B;
-  float* wy_buf = wx_buf + B;
-  float* lx = wy_buf + B;
-  float* ly = lx + B;
-  float* mi = ly + B;
+  double* J = work;
+  double* wx_buf = J + B * B;
+  double* wy_buf = wx_buf + B;
+  double* cs = wy_buf + B;
+  double* mi = cs + B;
   const int h0 = h - half > 0 ? h - half : 0, h1 = h + half < s.H - 1 ? h + half : s.H - 1;
   const int w0 = w - half > 0 ? w - half : 0, w1 = w + half < s.W - 1 ? w + half : s.W - 1;
-  float best = -INFINITY;
+  double best = -1e300;
   for (int t = 0; t < D * D; ++t) {
     const int dy = t / D - R, dx = t % D - R;
     // 4a: valid pairs (X_j and Y_{j+tau} inside the image) and the joint's bounding box.
     const int ha = h0 + dy < 0 ? -dy : h0, hb = h1 + dy > s.H - 1 ? s.H - 1 - dy : h1;
     const int wa = w0 + dx < 0 ? -dx : w0, wb = w1 + dx > s.W - 1 ? s.W - 1 - dx : w1;
     if (ha > hb || wa > wb) {
-      mi[t] = 0.0f;  // no valid pair: MI := 0
+      mi[t] = 0.0;  // no valid pair: MI := 0
+      best = best > 0.0 ? best : 0.0;
       continue;
     }
-    const int n = (hb - ha + 1) * (wb - wa + 1);
     int xlo = B, xhi = 0, ylo = B, yhi = 0;
     for (int jh = ha; jh <= hb; ++jh) {
       for (int jw = wa; jw <= wb; ++jw) {
@@ -244,28 +257,29 @@ GALIP_HD inline void galip_lmi_pixel(const Src& sx, const Src& sy, const GalipLm
       }
     }
     const int bx = xhi - xlo + S, by = yhi - ylo + S;
-    for (int k = 0; k < bx * by; ++k) J[k] = 0.0f;
+    for (int k = 0; k < bx * by; ++k) J[k] = 0.0;
     // 4b: sparse joint: each pair adds the S x S outer product of its windows.
     for (int jh = ha; jh <= hb; ++jh) {
       for (int jw = wa; jw <= wb; ++jw) {
-        const float* wxp = sx.weights_at(jh, jw, wx_buf);
-        const float* wyp = sy.weights_at(jh + dy, jw + dx, wy_buf);
-        float* base = J + (sx.first_bin(jh, jw) - xlo) * by + (sy.first_bin(jh + dy, jw + dx) - ylo);
+        const double* wxp = sx.weights_at(jh, jw, wx_buf);
+        const double* wyp = sy.weights_at(jh + dy, jw + dx, wy_buf);
+        double* base =
+            J + (sx.first_bin(jh, jw) - xlo) * by + (sy.first_bin(jh + dy, jw + dx) - ylo);
         for (int a = 0; a < S; ++a) {
-          const float u = wxp[a];
-          float* row = base + a * by;
+          const double u = wxp[a];
+          double* row = base + a * by;
           for (int b = 0; b < S; ++b) row[b] += u * wyp[b];
         }
       }
     }
-    // 4c: MI / NMI of P = J / n (paper Eq. 2).
-    mi[t] = galip_lmi_mi_of_joint(J, bx, by, n, s.normalize, lx, ly);
+    // 4c: MI / NMI of P = J / sum J (paper Eq. 2).
+    mi[t] = galip_lmi_mi_of_joint(J, bx, by, s.normalize, cs);
     best = mi[t] > best ? mi[t] : best;
   }
   // 4d: LMI = max over offsets (paper Eq. 11); ties -> first offset in row-major order.
   int tstar = 0;
   while (tstar < D * D - 1 && !(mi[tstar] >= best - GALIP_LMI_TIE_TOL)) ++tstar;
-  *out_lmi = mi[tstar];
+  *out_lmi = (float)mi[tstar];
   *out_tau = tstar;
 }
 
@@ -291,8 +305,8 @@ extern "C" __global__ void galip_lmi_kernel(const float* x, const float* y, int 
   if (pix >= H * W || nb >= N) return;
   const long o = (long)nb * H * W + pix;
   const int D = GALIP_LMI_DEVICE_MAX_RADIUS * 2 + 1;
-  float work[GALIP_LMI_DEVICE_MAX_BINS * GALIP_LMI_DEVICE_MAX_BINS +
-             4 * GALIP_LMI_DEVICE_MAX_BINS + D * D];
+  double work[GALIP_LMI_DEVICE_MAX_BINS * GALIP_LMI_DEVICE_MAX_BINS +
+              3 * GALIP_LMI_DEVICE_MAX_BINS + D * D];
   if (bins > GALIP_LMI_DEVICE_MAX_BINS || radius > GALIP_LMI_DEVICE_MAX_RADIUS || bins < 2) {
     lmi[o] = NAN;
     y_at[o] = NAN;
@@ -302,11 +316,11 @@ extern "C" __global__ void galip_lmi_kernel(const float* x, const float* y, int 
   GalipLmiShape s;
   s.H = H; s.W = W; s.patch = patch; s.radius = radius; s.bins = bins;
   s.support = galip_lmi_support(bins, sigma); s.normalize = normalize;
-  const float inv2s2 = 1.0f / (2.0f * sigma * sigma);
   const float* xn = x + (long)nb * H * W;
   const float* yn = y + (long)nb * H * W;
-  GalipLmiImage sx = {xn, W, bins, s.support, inv2s2};
-  GalipLmiImage sy = {yn, W, bins, s.support, inv2s2};
+  const double c = galip_lmi_bin_c(bins, sigma);
+  GalipLmiImage sx = {xn, W, bins, s.support, c};
+  GalipLmiImage sy = {yn, W, bins, s.support, c};
   const int h = pix / W, w = pix % W;
   float v;
   int tau;

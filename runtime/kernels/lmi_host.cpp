@@ -41,11 +41,11 @@ int galip_lmi_host(const float* x, const float* y, int N, int H, int W, int patc
   s.normalize = normalize ? 1 : 0;
   const int S = s.support;
   const long npix = (long)N * H * W;
-  const float inv2s2 = 1.0f / (2.0f * sigma * sigma);
+  const double c = galip_lmi_bin_c(bins, sigma);
 
   // Step 1-2: every pixel's window (first bin + S normalised weights), once per image.
   int* starts = (int*)malloc(sizeof(int) * 2 * npix);
-  float* weights = (float*)malloc(sizeof(float) * 2 * npix * S);
+  double* weights = (double*)malloc(sizeof(double) * 2 * npix * S);
   if (!starts || !weights) {
     free(starts);
     free(weights);
@@ -64,10 +64,10 @@ int galip_lmi_host(const float* x, const float* y, int N, int H, int W, int patc
       const float v = k < npix ? x[k] : y[k - npix];
       const int st = galip_lmi_first_bin(v, bins, S);
       starts[k] = st;
-      galip_lmi_soft_bin(v, bins, S, inv2s2, st, weights + k * S);
+      galip_lmi_soft_bin(v, bins, S, c, st, weights + k * S);
     }
     // Step 3-4: one pixel per iteration; each thread owns one work area.
-    float* work = (float*)malloc(sizeof(float) * galip_lmi_work_floats(bins, radius));
+    double* work = (double*)malloc(sizeof(double) * galip_lmi_work_size(bins, radius));
     if (!work) {
 #ifdef _OPENMP
 #pragma omp atomic write

@@ -8,6 +8,7 @@ sampler (SliceSampler state), preprocess (slice preprocessing config) and data_d
 """
 from __future__ import annotations
 
+import copy
 import signal
 from pathlib import Path
 
@@ -15,7 +16,6 @@ from galip.runtime.domains import Domain, parse_domains
 from galip.runtime.errors import ConfigError
 
 CHECKPOINT_NAME = "checkpoint.pt"
-DEFAULTS = {"steps": 10_000, "size": 128, "batch": 4, "backbone": "biomedclip", "seed": 0}
 
 
 def check_arguments(data_dir: Path, domains: str | None, given: dict, out: Path, resume: bool) -> None:
@@ -77,8 +77,8 @@ def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict,
                     resume: bool = False, progress: bool = True, trainer_config=None) -> dict:
     """Train (or continue) an I2I-Galip generator; returns step, losses, checkpoint, interrupted.
 
-    ``given`` holds steps/size/batch/backbone/seed as passed (None = default, or the
-    checkpoint's value on resume). ``trainer_config`` (a TrainConfig) overrides the
+    ``given`` holds steps/size/batch/backbone/seed as passed (None = the TrainConfig
+    default, or the checkpoint's value on resume). ``trainer_config`` (a TrainConfig) overrides the
     network shapes for tests; the CLI leaves it None.
     """
     out, data_dir = Path(out), Path(data_dir)
@@ -96,9 +96,10 @@ def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict,
         config = TrainConfig.from_dict(saved)
     else:
         domain_list = parse_domains(domains)
-        config = trainer_config or TrainConfig()
-        for key, default in DEFAULTS.items():
-            setattr(config, key, given.get(key) if given.get(key) is not None else default)
+        config = copy.deepcopy(trainer_config) if trainer_config is not None else TrainConfig()
+        for key, value in given.items():
+            if value is not None:
+                setattr(config, key, value)
     slices = load_training_slices(data_dir, domain_list, config.size)
     sampler = SliceSampler(slices, config.batch, config.seed)
     trainer = I2ITrainer(config, domain_list)

@@ -1,0 +1,218 @@
+"""Pick the backend a bundle's model runs on, and say why in one line.
+
+``auto`` tries, in order:
+
+1. **tensorrt** — only if TensorRT imports, cuda-python finds a GPU, and an engine in the
+   manifest matches this GPU's compute capability and the installed TensorRT version
+   (major.minor.patch equal; an engine marked ``"version_compatible": true`` runs on the
+   same major version at or above the one it was built with; ``"hardware_compatibility":
+   "ampere+"`` runs on any compute capability >= 8.0);
+2. **onnxruntime-cuda** — only if ``CUDAExecutionProvider`` is listed by
+   ``onnxruntime.get_available_providers()`` *and* a probe session really keeps it in
+   ``get_providers()`` (onnxruntime-gpu silently falls back to CPU when its libraries do
+   not load);
+3. **onnxruntime-cpu**.
+
+Precision, unless asked for: fp16 first on GPUs (engine or graph), fp32 on CPU (most
+onnxruntime CPU kernels have no fp16 version). An explicit backend that cannot run raises
+BackendError naming why and what to install.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+from .. import device_info
+from ..errors import BackendError
+from ..bundle import Bundle
+from .base import RunnerFactory
+from .onnxruntime.loader import INSTALL_CPU, INSTALL_GPU, cuda_providers, provider_really_loads
+
+Requested = Literal["auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"]
+BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
+_PRECISION_ORDER = ("fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What :func:`select_backend` picked: backend ``name``, ``precision``, the ``file`` it
+    runs (engine or graph), and ``reason``, the line the CLI prints."""
+
+    name: str
+    precision: str
+    reason: str
+    file: Path
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+@dataclass(frozen=True)
+class _Option:
+    factory: RunnerFactory | None = None
+    precision: str | None = None
+    file: Path | None = None
+    note: str = ""          # why it was picked (when it can run)
+    why_not: str = ""       # why it cannot run: "no TensorRT (not installed)"
+    fix: str = ""           # what to do about it
+
+
+def _version(text: str | None) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", str(text or ""))[:3])
+
+
+def _short(text: str | None) -> str:
+    return ".".join(map(str, _version(text))) or "none"
+
+
+def engine_mismatch(engine: dict, capability: str | None, trt_version: str | None) -> str | None:
+    """Why manifest ``engine`` cannot run on this GPU/TensorRT, or None when it can."""
+    built_cc, built_trt = str(engine["compute_capability"]), str(engine["tensorrt_version"])
+    if engine.get("hardware_compatibility") == "ampere+":
+        cc_ok = capability is not None and _version(capability) >= (8, 0)
+    else:
+        cc_ok = capability is not None and _version(capability) == _version(built_cc)
+    have, built = _version(trt_version), _version(built_trt)
+    if engine.get("version_compatible"):
+        trt_ok = bool(have) and have[:1] == built[:1] and have >= built
+    else:
+        trt_ok = bool(have) and have == built
+    if cc_ok and trt_ok:
+        return None
+    return (f"engine built for {device_info.sm(built_cc)} / TRT {_short(built_trt)}, "
+            f"this GPU is {device_info.sm(capability)} / TRT {_short(trt_version)}")
+
+
+def _by_precision(items: list, precision: str | None, key: Callable) -> list:
+    if precision is not None:
+        return [item for item in items if key(item) == precision]
+    rank = {p: i for i, p in enumerate(_PRECISION_ORDER)}
+    return sorted(items, key=lambda item: rank.get(key(item), len(rank)))
+
+
+def _tensorrt(bundle: Bundle, spec: dict, precision: str | None, cuda_graph: bool) -> _Option:
+    trt_version = device_info.tensorrt_version()
+    if trt_version is None:
+        return _Option(why_not="no TensorRT (not installed)", fix=f"install TensorRT: {INSTALL_GPU}")
+    engines = _by_precision(list(spec.get("engines", [])), precision, lambda e: e.get("precision"))
+    if not engines:
+        what = f"no {precision} TensorRT engine" if precision else "no TensorRT engine"
+        return _Option(why_not=f"{what} in the bundle", fix="re-export the bundle with engines on this GPU")
+    if device_info.import_cudart() is None:
+        return _Option(why_not="no cuda-python (needed for TensorRT device buffers)",
+                       fix=f"install cuda-python: {INSTALL_GPU}")
+    capability = device_info.gpu_compute_capability()
+    if capability is None:
+        return _Option(why_not="no CUDA GPU found", fix="run on a machine with an NVIDIA GPU and driver")
+    mismatches = []
+    for engine in engines:
+        why = engine_mismatch(engine, capability, trt_version)
+        if why is None:
+            from .tensorrt.runner import trt_factory
+            path = bundle.path(engine["file"])
+            return _Option(trt_factory(path, precision=engine["precision"], cuda_graph=cuda_graph),
+                           engine["precision"], path,
+                           note=f"engine {engine['file']} matches {device_info.sm(capability)} / TRT {_short(trt_version)}")
+        mismatches.append(why)
+    return _Option(why_not="; ".join(dict.fromkeys(mismatches)),
+                   fix="re-export the engine on this GPU (galip-export) or use --backend auto to fall back")
+
+
+def _graph(bundle: Bundle, spec: dict, precision: str | None, prefer: tuple[str, ...]) -> tuple[str, Path] | str:
+    """(precision, path) of the graph to run, or why there is none."""
+    graphs = spec["graphs"]
+    if precision is not None:
+        if precision not in graphs:
+            return f"no {precision} graph in the bundle (it has {', '.join(graphs)})"
+        return precision, bundle.path(graphs[precision]["file"])
+    chosen = next((p for p in prefer if p in graphs), next(iter(graphs)))
+    return chosen, bundle.path(graphs[chosen]["file"])
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime
+
+
+def _onnxruntime_cuda(bundle: Bundle, spec: dict, precision: str | None, cuda_graph: bool,
+                      threads: int | None) -> _Option:
+    ort = _import_ort()
+    if ort is None:
+        return _Option(why_not="no onnxruntime (not installed)", fix=f"install onnxruntime-gpu: {INSTALL_GPU}")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return _Option(why_not="no CUDA provider", fix=f"install onnxruntime-gpu: {INSTALL_GPU}")
+    kept, in_use = provider_really_loads("CUDAExecutionProvider", ort)
+    if not kept:
+        return _Option(
+            why_not=f"CUDA provider listed but a probe session ran on {', '.join(in_use) or 'nothing'}",
+            fix="install the CUDA and cuDNN libraries your onnxruntime-gpu was built for",
+        )
+    graph = _graph(bundle, spec, precision, ("fp16", "fp32"))
+    if isinstance(graph, str):
+        return _Option(why_not=graph, fix="pick a precision the bundle has (--precision)")
+    from .onnxruntime.runner import onnxrt_factory
+    chosen, path = graph
+    providers = cuda_providers(cuda_graph=cuda_graph)
+    return _Option(onnxrt_factory(path, providers, threads=threads, precision=chosen, name="onnxruntime-cuda"),
+                   chosen, path, note="CUDA provider loads")
+
+
+def _onnxruntime_cpu(bundle: Bundle, spec: dict, precision: str | None, threads: int | None) -> _Option:
+    if _import_ort() is None:
+        return _Option(why_not="no onnxruntime (not installed)", fix=f"install it: {INSTALL_CPU}")
+    graph = _graph(bundle, spec, precision, ("fp32", "fp16"))
+    if isinstance(graph, str):
+        return _Option(why_not=graph, fix="pick a precision the bundle has (--precision)")
+    from .onnxruntime.runner import onnxrt_factory
+    chosen, path = graph
+    return _Option(onnxrt_factory(path, ["CPUExecutionProvider"], threads=threads, precision=chosen,
+                                  name="onnxruntime-cpu"), chosen, path)
+
+
+def select_backend(
+    bundle: Bundle,
+    model: str = "generator",
+    requested: Requested = "auto",
+    precision: str | None = None,
+    *,
+    domain: str | None = None,
+    cuda_graph: bool = False,
+    threads: int | None = None,
+) -> tuple[RunnerFactory, Choice]:
+    """Choose how to run ``bundle``'s ``model`` (``diffusion`` needs ``domain``).
+
+    Returns ``(runner_factory, choice)``: call the factory for an inactive runner;
+    ``choice.reason`` is the line to print, e.g. ``picked onnxruntime-cpu fp32: no TensorRT
+    (not installed), no CUDA provider``. Raises BackendError when ``requested`` cannot
+    run (or, for ``auto``, when nothing can), naming why and what to install.
+    """
+    if requested not in ("auto",) + BACKENDS:
+        raise BackendError(f"unknown backend {requested!r}; choose auto, {', '.join(BACKENDS)}")
+    spec = bundle.model(model, domain)
+    probes: dict[str, Callable[[], _Option]] = {
+        "tensorrt": lambda: _tensorrt(bundle, spec, precision, cuda_graph),
+        "onnxruntime-cuda": lambda: _onnxruntime_cuda(bundle, spec, precision, cuda_graph, threads),
+        "onnxruntime-cpu": lambda: _onnxruntime_cpu(bundle, spec, precision, threads),
+    }
+    if requested != "auto":
+        option = probes[requested]()
+        if option.factory is None:
+            raise BackendError(f"--backend {requested} cannot run the {model}: {option.why_not}; {option.fix}")
+        reason = f"picked {requested} {option.precision}: asked for with --backend {requested}"
+        return option.factory, Choice(requested, option.precision, reason, option.file)
+    skipped: list[str] = []
+    fixes: list[str] = []
+    for name, probe in probes.items():
+        option = probe()
+        if option.factory is not None:
+            notes = skipped or ([option.note] if option.note else [])
+            reason = f"picked {name} {option.precision}" + (f": {', '.join(notes)}" if notes else "")
+            return option.factory, Choice(name, option.precision, reason, option.file)
+        skipped.append(option.why_not)
+        fixes.append(option.fix)
+    raise BackendError(f"no backend can run the {model}: {', '.join(skipped)}; {fixes[-1]}")
