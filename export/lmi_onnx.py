@@ -20,12 +20,15 @@ Contract, with the ONNX ops that implement each step of the function body:
 4. marginals from that joint (sums over b and over a: one 1×1 ``Conv`` with 0/1 weights),
    entropies −Σ p log p guarded as p·log(max(p, 1e-30)) (0·log 0 = 0), MI = H_X + H_Y − H_XY
    = Σ P log(P / P_X P_Y), NMI = 2·MI / (H_X + H_Y);
-5. stack the T = (2r + 1)² maps (N, T, H, W), ``ArgMax`` (select_last_index=0: ties go to
-   the first offset), and ``GatherElements`` the LMI and the shifted Y (0 outside) there.
+5. stack the T = (2r + 1)² maps (N, T, H, W); the chosen offset is the first one whose MI
+   is within 1e-6 of the max (``ArgMax`` with select_last_index=0 over that indicator; the
+   tolerance is lmi.cuh's, so float noise cannot flip exact ties), and ``GatherElements``
+   takes the LMI and the shifted Y (0 outside) there; the index itself is the third output,
+   ``offset_index`` (int32), as the CUDA kernel (and so the TensorRT plugin) writes it.
 
-Edge cases the contract leaves open, decided here (and shared by the reference loop in the
-tests): an offset with no valid pair in the patch (only possible when r > p // 2) has an
-empty histogram, MI = 0; NMI with H_X + H_Y = 0 (both patches constant) is 0.
+Edge cases the contract leaves open, decided as in ``runtime/kernels/lmi.cuh``: an offset
+with no valid pair in the patch (only possible when r > p // 2) has MI = 0; NMI with
+H_X + H_Y = 0 is 0.
 
 Parameters are baked into the body at construction (model settings stored in the
 manifest). The node still carries them, plus ``plugin_namespace`` and ``aot``, as
@@ -48,6 +51,8 @@ DEFAULT_OPSET = 17
 MIN_OPSET = 13                   # Softmax(axis), ReduceSum/Unsqueeze axes-as-input
 MIN_IR_VERSION = 9               # FunctionProto.attribute_proto (attribute defaults)
 LMI_DEFAULTS = {"patch": 3, "radius": 1, "bins": 27, "sigma": 8 / 255, "normalize": True}
+OUTPUTS = ("lmi", "y_at", "offset_index")   # float32, float32, int32; all (N, 1, H, W)
+TIE_TOL = 1e-6                   # MI values this close are a tie (GALIP_LMI_TIE_TOL, lmi.cuh)
 _INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -116,7 +121,10 @@ def _function_attributes(params: dict) -> list[onnx.AttributeProto]:
 def lmi_function_proto(patch: int = 3, radius: int = 1, bins: int = 27,
                        sigma: float = 8 / 255, normalize: bool = True,
                        opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
-    """The ``galip::LMI`` local function: X, Y (N, 1, H, W) float32 → lmi, y_at (N, 1, H, W).
+    """The ``galip::LMI`` local function: X, Y (N, 1, H, W) float32 → lmi, y_at, offset_index.
+
+    lmi, y_at (N, 1, H, W) float32; offset_index (N, 1, H, W) int32, the row-major index of
+    the chosen offset (0 = (−r, −r)), as the CUDA kernel writes it (the plugin's 3rd output).
 
     N, H, W are dynamic; the parameters are baked in. ``opset`` is the default-domain opset
     the body is written for (>= 13; it must equal the opset of the model that holds it).
@@ -192,32 +200,47 @@ def lmi_function_proto(patch: int = 3, radius: int = 1, bins: int = 27,
         mi = g.op("Where", g.op("Greater", count, zero), mi, zero)
         mi_maps.append(mi)                                               # (N, 1, H, W)
 
-    # 5. Max over offsets, first index on ties; y_at = Y at the arg-max offset (0 outside).
+    # 5. Max over offsets; ties (|ΔMI| <= TIE_TOL, as GALIP_LMI_TIE_TOL in lmi.cuh) go to the
+    #    first offset: ArgMax of the "within tol of the max" indicator, first index on ties.
+    #    lmi = MI there, y_at = shifted Y there (0 where that offset falls outside).
     mi_stack = g.op("Concat", *mi_maps, axis=1)                          # (N, T, H, W)
     y_stack = g.op("Concat", *y_shifted, axis=1)
-    best = g.op("ArgMax", mi_stack, axis=1, keepdims=1, select_last_index=0)
+    top = g.op("GatherElements", mi_stack,
+               g.op("ArgMax", mi_stack, axis=1, keepdims=1, select_last_index=0), axis=1)
+    near_top = g.op("GreaterOrEqual", mi_stack, g.op("Sub", top, g.const(TIE_TOL)))
+    best = g.op("ArgMax", g.op("Cast", near_top, to=TensorProto.FLOAT), axis=1, keepdims=1,
+                select_last_index=0)
     g.nodes.append(helper.make_node("GatherElements", [mi_stack, best], ["lmi"], axis=1))
     g.nodes.append(helper.make_node("GatherElements", [y_stack, best], ["y_at"], axis=1))
+    g.nodes.append(helper.make_node("Cast", [best], ["offset_index"], to=TensorProto.INT32))
 
     doc = (f"galip LMI (DESIGN.md contract): patch={p} radius={r} bins={B} "
            f"sigma={params['sigma']!r} normalize={params['normalize']}")
     return helper.make_function(
-        DOMAIN, OP_TYPE, ["X", "Y"], ["lmi", "y_at"], g.nodes,
+        DOMAIN, OP_TYPE, ["X", "Y"], list(OUTPUTS), g.nodes,
         [helper.make_opsetid("", opset)],
         attribute_protos=_function_attributes(params), doc_string=doc)
 
 
-def lmi_node(x: str, y: str, outputs: tuple[str, str] = ("lmi", "y_at"), name: str | None = None,
+def lmi_node(x: str, y: str, outputs=("lmi", "y_at"), name: str | None = None,
              **params) -> onnx.NodeProto:
-    """A call of ``galip::LMI`` on value names ``x``, ``y`` → ``outputs`` (lmi, y_at).
+    """A call of ``galip::LMI`` on value names ``x``, ``y``.
 
-    Carries the LMI parameters, ``plugin_namespace="galip"`` and ``aot=1`` as attributes:
-    TensorRT maps the node to the plugin by op_type + namespace (and picks its AOT kernel);
-    onnxruntime runs the function body, whose declared attributes these are.
+    ``outputs``: names for (lmi, y_at) or (lmi, y_at, offset_index); with two, the third is
+    named ``<lmi>_offset_index`` (the node always has the plugin's three outputs, TensorRT
+    maps node outputs to plugin outputs one to one; onnxruntime drops an unused one).
+    Attributes: the LMI parameters, ``plugin_namespace="galip"`` and ``aot=1``: TensorRT
+    maps the node to the plugin by op_type + namespace (and picks its AOT kernel);
+    onnxruntime runs the function body, which declares these attributes.
     """
+    outputs = list(outputs)
+    if len(outputs) == 2:
+        outputs.append(f"{outputs[0]}_offset_index")
+    if len(outputs) != 3:
+        raise ConfigError(f"an LMI node has outputs (lmi, y_at[, offset_index]), got {outputs}")
     attrs = {a.name: helper.get_attribute_value(a)
              for a in _function_attributes(lmi_params(**params))}
-    return helper.make_node(OP_TYPE, [x, y], list(outputs), name=name or f"{OP_TYPE}_{x}_{y}",
+    return helper.make_node(OP_TYPE, [x, y], outputs, name=name or f"{OP_TYPE}_{x}_{y}",
                             domain=DOMAIN, **attrs)
 
 
@@ -283,14 +306,17 @@ def check_lmi_nodes(model: onnx.ModelProto) -> None:
 
 
 def lmi_model(patch: int = 3, radius: int = 1, bins: int = 27, sigma: float = 8 / 255,
-              normalize: bool = True, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """Standalone model x, y (N, 1, H, W) float32 → lmi, y_at (N, 1, H, W) through galip::LMI."""
+              normalize: bool = True, opset: int = DEFAULT_OPSET,
+              with_offset_index: bool = False) -> onnx.ModelProto:
+    """Standalone model x, y (N, 1, H, W) float32 → lmi, y_at (+ offset_index int32)."""
     params = lmi_params(patch, radius, bins, sigma, normalize)
     dims = ["N", 1, "H", "W"]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims) for n in OUTPUTS[:2]]
+    if with_offset_index:
+        outputs.append(helper.make_tensor_value_info(OUTPUTS[2], TensorProto.INT32, dims))
     graph = helper.make_graph(
-        [lmi_node("x", "y", ("lmi", "y_at"), name="lmi", **params)], "galip_lmi",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims) for n in ("x", "y")],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims) for n in ("lmi", "y_at")])
+        [lmi_node("x", "y", OUTPUTS, name="lmi", **params)], "galip_lmi",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims) for n in ("x", "y")], outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                               ir_version=MIN_IR_VERSION, producer_name="galip")
     add_lmi_function(model, params)

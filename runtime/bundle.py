@@ -3,40 +3,34 @@
 ``galip-export`` writes it with :func:`write_manifest`; ``galip-run`` reads it with
 :func:`load_bundle`. Pure JSON + hashlib: no onnx, no torch, nothing unpickled.
 
-Manifest, schema version 1::
+Manifest, schema version 1 (``...`` = same shape as the entry before)::
 
     {"schema_version": 1, "galip_version": "0.1.0",
      "preprocess": {"axis": 2, "spacing": 2.0, "size_multiple": 32, "percentiles": [0.5, 99.5]},
-     "domains": {"T2": {"caption": "this MRI is T2-weighted", "class_id": 1, "kind": "mri",
-                        "suffix": "T2w"}, ...},
+     "domains": {"T2": {"caption": "this MRI is T2-weighted", "class_id": 1, "kind": "mri", "suffix": "T2w"}},
      "models": {
        "generator": {"domains": ["T1", "T2", "PD"],
-                     "graphs": {"fp32": {"file": "generator.onnx"}, "fp16": {...}},
+                     "graphs": {"fp32": {"file": "generator.onnx"}, "fp16": {"file": "generator_fp16.onnx"}},
                      "engines": [{"file": "generator_fp16.engine", "precision": "fp16",
                                   "tensorrt_version": "10.13.0.35", "compute_capability": "9.0",
-                                  "profiles": {"image": {"min": [...], "opt": [...], "max": [...]}}}],
+                                  "profiles": {"image": {"min": [1,1,32,32], "opt": [...], "max": [...]}}}],
                      "io": {"inputs": {"image": "float32[N,1,H,W]", "domain": "int64[N]"},
                             "outputs": {"translated": "float32[N,1,H,W]"}}},
-       "diffusion": {"T2": {"graphs": {...}, "lmi_graph": {"file": "lmi.onnx"}, "engines": [...],
+       "diffusion": {"T2": {"graphs": ..., "lmi_graph": {"file": "lmi.onnx"}, "engines": ...,
                             "schedule": {...}, "lmi": {...}, "sampler": {...}}}},
      "files": {"generator.onnx": "<sha256 hex>", ...}}
 
-Every ``"file"`` value anywhere under ``models`` must be listed in ``files``; ``files`` may
-list more (ONNX external-data files, extra data). Engines may also carry
-``"version_compatible": true`` and ``"hardware_compatibility": "ampere+"``
-(see :mod:`galip.runtime.backends.select`).
+Every ``"file"`` value under ``models`` must be listed in ``files``; ``files`` may list more
+(ONNX external data, extra data). Engines may add ``"version_compatible": true`` and
+``"hardware_compatibility": "ampere+"`` (see :mod:`galip.runtime.backends.select`).
 
-Safety (a bundle is data, never code; DESIGN.md "The bundle"):
-
-* every path (``files`` keys, ``file`` values) must be relative, without ``..``, with
-  forward slashes, and must resolve inside the bundle folder after following symlinks;
-* ONNX external data: every ``.onnx`` file the models reference is scanned at load time
-  (protobuf wire format read directly, so the runtime needs no ``onnx`` package) for
-  tensors stored outside the graph; each ``location`` (relative to the graph's folder, as
-  onnxruntime resolves it) must pass the same path check and be listed in ``files``, so it
-  is checksummed like everything else. ``write_manifest`` adds such files to ``files``;
-* sha256 of every listed file is checked unless ``verify=False`` (the path and
-  external-data checks always run).
+Safety (a bundle is data, never code; DESIGN.md "The bundle"): every path must be relative,
+without ``..`` or backslashes, and resolve inside the folder after following symlinks.
+ONNX external data: each referenced ``.onnx`` is scanned at load time (protobuf wire format
+read directly, so the runtime needs no ``onnx`` package); every tensor ``location``
+(relative to the graph's folder, as onnxruntime resolves it) must pass the same path check
+and be listed in ``files``, hence checksummed; ``write_manifest`` lists such files itself.
+sha256 checks are skipped with ``verify=False``; the path and external-data checks never are.
 """
 from __future__ import annotations
 
@@ -260,6 +254,9 @@ def _check_structure(manifest: Any, source: Path, *, require_files: bool = True)
                                                    "compute_capability"} <= set(engine),
                      f"models.{where}.engines[{i}]",
                      "an object with file, precision, tensorrt_version, compute_capability", engine, source)
+    targets = list(models.get("generator", {}).get("domains", [])) + list(models.get("diffusion", {}))
+    unknown = [d for d in targets if d not in domains]
+    _require(not unknown, "every model domain", f"one of domains ({', '.join(domains)})", unknown, source)
     files = manifest.get("files", {} if not require_files else None)
     _require(isinstance(files, dict), "files", "an object {name: sha256}", files, source)
     for name, digest in files.items():
@@ -291,7 +288,8 @@ class Bundle:
     @property
     def domains(self) -> dict[str, Domain]:
         """The bundle's domains by name (pass as ``known=`` to :func:`domains.get_domain`)."""
-        return {name: Domain(name=name, **entry) for name, entry in self.manifest["domains"].items()}
+        return {name: Domain(name, e["caption"], e["class_id"], e["kind"], e["suffix"])
+                for name, e in self.manifest["domains"].items()}
 
     @property
     def model_names(self) -> list[str]:

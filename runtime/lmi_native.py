@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shlex
@@ -27,11 +28,22 @@ import numpy as np
 
 from .errors import BackendError, ConfigError
 
-__all__ = ["lmi_numpy", "native_available", "check_lmi_args", "support_radius", "library_path"]
+__all__ = ["lmi_numpy", "native_available", "check_lmi_args", "support_radius", "needs_float64",
+           "native_unavailable_reason", "library_path", "TIE_TOL"]
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 SOURCES = ("lmi.cuh", "lmi_host.cpp")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+# -fno-trapping-math lets g++ if-convert and vectorise the entropy loops; no -ffast-math (the
+# kernel relies on IEEE NaN/ordering semantics).
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
+         "-fno-trapping-math", "-fno-math-errno")
+
+# Two MI values closer than this are a tie; the first offset in row-major order wins
+# (GALIP_LMI_TIE_TOL in lmi.cuh).
+TIE_TOL = 1e-6
+# float32 accumulation only when every local entropy is at least this (nats); mirrors
+# GALIP_LMI_FLOAT_MIN_ENTROPY in lmi.cuh.
+FLOAT_MIN_ENTROPY = 0.25
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -58,6 +70,21 @@ def check_lmi_args(x_shape, y_shape, patch, radius, bins, sigma) -> None:
         raise ConfigError(f"LMI bins must be an int >= 2, got {bins!r}")
     if not float(sigma) > 0.0:
         raise ConfigError(f"LMI sigma must be > 0, got {sigma!r}")
+
+
+def needs_float64(bins: int, sigma: float) -> bool:
+    """True when (bins, sigma) bin almost hard, so float32 rounding would dominate NMI.
+
+    Mirrors ``galip_lmi_needs_double`` in lmi.cuh: the entropy of one sample's weights on the
+    edge centre (the smallest any local entropy can be) is below 0.25 nats, e.g. B = 8 at
+    sigma = 8/255 (~1e-3 nats). Implementations accumulate in float64 then.
+    """
+    sigma = float(np.float32(sigma))  # the kernel receives sigma as float32
+    c = (1.0 / (bins - 1)) ** 2 / (2.0 * sigma**2)
+    energies = [c * a * a for a in range(bins)]
+    z = sum(math.exp(-e) for e in energies)
+    entropy = sum(math.exp(-e) * e for e in energies) / z + math.log(z)
+    return entropy < FLOAT_MIN_ENTROPY
 
 
 def _compiler() -> list[str]:
@@ -138,6 +165,8 @@ def _load() -> ctypes.CDLL:
             [f32, f32] + [ctypes.c_int] * 6 + [ctypes.c_float] + [ctypes.c_int] * 2 + [f32, f32, i32])
         lib.galip_lmi_support_radius_host.restype = ctypes.c_int
         lib.galip_lmi_support_radius_host.argtypes = [ctypes.c_int, ctypes.c_float]
+        lib.galip_lmi_needs_double_host.restype = ctypes.c_int
+        lib.galip_lmi_needs_double_host.argtypes = [ctypes.c_int, ctypes.c_float]
         _lib = lib
         return lib
 
@@ -149,6 +178,15 @@ def native_available() -> bool:
     except BackendError:
         return False
     return True
+
+
+def native_unavailable_reason() -> str | None:
+    """Why the native kernel cannot be used (one line), or None when it can."""
+    try:
+        _load()
+    except BackendError as error:
+        return str(error)
+    return None
 
 
 def support_radius(bins: int = 27, sigma: float = 8 / 255) -> int:

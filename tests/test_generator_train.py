@@ -21,6 +21,16 @@ from galip.train.i2i.model import generator_from_checkpoint
 from galip.train.i2i.trainer import I2ITrainer, TrainConfig, lr_factor, pick_domains
 from galip.train.i2i.unet import UNetConfig
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on the shared 2-core machine, two OpenMP threads stall each
+    other behind the other engineers' processes (steps went from 0.4 s to 10 s)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 DOMAINS = "T1,T2,PD"
 
 
@@ -135,7 +145,7 @@ def _interrupt_after(monkeypatch, n: int):
     monkeypatch.setattr(I2ITrainer, "step_from", step_from)
 
 
-@pytest.mark.parametrize("mode", ["tiny"])
+@pytest.mark.parametrize("mode", ["tiny", "none"])
 def test_straight_run_equals_interrupted_and_resumed_run(data_dir, tmp_path, monkeypatch, mode):
     given = {"backbone": mode}
     straight = loop.train_generator(tmp_path / "a", data_dir, DOMAINS, given, save_every=100,

@@ -56,13 +56,17 @@ def lmi_loop(x, y, patch=3, radius=1, bins=27, sigma=8 / 255, normalize=True):
                         mi = 2 * mi / (h_x + h_y) if h_x + h_y > 0 else 0.0
                     scores.append(mi)
                 scores = np.asarray(scores)
-                best = int(np.argmax(scores))                       # first index on ties
+                # first offset within the tie tolerance of the max (lmi.cuh's rule)
+                best = int(np.argmax(scores >= scores.max() - lmi_onnx.TIE_TOL))
                 dy, dx = lmi_onnx.offsets(radius)[best]
                 inside = 0 <= i + dy < h and 0 <= j + dx < w
                 out[0, n, 0, i, j] = scores[best]
                 out[1, n, 0, i, j] = y[n, 0, i + dy, j + dx] if inside else 0.0
+                # distance of the decision from flipping: how far the nearest other
+                # offset is from the tie threshold
                 rest = np.delete(scores, best)
-                out[2, n, 0, i, j] = scores[best] - rest.max() if rest.size else np.inf
+                out[2, n, 0, i, j] = (np.abs(rest - (scores.max() - lmi_onnx.TIE_TOL)).min()
+                                      if rest.size else np.inf)
     return out[0], out[1], out[2]
 
 
@@ -115,7 +119,11 @@ def test_constant_images_tie_and_zero_outside():
     y = np.full((1, 1, 6, 5), 0.7, np.float32)
     lmi, y_at = run_model(lmi_onnx.lmi_model(), x, y)
     np.testing.assert_allclose(lmi, 0.0, atol=TOL)            # NMI of constant patches
-    np.testing.assert_allclose(y_at[0, 0, 1:-1, 1:-1], 0.7)   # every inner offset is inside
+    # every offset ties (MI = 0 up to float noise): the first one, (−1, −1), is chosen,
+    # which falls outside along the top row and the left column.
+    expected = np.full_like(y, 0.7)
+    expected[..., 0, :] = expected[..., :, 0] = 0.0
+    np.testing.assert_array_equal(y_at, expected)
 
 
 def test_lmi_of_image_with_itself_beats_noise():
@@ -143,6 +151,23 @@ def test_matches_pytorch_dense_reference(normalize):
     assert agree.mean() > 0.999, f"y_at differs at {np.count_nonzero(~agree)} pixels"
 
 
+def test_matches_native_host_kernel():
+    """ONNX graph against the C++ build of lmi.cuh (the CUDA plugin's per-pixel math)."""
+    from galip.runtime import lmi_native
+    if not lmi_native.native_available():
+        pytest.skip("the native LMI kernel does not build here (no C++ compiler)")
+    rng = np.random.default_rng(3)
+    x, y = _pair(rng, 2, 32, 48)
+    for params in ({}, {"normalize": False}, {"patch": 5, "radius": 2, "bins": 16}):
+        model = lmi_onnx.lmi_model(**params, with_offset_index=True)
+        lmi, y_at, index = run_model(model, x, y)
+        ref_lmi, ref_y_at, ref_index = lmi_native.lmi_numpy(x, y, **params)
+        np.testing.assert_allclose(lmi, ref_lmi, atol=TOL, rtol=0)
+        assert index.dtype == np.int32
+        agree = (index == ref_index) & np.isclose(y_at, ref_y_at, atol=TOL, rtol=0)
+        assert agree.mean() > 0.999, f"{params}: differs at {np.count_nonzero(~agree)} pixels"
+
+
 def test_model_passes_full_checker_and_shape_inference():
     model = lmi_onnx.lmi_model()
     onnx.checker.check_model(model, full_check=True)
@@ -150,12 +175,15 @@ def test_model_passes_full_checker_and_shape_inference():
     for out in inferred.graph.output:
         dims = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
         assert dims == ["N", 1, "H", "W"]
+    index = onnx.shape_inference.infer_shapes(lmi_onnx.lmi_model(with_offset_index=True),
+                                              strict_mode=True).graph.output[2]
+    assert index.type.tensor_type.elem_type == onnx.TensorProto.INT32
     assert {(o.domain, o.version) for o in model.opset_import} == {("", 17), ("galip", 1)}
     body_ops = {n.op_type for n in model.functions[0].node}
     assert all(onnx.defs.has(op) for op in body_ops)           # standard ops only
-    argmax = next(n for n in model.functions[0].node if n.op_type == "ArgMax")
-    assert onnx.helper.get_attribute_value(
-        next(a for a in argmax.attribute if a.name == "select_last_index")) == 0
+    for node in model.functions[0].node:
+        if node.op_type == "ArgMax":              # ties go to the first offset
+            assert {a.name: a.i for a in node.attribute}["select_last_index"] == 0
 
 
 def test_node_is_the_tensorrt_plugin_call():
@@ -163,6 +191,7 @@ def test_node_is_the_tensorrt_plugin_call():
                              sigma=0.05, normalize=False)
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     assert (node.op_type, node.domain) == ("LMI", "galip")
+    assert list(node.output) == ["l", "ya", "l_offset_index"]   # the plugin's three outputs
     assert attrs["plugin_namespace"] == b"galip" and attrs["aot"] == 1
     assert (attrs["patch"], attrs["radius"], attrs["bins"], attrs["normalize"]) == (5, 2, 16, 0)
     assert attrs["sigma"] == pytest.approx(0.05)

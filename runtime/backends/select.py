@@ -81,8 +81,8 @@ def engine_mismatch(engine: dict, capability: str | None, trt_version: str | Non
         trt_ok = bool(have) and have == built
     if cc_ok and trt_ok:
         return None
-    return (f"engine built for {device_info.sm(built_cc)} / TRT {_short(built_trt)}, "
-            f"this GPU is {device_info.sm(capability)} / TRT {_short(trt_version)}")
+    here = f"this GPU is {device_info.sm(capability)}" if capability else "this machine has no GPU"
+    return f"engine built for {device_info.sm(built_cc)} / TRT {_short(built_trt)}, {here} / TRT {_short(trt_version)}"
 
 
 def _by_precision(items: list, precision: str | None, key: Callable) -> list:

@@ -3,8 +3,8 @@
 //
 // One header, three consumers: the host build (lmi_host.cpp, g++ + OpenMP), nvcc -> PTX for
 // the TensorRT plugin, and CuPy on a GPU machine. The per-pixel math is one
-// __host__ __device__ inline function (galip_lmi_pixel); everything here is plain C99-ish
-// C++ so that it compiles unchanged with g++ (where __CUDACC__ is undefined) and nvcc.
+// __host__ __device__ inline function (galip_lmi_pixel); it compiles unchanged with g++
+// (where __CUDACC__ is undefined) and nvcc.
 //
 // Contract, per pixel i and offset tau in [-r, r]^2 (row-major from (-r, -r)):
 //   w_a(v)      = exp(-(v - c_a)^2 / 2 sigma^2) / sum_b exp(-(v - c_b)^2 / 2 sigma^2),
@@ -12,7 +12,7 @@
 //   P_tau(a, b) = mean over valid pairs j in the p x p patch around i of w_a(X_j) w_b(Y_j+tau),
 //                 a pair is valid when both X_j and Y_j+tau lie inside the image
 //   MI_tau(i)   = sum P log(P / (P_X P_Y)), 0 log 0 = 0        (paper Eq. 2)
-//   NMI         = 2 MI / (H_X + H_Y)  (0 where H_X + H_Y = 0)
+//   NMI         = 2 MI / (H_X + H_Y)  (0 where H_X + H_Y <= 1e-12)
 //   MI_tau(i)   = 0 where the pixel/offset has no valid pair
 //   LMI(i)      = MI at tau* = the first offset whose MI is within GALIP_LMI_TIE_TOL of the
 //                 max (paper Eq. 11: max over tau; the tolerance makes float ties deterministic)
@@ -22,7 +22,7 @@
 // S = min(2K + 1, B) bins around its nearest centre (shifted inside [0, B)), normalised over
 // that window (the dense softmax conditioned on the window). K is the smallest radius whose
 // omitted normalised mass is <= 1e-9 (galip_lmi_support_radius; K = 5 at the defaults); the
-// resulting MI/NMI differs from the dense definition by < 1e-7 (see galip_lmi_support_radius).
+// resulting MI/NMI differs from the dense definition by ~1e-7 at most.
 #pragma once
 
 #include <math.h>
@@ -35,16 +35,18 @@
 
 // Host loops whose sum may be reassociated (vectorised); nothing under nvcc.
 #if defined(_OPENMP) && !defined(__CUDACC__)
-#define GALIP_SIMD_SUM(var) _Pragma(GALIP_STR(omp simd reduction(+ : var)))
 #define GALIP_STR(x) #x
+#define GALIP_SIMD_SUM(var) _Pragma(GALIP_STR(omp simd reduction(+ : var)))
 #else
 #define GALIP_SIMD_SUM(var)
 #endif
 
 // Two MI values closer than this are a tie (the first offset in row-major order wins).
-#define GALIP_LMI_TIE_TOL 1e-6f
+#define GALIP_LMI_TIE_TOL 1e-6
 // Omitted normalised soft-bin mass allowed by the truncation.
 #define GALIP_LMI_TRUNC_EPS 1e-9
+// float32 accumulation when every local entropy is at least this (nats), else float64.
+#define GALIP_LMI_FLOAT_MIN_ENTROPY 0.25
 // Fixed-size local arrays of the CUDA kernel (the host build allocates per thread).
 #ifndef GALIP_LMI_DEVICE_MAX_BINS
 #define GALIP_LMI_DEVICE_MAX_BINS 32
@@ -62,18 +64,23 @@ struct GalipLmiShape {
   int normalize;  // 1: NMI, 0: MI
 };
 
-// Step 0: truncation radius K (in bins) of the soft binning.
-// With c = h^2 / 2 sigma^2 (h = 1/(B-1)) and the value at most h/2 from its nearest centre,
-// the omitted bins at distance >= K+1 from that centre carry, relative to the nearest bin,
-// at most exp(-m(m+1) c) each (m = K, K+1, ...), on two sides: eps(K) <= 2 e^{-K(K+1)c} /
-// (1 - e^{-2(K+1)c}). We take the smallest K with eps(K) <= 1e-9. Then every weight vector
-// moves by <= 2 eps in L1, every joint/marginal by <= 4 eps in L1, and each of the three
-// entropy sums by <= 4 eps (log(B^2 / 4 eps) + 1) < 1.2e-7 (concavity of -p log p), so
-// |MI_trunc - MI_dense| <= ~1e-7 in the worst case (value exactly between two centres) and
-// far below that typically. Defaults (B = 27, sigma = 8/255): c = 0.7515, K = 5, S = 11.
-GALIP_HD inline int galip_lmi_support_radius(int bins, float sigma) {
+// c = h^2 / 2 sigma^2 with h = 1/(B - 1): the Gaussian exponent per squared bin distance.
+GALIP_HD inline double galip_lmi_bin_c(int bins, float sigma) {
   const double h = 1.0 / (bins - 1);
-  const double c = h * h / (2.0 * (double)sigma * (double)sigma);
+  return h * h / (2.0 * (double)sigma * (double)sigma);
+}
+
+// Step 0a: truncation radius K (in bins) of the soft binning.
+// With the value at most h/2 from its nearest centre, the omitted bins at distance >= K+1 from
+// that centre carry, relative to the nearest bin, at most exp(-m(m+1) c) each (m = K, K+1,
+// ...), on two sides: eps(K) <= 2 e^{-K(K+1)c} / (1 - e^{-2(K+1)c}). We take the smallest K
+// with eps(K) <= 1e-9. Then every weight vector moves by <= 2 eps in L1, every joint/marginal
+// by <= 4 eps, and each of the three entropy sums by <= 4 eps (log(B^2 / 4 eps) + 1) < 1.2e-7
+// (concavity of -p log p), so |MI_trunc - MI_dense| is ~1e-7 in the worst case (a value exactly
+// between two centres) and far below that typically. Defaults (B = 27, sigma = 8/255):
+// c = 0.7515, K = 5, S = 11.
+GALIP_HD inline int galip_lmi_support_radius(int bins, float sigma) {
+  const double c = galip_lmi_bin_c(bins, sigma);
   for (int k = 0; k < bins; ++k) {
     const double eps = 2.0 * exp(-k * (k + 1.0) * c) / (1.0 - exp(-2.0 * (k + 1.0) * c));
     if (eps <= GALIP_LMI_TRUNC_EPS) return k;
@@ -86,15 +93,32 @@ GALIP_HD inline int galip_lmi_support(int bins, float sigma) {
   return s < bins ? s : bins;
 }
 
-// Natural log of a positive normal double, absolute error <= 5e-11 (|x| in [1e-300, 1e300]).
-// Host: branch-free (exponent split + atanh series, log m = 2 atanh((m-1)/(m+1)),
-// |s| <= 0.1716, terms up to s^11) so that g++ vectorises the entropy loops; device: log.
+// Step 0b: precision. Every local entropy H_X, H_Y is >= the entropy of one sample's weights
+// (concavity), smallest for a value on the edge centre. When that is >= 0.25 nats, float32
+// rounding (~1e-7 relative) moves NMI by < 1e-6 and float32 is used; otherwise (e.g. B = 8 at
+// sigma = 8/255: ~1e-3 nats, almost hard binning) the joint is accumulated in float64.
+GALIP_HD inline int galip_lmi_needs_double(int bins, float sigma) {
+  const double c = galip_lmi_bin_c(bins, sigma);
+  double z = 0.0, zlogw = 0.0;  // weights exp(-c a^2) of v = 0, normalised below
+  for (int a = 0; a < bins; ++a) {
+    const double e = c * a * a;
+    z += exp(-e);
+    zlogw += exp(-e) * e;
+  }
+  const double entropy = zlogw / z + log(z);  // -sum p log p, p = exp(-e) / z
+  return entropy < GALIP_LMI_FLOAT_MIN_ENTROPY;
+}
+
+// Natural log of a positive normal number. Host: branch-free (exponent split at sqrt(1/2) as
+// in musl, then log m = 2 atanh s, s = (m-1)/(m+1), |s| <= 0.1716) so that g++ vectorises the
+// entropy loops; double: series to s^11, abs. error <= 5e-11; float: series to s^7, ~1 ulp.
+// Device: log / logf.
 GALIP_HD inline double galip_lmi_log(double x) {
 #if defined(__CUDA_ARCH__)
   return log(x);
 #else
   unsigned long long u = __builtin_bit_cast(unsigned long long, x);
-  u += 0x3ff0000000000000ull - 0x3fe6a09e667f3bcdull;  // exponent split at sqrt(1/2) (musl)
+  u += 0x3ff0000000000000ull - 0x3fe6a09e667f3bcdull;
   const double e = (double)((long long)(u >> 52) - 0x3ff);
   u = (u & 0x000fffffffffffffull) + 0x3fe6a09e667f3bcdull;
   const double m = __builtin_bit_cast(double, u);  // m in [sqrt(1/2), sqrt(2))
@@ -108,6 +132,23 @@ GALIP_HD inline double galip_lmi_log(double x) {
 #endif
 }
 
+GALIP_HD inline float galip_lmi_log(float x) {
+#if defined(__CUDA_ARCH__)
+  return logf(x);
+#else
+  unsigned int u = __builtin_bit_cast(unsigned int, x);
+  u += 0x3f800000u - 0x3f3504f3u;
+  const float e = (float)((int)(u >> 23) - 0x7f);
+  u = (u & 0x007fffffu) + 0x3f3504f3u;
+  const float m = __builtin_bit_cast(float, u);
+  const float s = (m - 1.0f) / (m + 1.0f), z = s * s;
+  float p = 2.0f / 7.0f;
+  p = p * z + 2.0f / 5.0f;
+  p = p * z + 2.0f / 3.0f;
+  return e * 0.693147180559945f + 2.0f * s + s * z * p;
+#endif
+}
+
 // Step 1: first bin of a sample's window: nearest centre minus K, shifted inside [0, B - S].
 GALIP_HD inline int galip_lmi_first_bin(float v, int bins, int support) {
   float a = rintf(v * (float)(bins - 1));
@@ -118,121 +159,144 @@ GALIP_HD inline int galip_lmi_first_bin(float v, int bins, int support) {
 }
 
 // Step 2: normalised Gaussian soft-bin weights of v over bins [start, start + S) (DESIGN.md
-// "soft-bin every pixel with Gaussian weights normalised over bins"). With c = h^2 / 2 sigma^2
-// and delta = v/h - a0 (a0 the nearest centre), bin a0 + k has weight exp(-c (k^2 - 2 k delta))
-// relative to bin a0; neighbouring ratios form a geometric sequence, so one sample costs two
-// exp calls. Taking a0 as the reference (weight 1) means values outside [0, 1] cannot
+// "soft-bin every pixel with Gaussian weights normalised over bins"). With delta = v/h - a0
+// (a0 the nearest centre), bin a0 + k has weight exp(-c (k^2 - 2 k delta)) relative to bin
+// a0; neighbouring ratios form a geometric sequence, so one sample costs two exp calls (in
+// float64). Taking a0 as the reference (weight 1) means values outside [0, 1] cannot
 // underflow the sum: they bin like the nearest edge.
+template <class real>
 GALIP_HD inline void galip_lmi_soft_bin(float v, int bins, int support, double c, int start,
-                                        double* w) {
+                                        real* w) {
   const double a0 = fmin(fmax(rint((double)v * (bins - 1)), 0.0), (double)(bins - 1));
   const double delta = (double)v * (bins - 1) - a0;
   const double q = exp(-2.0 * c);
+  const double g_up = exp(-c * (1.0 - 2.0 * delta)), g_down = exp(-c * (1.0 + 2.0 * delta));
   const int k0 = (int)a0 - start;
-  double sum = 1.0, cur = 1.0, g = exp(-c * (1.0 - 2.0 * delta));
-  w[k0] = 1.0;
-  for (int k = k0 + 1; k < support; ++k) {  // upwards: ratio exp(-c (2k + 1 - 2 delta))
-    cur *= g;
-    g *= q;
-    w[k] = cur;
-    sum += cur;
+  double inv = 0.0;
+  for (int pass = 0; pass < 2; ++pass) {  // pass 0: normaliser; pass 1: weights
+    double sum = 1.0, cur = 1.0, g = g_up;
+    if (pass) w[k0] = (real)inv;
+    for (int k = k0 + 1; k < support; ++k) {  // upwards: ratio exp(-c (2k + 1 - 2 delta))
+      cur *= g;
+      g *= q;
+      sum += cur;
+      if (pass) w[k] = (real)(cur * inv);
+    }
+    cur = 1.0;
+    g = g_down;
+    for (int k = k0 - 1; k >= 0; --k) {  // downwards: ratio exp(-c (2k + 1 + 2 delta))
+      cur *= g;
+      g *= q;
+      sum += cur;
+      if (pass) w[k] = (real)(cur * inv);
+    }
+    inv = 1.0 / sum;
   }
-  cur = 1.0;
-  g = exp(-c * (1.0 + 2.0 * delta));
-  for (int k = k0 - 1; k >= 0; --k) {  // downwards: ratio exp(-c (2k + 1 + 2 delta))
-    cur *= g;
-    g *= q;
-    w[k] = cur;
-    sum += cur;
-  }
-  const double inv = 1.0 / sum;
-  for (int k = 0; k < support; ++k) w[k] *= inv;
 }
 
 // Weight source reading precomputed planes (host: each pixel's window computed once and
 // reused across offsets and patch positions).
+template <class real>
 struct GalipLmiPlanes {
-  const int* start;       // (H, W) first bin
-  const double* weights;  // (H, W, S) window weights
+  const int* start;     // (H, W) first bin
+  const real* weights;  // (H, W, S) window weights
   int W, S;
   GALIP_HD int first_bin(int h, int w) const { return start[h * W + w]; }
-  GALIP_HD const double* weights_at(int h, int w, double*) const {
+  GALIP_HD const real* weights_at(int h, int w, real*) const {
     return weights + (long)(h * W + w) * S;
   }
 };
 
 // Weight source computing windows on the fly from the image (CUDA kernel: no extra pass).
+template <class real>
 struct GalipLmiImage {
   const float* img;  // (H, W)
   int W, bins, S;
-  double c;          // h^2 / 2 sigma^2
-  GALIP_HD int first_bin(int h, int w) const { return galip_lmi_first_bin(img[h * W + w], bins, S); }
-  GALIP_HD const double* weights_at(int h, int w, double* scratch) const {
+  double c;  // h^2 / 2 sigma^2
+  GALIP_HD int first_bin(int h, int w) const {
+    return galip_lmi_first_bin(img[h * W + w], bins, S);
+  }
+  GALIP_HD const real* weights_at(int h, int w, real* scratch) const {
     const float v = img[h * W + w];
     galip_lmi_soft_bin(v, bins, S, c, galip_lmi_first_bin(v, bins, S), scratch);
     return scratch;
   }
 };
 
-GALIP_HD inline double galip_lmi_bin_c(int bins, float sigma) {
-  const double h = 1.0 / (bins - 1);
-  return h * h / (2.0 * (double)sigma * (double)sigma);
-}
-
 // Step 3: MI (or NMI) of the un-normalised joint J (bx x by box, row stride by), paper Eq. 2.
 // P = J / T with T = sum J (= the number of pairs up to rounding; dividing by the actual sum
-// keeps tiny entropies exact), so with E(v) = sum v log v:
-//   MI = (E(J) - E(rowsums) - E(colsums)) / T + log T,   H_X = log T - E(rowsums) / T.
-// Everything is double: near-deterministic bins (e.g. B = 8) give entropies ~1e-3, whose NMI
-// would otherwise be dominated by rounding. Masses below 1e-300 count as 0 (0 log 0 = 0).
-GALIP_HD inline double galip_lmi_mi_of_joint(const double* J, int bx, int by, int normalize,
-                                             double* cs) {
-  const double tiny = 1e-300;
-  double ej = 0.0;
-  GALIP_SIMD_SUM(ej)
-  for (int k = 0; k < bx * by; ++k) {  // flat loop over the box: vectorised
-    const double v = J[k];
-    ej += v * galip_lmi_log(v > tiny ? v : tiny);  // v = 0 adds 0 * log(tiny) = 0
-  }
-  for (int b = 0; b < by; ++b) cs[b] = 0.0;
-  double ex = 0.0, total = 0.0;
+// keeps tiny entropies exact in float64): MI = H_X + H_Y - H_XY, NMI = 2 MI / (H_X + H_Y).
+// Masses below the smallest normal number count as 0 (0 log 0 = 0). rs, cs: >= B reals.
+template <class real>
+GALIP_HD inline double galip_lmi_mi_of_joint(const real* J, int bx, int by, int normalize,
+                                             real* rs, real* cs) {
+  const real tiny = sizeof(real) == 4 ? (real)1.17549435e-38f : (real)2.2250738585072014e-308;
+  // 3a: marginals from the joint (row and column sums) and the total mass.
+  for (int b = 0; b < by; ++b) cs[b] = 0;
+  real total = 0;
   for (int a = 0; a < bx; ++a) {
-    const double* row = J + a * by;
-    double rs = 0.0;
+    const real* row = J + a * by;
+    real r = 0;
     for (int b = 0; b < by; ++b) {
-      rs += row[b];
+      r += row[b];
       cs[b] += row[b];
     }
-    total += rs;
-    ex += rs > tiny ? rs * galip_lmi_log(rs) : 0.0;
+    rs[a] = r;
+    total += r;
   }
-  double ey = 0.0;
-  for (int b = 0; b < by; ++b) ey += cs[b] > tiny ? cs[b] * galip_lmi_log(cs[b]) : 0.0;
-  const double log_t = galip_lmi_log(total);
-  const double mi = (ej - ex - ey) / total + log_t;
+  const real inv_t = (real)1 / total;
+  // 3b: entropies -sum p log p over the box (flat loop, vectorised on the host).
+  real hxy = 0, hx = 0, hy = 0;
+  GALIP_SIMD_SUM(hxy)
+  for (int k = 0; k < bx * by; ++k) {
+    const real p = J[k] * inv_t;
+    hxy -= p * galip_lmi_log(p > tiny ? p : tiny);  // p = 0 adds 0 * log(tiny) = 0
+  }
+  for (int a = 0; a < bx; ++a) {
+    const real p = rs[a] * inv_t;
+    hx -= p * galip_lmi_log(p > tiny ? p : tiny);
+  }
+  for (int b = 0; b < by; ++b) {
+    const real p = cs[b] * inv_t;
+    hy -= p * galip_lmi_log(p > tiny ? p : tiny);
+  }
+  const double mi = (double)hx + (double)hy - (double)hxy;
   if (!normalize) return mi;
-  const double denom = 2.0 * log_t - (ex + ey) / total;  // H_X + H_Y
+  const double denom = (double)hx + (double)hy;
   return denom > 1e-12 ? 2.0 * mi / denom : 0.0;
 }
 
-// Doubles per pixel work area of galip_lmi_pixel: joint B*B, 2 weight windows, column sums,
-// one MI per offset.
-GALIP_HD inline int galip_lmi_work_size(int bins, int radius) {
-  return bins * bins + 3 * bins + (2 * radius + 1) * (2 * radius + 1);
+// J[a * stride + b] += wx[a] * wy[b] for a, b < S (one pair's contribution, Step 4b).
+// SC > 0 fixes S at compile time (fully unrolled inner loop for the default S = 11).
+template <class real, int SC>
+GALIP_HD inline void galip_lmi_outer_add(real* __restrict__ J, int stride,
+                                         const real* __restrict__ wx,
+                                         const real* __restrict__ wy, int S) {
+  const int n = SC > 0 ? SC : S;
+  for (int a = 0; a < n; ++a) {
+    const real u = wx[a];
+    real* __restrict__ row = J + a * stride;
+    for (int b = 0; b < n; ++b) row[b] += u * wy[b];
+  }
 }
 
+// Per pixel work area of galip_lmi_pixel, in reals: joint B*B, 2 weight windows, 2 marginals.
+GALIP_HD inline int galip_lmi_work_size(int bins) { return bins * bins + 4 * bins; }
+
 // Step 4: LMI of one pixel (h, w): MI for every offset, then the tie-aware arg-max.
-// `work` holds galip_lmi_work_size(B, r) doubles. Writes the LMI value and the offset
-// index t* = (dy + r)(2r + 1) + (dx + r).
-template <class Src>
+// work: galip_lmi_work_size(B) reals; mi: (2r+1)^2 doubles. Writes the LMI value and the
+// offset index t* = (dy + r)(2r + 1) + (dx + r).
+template <class real, int SC, class Src>
 GALIP_HD inline void galip_lmi_pixel(const Src& sx, const Src& sy, const GalipLmiShape& s, int h,
-                                     int w, double* work, float* out_lmi, int* out_tau) {
-  const int B = s.bins, S = s.support, R = s.radius, D = 2 * R + 1, half = s.patch / 2;
-  double* J = work;
-  double* wx_buf = J + B * B;
-  double* wy_buf = wx_buf + B;
-  double* cs = wy_buf + B;
-  double* mi = cs + B;
+                                     int w, real* work, double* mi, float* out_lmi,
+                                     int* out_tau) {
+  const int B = s.bins, S = SC > 0 ? SC : s.support, R = s.radius, D = 2 * R + 1;
+  const int half = s.patch / 2;
+  real* J = work;
+  real* wx_buf = J + B * B;
+  real* wy_buf = wx_buf + B;
+  real* rs = wy_buf + B;
+  real* cs = rs + B;
   const int h0 = h - half > 0 ? h - half : 0, h1 = h + half < s.H - 1 ? h + half : s.H - 1;
   const int w0 = w - half > 0 ? w - half : 0, w1 = w + half < s.W - 1 ? w + half : s.W - 1;
   double best = -1e300;
@@ -257,23 +321,19 @@ GALIP_HD inline void galip_lmi_pixel(const Src& sx, const Src& sy, const GalipLm
       }
     }
     const int bx = xhi - xlo + S, by = yhi - ylo + S;
-    for (int k = 0; k < bx * by; ++k) J[k] = 0.0;
+    for (int k = 0; k < bx * by; ++k) J[k] = 0;
     // 4b: sparse joint: each pair adds the S x S outer product of its windows.
     for (int jh = ha; jh <= hb; ++jh) {
       for (int jw = wa; jw <= wb; ++jw) {
-        const double* wxp = sx.weights_at(jh, jw, wx_buf);
-        const double* wyp = sy.weights_at(jh + dy, jw + dx, wy_buf);
-        double* base =
+        const real* wxp = sx.weights_at(jh, jw, wx_buf);
+        const real* wyp = sy.weights_at(jh + dy, jw + dx, wy_buf);
+        real* base =
             J + (sx.first_bin(jh, jw) - xlo) * by + (sy.first_bin(jh + dy, jw + dx) - ylo);
-        for (int a = 0; a < S; ++a) {
-          const double u = wxp[a];
-          double* row = base + a * by;
-          for (int b = 0; b < S; ++b) row[b] += u * wyp[b];
-        }
+        galip_lmi_outer_add<real, SC>(base, by, wxp, wyp, S);
       }
     }
     // 4c: MI / NMI of P = J / sum J (paper Eq. 2).
-    mi[t] = galip_lmi_mi_of_joint(J, bx, by, s.normalize, cs);
+    mi[t] = galip_lmi_mi_of_joint(J, bx, by, s.normalize, rs, cs);
     best = mi[t] > best ? mi[t] : best;
   }
   // 4d: LMI = max over offsets (paper Eq. 11); ties -> first offset in row-major order.
@@ -292,6 +352,15 @@ GALIP_HD inline float galip_lmi_y_at(const float* y, int H, int W, int radius, i
 }
 
 #ifdef __CUDACC__
+template <class real>
+__device__ inline void galip_lmi_device_pixel(const float* xn, const float* yn,
+                                              const GalipLmiShape& s, double c, int h, int w,
+                                              void* work, double* mi, float* v, int* tau) {
+  GalipLmiImage<real> sx = {xn, s.W, s.bins, s.support, c};
+  GalipLmiImage<real> sy = {yn, s.W, s.bins, s.support, c};
+  galip_lmi_pixel<real, 0>(sx, sy, s, h, w, (real*)work, mi, v, tau);
+}
+
 // One thread per output pixel, blockIdx.y = batch index; launch grid ((H*W + bs - 1)/bs, N).
 // x, y: (N, H, W) float32; lmi, y_at: (N, H, W) float32; offset_index: (N, H, W) int32.
 // Requires bins <= GALIP_LMI_DEVICE_MAX_BINS and radius <= GALIP_LMI_DEVICE_MAX_RADIUS
@@ -306,7 +375,8 @@ extern "C" __global__ void galip_lmi_kernel(const float* x, const float* y, int 
   const long o = (long)nb * H * W + pix;
   const int D = GALIP_LMI_DEVICE_MAX_RADIUS * 2 + 1;
   double work[GALIP_LMI_DEVICE_MAX_BINS * GALIP_LMI_DEVICE_MAX_BINS +
-              3 * GALIP_LMI_DEVICE_MAX_BINS + D * D];
+              4 * GALIP_LMI_DEVICE_MAX_BINS];
+  double mi[D * D];
   if (bins > GALIP_LMI_DEVICE_MAX_BINS || radius > GALIP_LMI_DEVICE_MAX_RADIUS || bins < 2) {
     lmi[o] = NAN;
     y_at[o] = NAN;
@@ -319,12 +389,13 @@ extern "C" __global__ void galip_lmi_kernel(const float* x, const float* y, int 
   const float* xn = x + (long)nb * H * W;
   const float* yn = y + (long)nb * H * W;
   const double c = galip_lmi_bin_c(bins, sigma);
-  GalipLmiImage sx = {xn, W, bins, s.support, c};
-  GalipLmiImage sy = {yn, W, bins, s.support, c};
   const int h = pix / W, w = pix % W;
   float v;
   int tau;
-  galip_lmi_pixel(sx, sy, s, h, w, work, &v, &tau);
+  if (galip_lmi_needs_double(bins, sigma))
+    galip_lmi_device_pixel<double>(xn, yn, s, c, h, w, work, mi, &v, &tau);
+  else
+    galip_lmi_device_pixel<float>(xn, yn, s, c, h, w, work, mi, &v, &tau);
   lmi[o] = v;
   offset_index[o] = tau;
   y_at[o] = galip_lmi_y_at(yn, H, W, radius, h, w, tau);

@@ -18,11 +18,77 @@ static int galip_lmi_check(int N, int H, int W, int patch, int radius, int bins,
   return 0;
 }
 
+// Steps 1-4 for every pixel of every image, accumulating in `real` (float or double) with the
+// window size S fixed at compile time when SC > 0.
+template <class real, int SC>
+static int galip_lmi_run(const float* x, const float* y, int N, const GalipLmiShape& s,
+                         double c, int num_threads, float* lmi, float* y_at, int* offset_index) {
+  const int H = s.H, W = s.W, S = s.support, B = s.bins, D = 2 * s.radius + 1;
+  const long hw = (long)H * W, npix = (long)N * hw;
+  // Step 1-2: every pixel's window (first bin + S normalised weights), once per call.
+  int* starts = (int*)malloc(sizeof(int) * 2 * npix);
+  real* weights = (real*)malloc(sizeof(real) * 2 * npix * S);
+  if (!starts || !weights) {
+    free(starts);
+    free(weights);
+    return -1;
+  }
+  int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(num_threads)
+#endif
+  {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (long k = 0; k < 2 * npix; ++k) {
+      const float v = k < npix ? x[k] : y[k - npix];
+      starts[k] = galip_lmi_first_bin(v, B, S);
+      galip_lmi_soft_bin(v, B, S, c, starts[k], weights + k * S);
+    }
+    // Step 3-4: one pixel per iteration; each thread owns one work area.
+    real* work = (real*)malloc(sizeof(real) * galip_lmi_work_size(B));
+    double* mi = (double*)malloc(sizeof(double) * D * D);
+    if (!work || !mi) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+      failed = 1;
+    }
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 64)
+#endif
+    for (long k = 0; k < npix; ++k) {
+      if (!work || !mi) continue;
+      const long off = (k / hw) * hw;
+      const int h = (int)((k - off) / W), w = (int)((k - off) % W);
+      GalipLmiPlanes<real> sx = {starts + off, weights + off * S, W, S};
+      GalipLmiPlanes<real> sy = {starts + npix + off, weights + (npix + off) * S, W, S};
+      float v;
+      int tau;
+      galip_lmi_pixel<real, SC>(sx, sy, s, h, w, work, mi, &v, &tau);
+      lmi[k] = v;
+      offset_index[k] = tau;
+      y_at[k] = galip_lmi_y_at(y + off, H, W, s.radius, h, w, tau);
+    }
+    free(work);
+    free(mi);
+  }
+  free(starts);
+  free(weights);
+  return failed ? -1 : 0;
+}
+
 extern "C" {
 
-// Truncation radius K and window size S used for (bins, sigma); see lmi.cuh.
+// Truncation radius K (bins) used for (bins, sigma); see lmi.cuh.
 int galip_lmi_support_radius_host(int bins, float sigma) {
   return galip_lmi_support_radius(bins, sigma);
+}
+
+// 1 when (bins, sigma) accumulate in float64, 0 for float32; see lmi.cuh.
+int galip_lmi_needs_double_host(int bins, float sigma) {
+  return galip_lmi_needs_double(bins, sigma);
 }
 
 // LMI of x against y. x, y: (N, H, W) float32, C order. Outputs (N, H, W): lmi float32,
@@ -39,64 +105,15 @@ int galip_lmi_host(const float* x, const float* y, int N, int H, int W, int patc
   s.H = H; s.W = W; s.patch = patch; s.radius = radius; s.bins = bins;
   s.support = galip_lmi_support(bins, sigma);
   s.normalize = normalize ? 1 : 0;
-  const int S = s.support;
-  const long npix = (long)N * H * W;
   const double c = galip_lmi_bin_c(bins, sigma);
-
-  // Step 1-2: every pixel's window (first bin + S normalised weights), once per image.
-  int* starts = (int*)malloc(sizeof(int) * 2 * npix);
-  double* weights = (double*)malloc(sizeof(double) * 2 * npix * S);
-  if (!starts || !weights) {
-    free(starts);
-    free(weights);
-    return -1;
-  }
-  int failed = 0;
 #ifdef _OPENMP
   if (num_threads <= 0) num_threads = omp_get_max_threads();
-#pragma omp parallel num_threads(num_threads)
 #endif
-  {
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-    for (long k = 0; k < 2 * npix; ++k) {
-      const float v = k < npix ? x[k] : y[k - npix];
-      const int st = galip_lmi_first_bin(v, bins, S);
-      starts[k] = st;
-      galip_lmi_soft_bin(v, bins, S, c, st, weights + k * S);
-    }
-    // Step 3-4: one pixel per iteration; each thread owns one work area.
-    double* work = (double*)malloc(sizeof(double) * galip_lmi_work_size(bins, radius));
-    if (!work) {
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
-      failed = 1;
-    }
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, 64)
-#endif
-    for (long k = 0; k < npix; ++k) {
-      if (!work) continue;
-      const long nb = k / ((long)H * W);
-      const int pix = (int)(k - nb * H * W);
-      const int h = pix / W, w = pix % W;
-      const long off = nb * H * W;
-      GalipLmiPlanes sx = {starts + off, weights + off * S, W, S};
-      GalipLmiPlanes sy = {starts + npix + off, weights + (npix + off) * S, W, S};
-      float v;
-      int tau;
-      galip_lmi_pixel(sx, sy, s, h, w, work, &v, &tau);
-      lmi[k] = v;
-      offset_index[k] = tau;
-      y_at[k] = galip_lmi_y_at(y + off, H, W, radius, h, w, tau);
-    }
-    free(work);
-  }
-  free(starts);
-  free(weights);
-  return failed ? -1 : 0;
+  if (galip_lmi_needs_double(bins, sigma))
+    return galip_lmi_run<double, 0>(x, y, N, s, c, num_threads, lmi, y_at, offset_index);
+  if (s.support == 11)  // the defaults (B = 27, sigma = 8/255): unrolled inner loops
+    return galip_lmi_run<float, 11>(x, y, N, s, c, num_threads, lmi, y_at, offset_index);
+  return galip_lmi_run<float, 0>(x, y, N, s, c, num_threads, lmi, y_at, offset_index);
 }
 
 }  // extern "C"

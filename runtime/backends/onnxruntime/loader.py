@@ -6,6 +6,7 @@ machine without it.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
@@ -142,7 +143,9 @@ def provider_really_loads(provider: Provider, ort=None) -> tuple[bool, list[str]
         options = ort.SessionOptions()
         options.log_severity_level = 4   # the fallback is expected here; keep stderr quiet
         providers = [provider] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
-        session = ort.InferenceSession(identity_model_bytes(), sess_options=options, providers=providers)
+        with warnings.catch_warnings():   # "provider not in available providers"
+            warnings.simplefilter("ignore")
+            session = ort.InferenceSession(identity_model_bytes(), sess_options=options, providers=providers)
         in_use = list(session.get_providers())
     except Exception:
         return False, []

@@ -53,11 +53,14 @@ def check(cudart: Any, result: Any, what: str) -> Any:
 
 
 def handle(obj: Any) -> int:
-    """Integer value of a cuda-python handle (stream, pointer)."""
+    """Integer value of a cuda-python handle (``cudaStream_t`` and pointers support ``int()``).
+
+    Not ``getPtr()``: that is the address of the Python object's storage, not the handle.
+    """
     try:
         return int(obj)
     except TypeError:
-        return int(obj.getPtr())
+        raise BackendError(f"cannot read a CUDA handle from {type(obj).__name__}; upgrade cuda-python ({INSTALL_GPU})") from None
 
 
 class DeviceBuffer:
@@ -262,6 +265,9 @@ class TrtRunner(Runner):
                 prepared = self.prepare_feed(feed)
                 self._upload(prepared)
                 shapes = self._bind_outputs()
+                if (shapes[x_out], self._outputs[x_out].dtype) != (prepared[x_in].shape, prepared[x_in].dtype):
+                    raise BackendError(f"{self.name}: run_loop needs {x_out!r} shaped like {x_in!r}; "
+                                       f"got {shapes[x_out]} vs {prepared[x_in].shape}")
                 ping, pong = self._addresses[x_in], self._addresses[x_out]
             else:
                 if x_in in update:

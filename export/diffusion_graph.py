@@ -1,0 +1,187 @@
+"""One MIDiffusion sampling step as one ONNX graph: LMI + score network + DDIM update.
+
+Graph ``diffusion_<T>_step.onnx`` (the bundle contract, ``models.diffusion.<T>``)::
+
+    x_t, source, lmi_source, noise   float32 [N, 1, H, W]
+    timestep, alpha_bar_t, alpha_bar_prev, sigma   float32 [1]
+    → x_prev, x0_pred                float32 [N, 1, H, W]
+
+Inside, in this order (paper Eq. 13; Song et al. 2021 Eq. 12):
+
+1. cond = [LMI(source, u(x_t)), lmi_source] through the ONE conditioning function of
+   training (``galip.train.midiffusion.conditioning.condition``), so the x_t → [0, 1]
+   map and the LMI settings cannot drift from what the network was trained with;
+2. ε = net([x_t, cond], timestep);
+3. x̂_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t, clipped to the data range with ε recomputed from the
+   clipped x̂_0 (``clip_x0``, as the PyTorch samplers do by default);
+4. x_prev = √ᾱ_prev x̂_0 + √max(0, 1 − ᾱ_prev − σ²) ε + σ · noise.
+
+The runtime computes (timestep, ᾱ_t, ᾱ_prev, σ) per step from the manifest's schedule and
+sampler, so one graph serves DDIM with any step count and η, and DDPM (= DDIM, η = 1, all
+T steps).
+
+The LMI is ONE node ``galip::LMI`` (plugin_namespace "galip") defined by the model-local
+function of :mod:`galip.export.lmi_onnx`: onnxruntime inlines the function body, TensorRT
+maps the node to the CUDA plugin. It is exported through :class:`_LMIPlaceholder`, an
+autograd Function whose ``symbolic`` emits the node, swapped in for the conditioning's
+``lmi_map`` while tracing (:func:`lmi_placeholder`); the node is then rebuilt with
+:func:`~galip.export.lmi_onnx.lmi_node` so its attributes are exactly the function's.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import onnx
+import torch
+from torch import nn
+
+from galip.export import lmi_onnx
+from galip.export.generator_graph import DEFAULT_OPSET, check_graph, torch_to_onnx
+from galip.runtime.errors import ConfigError
+from galip.train.midiffusion import conditioning
+from galip.train.midiffusion.conditioning import LMIConfig, LMIDenoiser
+from galip.train.midiffusion.samplers import _predict_x0
+from galip.train.midiffusion.schedule import DATA_RANGE, DDPMSchedule
+from galip.train.midiffusion.scorenet import ScoreNet, ScoreNetConfig
+
+DIFFUSION_FORMAT = "galip-midiffusion"
+DIFFUSION_VERSION = 1
+IMAGE_INPUTS = ("x_t", "source", "lmi_source")
+SCALAR_INPUTS = ("timestep", "alpha_bar_t", "alpha_bar_prev", "sigma")
+INPUTS = {**{n: "float32[N,1,H,W]" for n in IMAGE_INPUTS},
+          **{n: "float32[1]" for n in SCALAR_INPUTS}, "noise": "float32[N,1,H,W]"}
+OUTPUTS = {"x_prev": "float32[N,1,H,W]", "x0_pred": "float32[N,1,H,W]"}
+LMI_IO = {"inputs": {"x": "float32[N,1,H,W]", "y": "float32[N,1,H,W]"},
+          "outputs": {"lmi": "float32[N,1,H,W]", "y_at": "float32[N,1,H,W]"}}
+
+
+# ----------------------------------------------------------------------------- LMI placeholder
+class _LMIPlaceholder(torch.autograd.Function):
+    """Stand-in for LMI while tracing: shapes only in PyTorch, one ``galip::LMI`` node in ONNX."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor):       # noqa: D102 - values unused
+        return torch.zeros_like(x), torch.zeros_like(y)
+
+    @staticmethod
+    def symbolic(g, x, y):                                    # noqa: D102
+        lmi, y_at = g.op(f"{lmi_onnx.DOMAIN}::{lmi_onnx.OP_TYPE}", x, y, outputs=2)
+        lmi.setType(x.type())
+        y_at.setType(y.type())
+        return lmi, y_at
+
+
+@contextlib.contextmanager
+def lmi_placeholder() -> Iterator[None]:
+    """Route the conditioning's ``lmi_map`` through :class:`_LMIPlaceholder` (export only)."""
+    original = conditioning.lmi_map
+    conditioning.lmi_map = lambda x, y, config: _LMIPlaceholder.apply(x, y)[0]
+    try:
+        yield
+    finally:
+        conditioning.lmi_map = original
+
+
+# ----------------------------------------------------------------------------- the step module
+class DiffusionStep(nn.Module):
+    """One generalised DDIM step of an LMI-conditioned ε-model (module docstring, steps 1–4).
+
+    Inputs as the graph's (scalars as (1,) tensors); returns (x_prev, x0_pred).
+    """
+
+    def __init__(self, denoiser: LMIDenoiser, *, clip_x0: bool = True):
+        super().__init__()
+        self.denoiser = denoiser.eval()
+        self.clip_x0 = clip_x0
+
+    def forward(self, x_t, source, lmi_source, timestep, alpha_bar_t, alpha_bar_prev, sigma, noise):
+        # 1–2. ε_θ([x_t, LMI(source, u(x_t)), LMI(source, source)], t) (paper Eq. 13)
+        eps = self.denoiser(x_t, timestep, source, lmi_source)
+        ab_t = alpha_bar_t.reshape(-1, 1, 1, 1)
+        ab_prev = alpha_bar_prev.reshape(-1, 1, 1, 1)
+        sigma = sigma.reshape(-1, 1, 1, 1)
+        # 3. x̂_0 (Ho et al. Eq. 15), clipped, ε recomputed (the samplers' own function)
+        x0, eps = _predict_x0(eps, x_t, ab_t, self.clip_x0)
+        # 4. Song et al. Eq. 12
+        direction = (1.0 - ab_prev - sigma * sigma).clamp(min=0.0).sqrt() * eps
+        return ab_prev.sqrt() * x0 + direction + sigma * noise, x0
+
+
+def denoiser_from_payload(payload: dict, *, ema: bool = True) -> tuple[LMIDenoiser, DDPMSchedule, dict]:
+    """(ε-model in eval mode, schedule, payload info) of a ``galip-train diffusion`` checkpoint.
+
+    The same reconstruction as ``galip.train.midiffusion.trainer.load_denoiser``, from an
+    already loaded payload. ``info``: config, target, preprocess, step.
+    """
+    if payload.get("format") != DIFFUSION_FORMAT or payload.get("version") != DIFFUSION_VERSION:
+        raise ConfigError(f"checkpoint format {payload.get('format')!r} version {payload.get('version')} "
+                          f"is not {DIFFUSION_FORMAT!r} version {DIFFUSION_VERSION}")
+    config = payload["config"]
+    net = ScoreNet(ScoreNetConfig.from_dict(config["net"]))
+    net.load_state_dict(payload["ema"]["module"] if ema else payload["model"])
+    denoiser = LMIDenoiser(net, LMIConfig.from_dict(config["lmi"])).eval()
+    info = {key: payload.get(key) for key in ("config", "target", "preprocess", "step")}
+    return denoiser, DDPMSchedule.from_dict(config["schedule"]), info
+
+
+def lmi_settings(config: LMIConfig) -> dict:
+    """The manifest's ``lmi`` entry (checked by lmi_onnx.lmi_params)."""
+    return lmi_onnx.lmi_params(**config.lmi_kwargs())
+
+
+def _rebuild_lmi_nodes(model: onnx.ModelProto, params: dict) -> int:
+    """Give every traced ``galip::LMI`` node the exact attributes of ``lmi_node``; count them."""
+    count = 0
+    for i, node in enumerate(model.graph.node):
+        if (node.domain, node.op_type) == (lmi_onnx.DOMAIN, lmi_onnx.OP_TYPE):
+            rebuilt = lmi_onnx.lmi_node(node.input[0], node.input[1], tuple(node.output),
+                                        name=node.name or f"lmi_{count}", **params)
+            model.graph.node[i].CopyFrom(rebuilt)
+            count += 1
+    return count
+
+
+def export_step(denoiser: LMIDenoiser, *, opset: int = DEFAULT_OPSET, clip_x0: bool = True,
+                trace_size: int | None = None) -> onnx.ModelProto:
+    """The checked fp32 step graph of ``denoiser`` (one ``galip::LMI`` node + its function)."""
+    multiple = denoiser.net.config.size_multiple
+    size = trace_size or max(multiple, 32 // multiple * multiple)
+    n = 2
+    image = lambda: torch.rand(n, 1, size, size)     # noqa: E731
+    args = (image() * 2 - 1, image(), image(), torch.tensor([500.0]), torch.tensor([0.5]),
+            torch.tensor([0.6]), torch.tensor([0.1]), torch.randn(n, 1, size, size))
+    spatial = {0: "N", 2: "H", 3: "W"}
+    dynamic = {name: spatial for name in (*IMAGE_INPUTS, "noise", *OUTPUTS)}
+    with lmi_placeholder():
+        model = torch_to_onnx(DiffusionStep(denoiser, clip_x0=clip_x0), args,
+                              [*IMAGE_INPUTS, *SCALAR_INPUTS, "noise"], list(OUTPUTS), dynamic, opset=opset,
+                              custom_opsets={lmi_onnx.DOMAIN: 1})
+    params = lmi_settings(denoiser.lmi_config)
+    found = _rebuild_lmi_nodes(model, params)
+    if found != 1:
+        raise ValueError(f"expected exactly one galip::LMI node in the step graph, found {found}")
+    lmi_onnx.add_lmi_function(model, params)
+    lmi_onnx.check_lmi_nodes(model)
+    model.doc_string = ("galip MIDiffusion step: generalised DDIM update of an LMI-conditioned "
+                        "epsilon-model (inputs x_t, source, lmi_source, timestep, alpha_bar_t, "
+                        "alpha_bar_prev, sigma, noise -> x_prev, x0_pred)")
+    return check_graph(model, allowed_custom=[(lmi_onnx.DOMAIN, lmi_onnx.OP_TYPE)])
+
+
+def export_lmi(params: dict, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """The checked standalone ``lmi.onnx`` (x, y → lmi, y_at) for LMI(source, source)."""
+    model = lmi_onnx.lmi_model(**params, opset=opset)
+    return check_graph(model, allowed_custom=[(lmi_onnx.DOMAIN, lmi_onnx.OP_TYPE)])
+
+
+def schedule_entry(schedule: DDPMSchedule) -> dict:
+    """The manifest's ``schedule`` entry."""
+    return {"kind": "ddpm_linear", "beta_start": schedule.beta_start, "beta_end": schedule.beta_end,
+            "timesteps": schedule.num_timesteps}
+
+
+def data_range_entry(info: dict) -> list[float]:
+    """Model space of x_0 as stored in the checkpoint (default [−1, 1])."""
+    stored = (info.get("config") or {}).get("data_range") or DATA_RANGE
+    return [float(v) for v in stored]

@@ -1,0 +1,171 @@
+"""TensorRT plugin ``galip::LMI``: the CUDA LMI kernel as a quickly deployable AOT plugin.
+
+DESIGN.md ("Environment facts"): the kernel of ``runtime/kernels/lmi.cuh`` is compiled by
+nvcc to PTX (:func:`galip.export.kernels.compile_lmi_ptx`) and served to TensorRT >= 10.9
+through ``tensorrt.plugin``: ``@trtp.register`` describes the outputs, ``@trtp.aot_impl``
+returns kernel name, PTX, launch parameters and the extra scalar kernel arguments. The PTX
+is embedded in the engine, so running the engine needs neither this module nor a plugin
+library.
+
+Mapping from ONNX: the node built by :func:`galip.export.lmi_onnx.lmi_node` has op_type
+``LMI``, ``plugin_namespace="galip"``, ``aot=1`` and three outputs; the TensorRT ONNX parser
+(>= 10.7 prefers a registered plugin over the model-local function of the same name) creates
+this plugin from it, with the node's ``patch``, ``radius``, ``bins``, ``sigma``,
+``normalize`` attributes as plugin attributes. Call :func:`register_lmi_plugin` before
+parsing.
+
+Kernel: lmi.cuh's ``galip_lmi_kernel`` itself, (x, y, N, H, W, patch, radius, bins, sigma,
+normalize, lmi, y_at, offset_index). TensorRT's AOT launcher passes input pointers, the
+extra args, output pointers in that order, so the plugin has the kernel's three outputs
+(lmi, y_at float32, offset_index int32, each like X (N, 1, H, W)). Extra args are int32
+symbolic expressions only: sigma travels as the int32 holding its float32 bit pattern
+(:func:`sigma_bits`); a kernel parameter is a 4-byte slot that the driver copies verbatim,
+so the ``.f32`` parameter receives exactly sigma. :func:`check_kernel_abi` verifies the PTX
+signature (2 pointers, 8 four-byte scalars with sigma the 7th, 3 pointers) at registration.
+Launch: one thread per pixel, grid (⌈H·W / 128⌉, N), block 128.
+
+Nothing imports ``tensorrt`` at module import. Written against the public ``tensorrt.plugin``
+API (TensorRT 10.9+) and tested up to that boundary with a fake module: no engine has been
+built with it on the development machines (no GPU, no full TensorRT there).
+
+NOTE: no ``from __future__ import annotations`` here: ``tensorrt.plugin`` inspects the
+decorated functions' annotations as live classes.
+"""
+import struct
+from pathlib import Path
+from typing import Any, List, Optional, Tuple, Union
+
+from galip.export import kernels
+from galip.export.lmi_onnx import OP_TYPE, PLUGIN_NAMESPACE, lmi_params
+from galip.runtime.errors import BackendError, ConfigError
+
+__all__ = ["PLUGIN_ID", "KERNEL_ABI", "add_lmi_layer", "check_device_params", "check_kernel_abi",
+           "kernel_scalar_args",
+           "launch_grid", "register_lmi_plugin", "sigma_bits"]
+
+PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{OP_TYPE}"       # "galip::LMI"
+DEVICE_MAX_BINS = 32                                # GALIP_LMI_DEVICE_MAX_BINS (lmi.cuh)
+DEVICE_MAX_RADIUS = 3                               # GALIP_LMI_DEVICE_MAX_RADIUS (lmi.cuh)
+INSTALL_TRT = "pip install 'tensorrt>=10.9' on a GPU machine (full TensorRT: tensorrt-lean has no plugin builder)"
+
+# PTX parameter types galip_lmi_kernel must have: x, y; N, H, W, patch, radius, bins, sigma,
+# normalize; lmi, y_at, offset_index.
+KERNEL_ABI = [".u64"] * 2 + [".u32"] * 6 + [".f32", ".u32"] + [".u64"] * 3
+
+_registered: Optional[Path] = None                  # PTX file once registered in this process
+
+
+def sigma_bits(sigma: float) -> int:
+    """The float32 bit pattern of ``sigma`` as a signed int32 (the kernel's ``sigma_bits``)."""
+    return struct.unpack("<i", struct.pack("<f", float(sigma)))[0]
+
+
+def check_device_params(patch: int, radius: int, bins: int, sigma: float, normalize) -> dict:
+    """Checked parameters, also within the CUDA kernel's fixed-size local arrays."""
+    params = lmi_params(patch, radius, bins, sigma, bool(normalize))
+    if params["bins"] > DEVICE_MAX_BINS or params["radius"] > DEVICE_MAX_RADIUS:
+        raise ConfigError(
+            f"the LMI CUDA kernel supports bins <= {DEVICE_MAX_BINS} and radius <= "
+            f"{DEVICE_MAX_RADIUS}, got bins={params['bins']}, radius={params['radius']}; "
+            "use the onnxruntime backend or rebuild lmi.cuh with larger GALIP_LMI_DEVICE_MAX_*")
+    return params
+
+
+def check_kernel_abi(ptx: str) -> None:
+    """BackendError unless the PTX's galip_lmi_kernel has the parameters the plugin passes."""
+    got = kernels.ptx_kernel_params(ptx, kernels.KERNEL)
+    if got != KERNEL_ABI:
+        raise BackendError(f"{kernels.KERNEL} in the PTX takes {got}, the TensorRT plugin passes "
+                           f"{KERNEL_ABI} (x, y, 8 scalars, lmi, y_at, offset_index); update "
+                           "galip.export.tensorrt.lmi_plugin to the kernel's signature")
+
+
+def launch_grid(n: Any, h: Any, w: Any, cdiv=None, block: int = kernels.BLOCK) -> dict:
+    """Launch dimensions of the TRT kernel: one thread per pixel, blockIdx.y = batch index.
+
+    ``n, h, w`` may be ints or TensorRT symbolic shape expressions (then pass ``trtp.cdiv``).
+    """
+    cdiv = cdiv or (lambda a, b: -(-a // b))
+    return {"grid_x": cdiv(h * w, block), "grid_y": n, "block_x": block}
+
+
+def kernel_scalar_args(n: Any, h: Any, w: Any, params: dict) -> list:
+    """The int32 extra args in kernel order: N, H, W, patch, radius, bins, σ bits, normalize."""
+    return [n, h, w, params["patch"], params["radius"], params["bins"],
+            sigma_bits(params["sigma"]), int(params["normalize"])]
+
+
+def _import_trtp():
+    """``tensorrt.plugin``, or BackendError saying how to get it."""
+    try:
+        import tensorrt.plugin as trtp
+    except ImportError as error:
+        raise BackendError(f"the LMI TensorRT plugin needs tensorrt.plugin (TensorRT >= 10.9), "
+                           f"which does not import here ({error}); {INSTALL_TRT}") from None
+    return trtp
+
+
+def register_lmi_plugin(arch: Optional[str] = kernels.DEFAULT_ARCH,
+                        ptx_dir: Optional[Path] = None) -> str:
+    """Register ``galip::LMI`` with ``tensorrt.plugin`` (once per process); returns its id.
+
+    Compiles the PTX first (nvcc, cached), so a missing nvcc fails here, not mid-build.
+    Raises BackendError without tensorrt.plugin or nvcc.
+    """
+    global _registered
+    trtp = _import_trtp()
+    if _registered is not None:
+        return PLUGIN_ID
+    ptx_path = kernels.compile_lmi_ptx(ptx_dir, arch)
+    ptx = ptx_path.read_text()
+    check_kernel_abi(ptx)
+    import tensorrt as trt
+
+    # 1. Outputs: lmi, y_at like X (N, 1, H, W) float32; offset_index the same shape, int32.
+    @trtp.register(PLUGIN_ID)
+    def lmi_desc(x: trtp.TensorDesc, y: trtp.TensorDesc, patch: int, radius: int, bins: int,
+                 sigma: float, normalize: int
+                 ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
+        return x.like(), x.like(), trtp.from_shape_expr(x.shape_expr, dtype=trt.int32)
+
+    # 2. The kernel reads and writes linear float32 (int32 index) only; TensorRT reformats.
+    @trtp.autotune(PLUGIN_ID)
+    def lmi_autotune(x: trtp.TensorDesc, y: trtp.TensorDesc,
+                     outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]
+                     ) -> List[trtp.AutoTuneCombination]:
+        return [trtp.AutoTuneCombination("FP32, FP32, FP32, FP32, INT32", "LINEAR")]
+
+    # 3. AOT: kernel name, PTX, launch grid and the scalars from the symbolic shape.
+    @trtp.aot_impl(PLUGIN_ID)
+    def lmi_aot_impl(x: trtp.TensorDesc, y: trtp.TensorDesc, patch: int, radius: int, bins: int,
+                     sigma: float, normalize: int,
+                     outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc],
+                     tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes],
+                                           trtp.KernelLaunchParams, trtp.SymExprs]:
+        params = check_device_params(patch, radius, bins, sigma, normalize)
+        n, h, w = x.shape_expr[0], x.shape_expr[2], x.shape_expr[3]
+        launch = trtp.KernelLaunchParams()
+        for field, value in launch_grid(n, h, w, cdiv=trtp.cdiv).items():
+            setattr(launch, field, value)
+        launch.shared_mem = 0
+        extra = trtp.SymIntExprs.from_tuple(
+            [trtp.SymInt32(v) for v in kernel_scalar_args(n, h, w, params)])
+        return kernels.KERNEL, ptx, launch, extra
+
+    _registered = ptx_path
+    return PLUGIN_ID
+
+
+def add_lmi_layer(network: Any, x: Any, y: Any, **params) -> Any:
+    """Add ``galip::LMI`` to a ``tensorrt.INetworkDefinition`` (AOT); returns the layer.
+
+    Outputs: 0 lmi, 1 y_at, like ``x`` (N, 1, H, W) float32; 2 offset_index, int32.
+    """
+    register_lmi_plugin()
+    trtp = _import_trtp()
+    p = check_device_params(**{**{"patch": 3, "radius": 1, "bins": 27, "sigma": 8 / 255,
+                                  "normalize": True}, **params})
+    call = getattr(getattr(trtp.op, PLUGIN_NAMESPACE), OP_TYPE)
+    return network.add_plugin(call(x, y, patch=p["patch"], radius=p["radius"], bins=p["bins"],
+                                   sigma=p["sigma"], normalize=int(p["normalize"])), aot=True)
+

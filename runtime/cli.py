@@ -1,0 +1,218 @@
+"""``galip-run``: translate a NIfTI volume into another contrast with a bundle (no PyTorch).
+
+Thin typer command over :mod:`galip.runtime.pipeline`::
+
+    galip-run sub-000_T1w.nii.gz --to T2                    # -> sub-000_T1w_T2.nii.gz
+    galip-run ct.nii.gz --to T1 --model diffusion --steps 50 --seed 1 --preview ct_T1.png
+
+Every user error is one line on stderr and exit code 2 (:func:`cli_support.user_errors`);
+the output folder is checked before any inference and files are written atomically, so a
+failed run leaves no output and never touches the input.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .bundle import Bundle, load_bundle
+from .cli_support import err_console, user_errors
+from .errors import BundleError, OutputError
+from .pipeline import CT_GUESS_BELOW, Settings, Translator, guess_kind, prepare
+from .volume import load_volume, save_volume
+
+SHIPPED_BUNDLE = Path(__file__).resolve().parent / "bundles" / "demo"
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+class ModelName(str, Enum):
+    generator = "generator"
+    diffusion = "diffusion"
+
+
+class BackendName(str, Enum):
+    auto = "auto"
+    tensorrt = "tensorrt"
+    onnxruntime_cuda = "onnxruntime-cuda"
+    onnxruntime_cpu = "onnxruntime-cpu"
+
+
+class PrecisionName(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+
+
+class SamplerName(str, Enum):
+    ddim = "ddim"
+    ddpm = "ddpm"
+
+
+class SourceKind(str, Enum):
+    auto = "auto"
+    mri = "mri"
+    ct = "ct"
+
+
+# ----------------------------------------------------------------------------- plain helpers
+def shipped_bundle() -> Bundle:
+    """The bundle installed with the package (``galip/runtime/bundles/demo``), checked."""
+    if not (SHIPPED_BUNDLE / "manifest.json").is_file():
+        raise BundleError(f"no bundle is shipped with this galip yet (none at {SHIPPED_BUNDLE}); "
+                          "export one with galip-export and pass its folder with --bundle DIR")
+    return load_bundle(SHIPPED_BUNDLE)
+
+
+def default_output(source: Path, domain: str) -> Path:
+    """``<input stem>_<domain>.nii.gz`` next to the input (``a/x_T1w.nii.gz`` → ``a/x_T1w_T2.nii.gz``)."""
+    name = source.name
+    for suffix in (".nii.gz", ".nii", ".img", ".hdr"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return source.with_name(f"{name}_{domain}.nii.gz")
+
+
+def check_writable(path: Path, *, overwrite: bool, suffixes: tuple[str, ...], what: str,
+                   source: Path | None = None) -> None:
+    """OutputError unless ``path`` can be written: right suffix, not a folder, not the input,
+    new (or ``overwrite``), in an existing folder where a file can really be created."""
+    if not path.name.lower().endswith(suffixes):
+        raise OutputError(f"{path}: expected a {what} name ending in {' or '.join(suffixes)}, found {path.name!r}; "
+                          "rename it")
+    if path.is_dir():
+        raise OutputError(f"{path}: expected a {what} file name, found a folder; give a file name inside it")
+    if source is not None and path.exists() and source.exists() and os.path.samefile(path, source):
+        raise OutputError(f"{path}: the {what} would replace the input; choose another --out")
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path}: expected a new {what} file, found an existing one; "
+                          "pass --overwrite or choose another path")
+    folder = path.parent
+    if not folder.is_dir():
+        raise OutputError(f"{path}: expected an existing {what} folder, found no folder {folder}; create it first")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"{path}: expected a writable {what} folder, found {folder} unwritable "
+                          f"({exc.strerror or exc}); check its permissions or choose another --out") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _progress() -> Progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    return Progress(*columns, console=err_console, transient=True)
+
+
+def _summary(out: Path, translator: Translator, n_slices: int, wall: float) -> str:
+    settings, choice = translator.settings, translator.choice
+    how = settings.model
+    if translator.table is not None:
+        table = translator.table
+        eta = f", eta {table.eta:g}" if table.sampler == "ddim" else ""
+        how += f" ({table.sampler}, {len(table)} steps{eta}, seed {settings.seed})"
+    return (f"wrote {out}: {translator.target.name} by {how}, {n_slices} slices, {wall:.1f} s; "
+            f"{choice.reason}")
+
+
+# ----------------------------------------------------------------------------- the command
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None)
+
+
+@app.command(
+    help=(
+        "Translate a NIfTI volume (.nii or .nii.gz, any orientation) into the contrast --to "
+        "with a galip bundle: slices along the bundle's axis, batched inference (TensorRT, "
+        "onnxruntime CUDA or CPU), written back with the input's affine and header. "
+        "Without --bundle the bundle shipped with galip is used. "
+        "Example: galip-run sub-000_T1w.nii.gz --to T2"
+    )
+)
+def main(
+    input: Annotated[Path, typer.Argument(show_default=False,
+                                           help="Source volume (.nii or .nii.gz); never modified.")],
+    to: Annotated[str, typer.Option("--to", show_default=False,
+                                    help="Target domain, one of the bundle's (T1, T2, PD, CT, or a suffix like T2w).")],
+    model: Annotated[ModelName, typer.Option(help="I2I-Galip generator (one pass) or MIDiffusion (sampling loop).")]
+        = ModelName.generator,
+    bundle_dir: Annotated[Optional[Path], typer.Option("--bundle", show_default=False,
+                                                       help="Bundle folder from galip-export [default: the shipped bundle].")]
+        = None,
+    out: Annotated[Optional[Path], typer.Option("--out", show_default=False,
+                                                help="Output .nii.gz [default: <input stem>_<domain>.nii.gz next to the input].")]
+        = None,
+    backend: Annotated[BackendName, typer.Option(help="Inference backend; auto tries tensorrt, onnxruntime-cuda, onnxruntime-cpu.")]
+        = BackendName.auto,
+    precision: Annotated[Optional[PrecisionName], typer.Option(show_default=False,
+                                                               help="Graph/engine precision [default: fp16 on GPUs, fp32 on CPU].")]
+        = None,
+    batch: Annotated[int, typer.Option(help="Slices per inference call (memory grows with it, not with the volume).")] = 8,
+    steps: Annotated[Optional[int], typer.Option(show_default=False,
+                                                 help="Diffusion: DDIM steps [default: the bundle's, e.g. 50].")] = None,
+    sampler: Annotated[Optional[SamplerName], typer.Option(show_default=False,
+                                                           help="Diffusion: ddim (--steps) or ddpm (all timesteps) [default: the bundle's].")]
+        = None,
+    eta: Annotated[Optional[float], typer.Option(show_default=False,
+                                                 help="Diffusion: DDIM eta, 0 deterministic to 1 ancestral [default: the bundle's or 0].")]
+        = None,
+    seed: Annotated[int, typer.Option(help="Diffusion: noise seed; slice i draws from the stream (seed, i).")] = 0,
+    source_kind: Annotated[SourceKind, typer.Option(
+        help=f"Intensities of the input: MRI (percentile normalisation) or CT (HU window); auto: CT if a voxel is below {CT_GUESS_BELOW:g}.")]
+        = SourceKind.auto,
+    preview: Annotated[Optional[Path], typer.Option(show_default=False,
+                                                    help="Also write a PNG: source and translation, middle slice of each axis.")]
+        = None,
+    threads: Annotated[Optional[int], typer.Option(show_default=False,
+                                                   help="CPU threads for onnxruntime [default: all cores].")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output (and preview).")] = False,
+) -> None:
+    started = time.perf_counter()
+    with user_errors():
+        settings = Settings(model=model.value, backend=backend.value, precision=precision.value if precision else None,
+                            batch=batch, steps=steps, sampler=sampler.value if sampler else None, eta=eta,
+                            seed=seed, threads=threads)
+        settings.check()
+        bundle = load_bundle(bundle_dir) if bundle_dir is not None else shipped_bundle()
+        translator = prepare(bundle, to, settings)
+        volume = load_volume(input)
+        if volume.n_nonfinite:
+            err_console.print(f"warning: {input}: {volume.n_nonfinite} NaN/Inf voxels set to 0",
+                              markup=False, highlight=False, soft_wrap=True)
+        out = out if out is not None else default_output(input, translator.target.name)
+        check_writable(out, overwrite=overwrite, suffixes=_NIFTI_SUFFIXES, what="output", input=input)
+        if preview is not None:
+            from .preview import require_matplotlib
+            require_matplotlib()
+            check_writable(preview, overwrite=overwrite, suffixes=(".png",), what="preview", input=input)
+        kind = source_kind.value
+        if kind == "auto":
+            kind = guess_kind(volume.data)
+            if kind == "ct":
+                err_console.print(f"note: reading {input} as CT (voxels below {CT_GUESS_BELOW:g} HU); "
+                                  "pass --input-kind mri if it is MRI", markup=False, highlight=False, soft_wrap=True)
+
+        with _progress() as bar:
+            slices = bar.add_task(f"{translator.target.name} by {settings.model}", total=None)
+            steps_task = bar.add_task("sampling steps", total=None, visible=translator.table is not None)
+
+            def on_slices(done: int, total: int) -> None:
+                bar.update(slices, completed=done, total=total)
+
+            def on_step(done: int, total: int) -> None:
+                bar.update(steps_task, completed=done, total=total)
+
+            result = translator.translate(volume.data, volume.affine, kind, on_slices=on_slices, on_step=on_step)
+        save_volume(out, result.data, volume.affine, volume.header, description=translator.description,
+                    overwrite=overwrite)
+        if preview is not None:
+            from .preview import write_preview
+            write_preview(preview, volume.data, result.data, volume.affine, source_map=result.plan.source_map,
+                          output_map=result.target_map, labels=(f"input ({kind})", translator.target.name),
+                          title=translator.description, overwrite=overwrite)
+    typer.echo(_summary(out, translator, result.plan.n_slices, time.perf_counter() - started))

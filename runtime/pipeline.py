@@ -1,0 +1,325 @@
+"""Volume → model slices → batched inference → volume, for the generator and the diffusion model.
+
+numpy only around the backends (never torch). The chain, per batch of ``batch`` slices::
+
+    plan_volume (bundle's PreprocessConfig, source kind)      once per volume
+    SlicePlan.prepare       raw canonical slices → model space [0, 1]
+    generator:  translated = G(image, domain class id)
+    diffusion:  lmi_source = LMI(source, source) (lmi.onnx), x_T ~ N(0, I), then the step
+                graph once per row of the schedule table, x_prev fed back as x_t;
+                x_0 mapped from the model's data range to [0, 1]
+    clip to [0, 1] → SlicePlan.restore (CT window for CT targets, else the source's map)
+    → written into the output slice stack; slices_to_volume at the end
+
+Only the input and output volumes exist whole; every intermediate is one batch.
+Diffusion noise comes from one numpy Generator per slice, seeded with ``(seed, slice
+index)``, so a slice's translation does not depend on ``batch``.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Literal
+
+import numpy as np
+
+from .backends.base import Runner, RunnerFactory
+from .backends.select import Choice, select_backend
+from .bundle import Bundle
+from .domains import Domain
+from .errors import BundleError, ConfigError
+from .intensity import IntensityMap, fit_intensity
+from .preprocess import PreprocessConfig, SlicePlan, plan_volume, slices_to_volume
+from .schedule import SAMPLERS, SPACINGS, NoiseSchedule, StepTable, step_table
+
+Model = Literal["generator", "diffusion"]
+MODELS = ("generator", "diffusion")
+#: A voxel below this (HU) makes ``guess_kind`` call a volume CT: air is about −1000 HU.
+CT_GUESS_BELOW = -500.0
+#: Fixed HU window of CT targets: fit_intensity's default, so training and runtime agree.
+CT_WINDOW = tuple(inspect.signature(fit_intensity).parameters["ct_window"].default)
+
+Progress = Callable[[int, int], None]   # (done, total)
+
+
+def _no_progress(done: int, total: int) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to run: model, backend, batch size and the diffusion sampler.
+
+    ``steps``, ``sampler`` and ``eta`` default (None) to the bundle's ``sampler`` entry;
+    ``precision`` None lets :func:`~galip.runtime.backends.select.select_backend` choose.
+    """
+
+    model: Model = "generator"
+    backend: str = "auto"
+    precision: str | None = None
+    batch: int = 8
+    steps: int | None = None
+    sampler: str | None = None
+    eta: float | None = None
+    seed: int = 0
+    threads: int | None = None
+
+    def check(self) -> None:
+        """ConfigError naming the first unusable value."""
+        if self.model not in MODELS:
+            raise ConfigError(f"--model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        if self.batch < 1:
+            raise ConfigError(f"--batch must be at least 1 (slices per inference call), got {self.batch}")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"--steps must be at least 1, got {self.steps}")
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.eta is not None and not (np.isfinite(self.eta) and 0.0 <= self.eta <= 1.0):
+            raise ConfigError(f"--eta must be between 0 and 1, got {self.eta}")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be a non-negative integer, got {self.seed}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+
+
+@dataclass
+class Result:
+    """A translated volume and how it was made."""
+
+    data: np.ndarray            # (X, Y, Z) float32, the input's shape and voxel order
+    plan: SlicePlan
+    target_map: IntensityMap    # [0, 1] → output intensities
+    choice: Choice              # backend, precision, why
+    seconds: float              # inference time (runner activation included)
+    table: StepTable | None = None
+
+
+def guess_kind(data: np.ndarray) -> str:
+    """``"ct"`` if any voxel lies below −500 (Hounsfield air), else ``"mri"``."""
+    return "ct" if float(np.min(data)) < CT_GUESS_BELOW else "mri"
+
+
+def target_intensity(target: Domain, plan: SlicePlan) -> IntensityMap:
+    """[0, 1] → output intensities: the fixed CT window for a CT target, else the source's map."""
+    return IntensityMap(*CT_WINDOW) if target.kind == "ct" else plan.source_map
+
+
+def _list(names) -> str:
+    return ", ".join(sorted(names)) or "none"
+
+
+def resolve_target(bundle: Bundle, to: str, model: Model) -> tuple[Domain, dict]:
+    """The target domain and the manifest entry of the model that translates to it.
+
+    ConfigError for an unknown ``to`` (listing the bundle's domains), a model the bundle
+    lacks, or a target that model cannot produce (listing the targets it can).
+    """
+    domains = bundle.domains
+    key = to.strip().lower()
+    aliases = {d.name.lower(): d for d in domains.values()} | {d.suffix.lower(): d for d in domains.values()}
+    target = aliases.get(key)
+    if target is None:
+        raise ConfigError(f"--to {to!r} is not a domain of bundle {bundle_name(bundle)}; "
+                          f"it translates to {_list(domains)}")
+    models = bundle.manifest["models"]
+    if model == "generator":
+        if "generator" not in models:
+            raise ConfigError(f"bundle {bundle_name(bundle)} has no generator; use --model diffusion "
+                              f"(targets: {_list(models.get('diffusion', {}))})")
+        spec = models["generator"]
+        have = spec.get("domains", list(domains))
+        if target.name not in have:
+            raise ConfigError(f"the generator of bundle {bundle_name(bundle)} does not translate to {target.name}; "
+                              f"it translates to {_list(have)}")
+        return target, spec
+    diffusion = models.get("diffusion", {})
+    if not diffusion:
+        raise ConfigError(f"bundle {bundle_name(bundle)} has no diffusion model; use --model generator")
+    if target.name not in diffusion:
+        raise ConfigError(f"bundle {bundle_name(bundle)} has no diffusion model for {target.name}; "
+                          f"diffusion targets: {_list(diffusion)} (or use --model generator)")
+    return target, diffusion[target.name]
+
+
+def bundle_name(bundle: Bundle) -> str:
+    """The manifest's ``name``, else the bundle folder's name."""
+    return str(bundle.manifest.get("name") or bundle.root.resolve().name)
+
+
+def _data_range(spec: dict) -> tuple[float, float]:
+    value = spec.get("data_range")
+    try:
+        lo, hi = (float(v) for v in value)
+        if not hi > lo:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise BundleError(f"diffusion model: data_range should be [lo, hi] such as [-1, 1], found {value!r}; "
+                          "re-export the bundle") from None
+    return lo, hi
+
+
+def _sampler_table(spec: dict, settings: Settings) -> StepTable:
+    sampler_spec = spec.get("sampler", {}) or {}
+    schedule = NoiseSchedule.from_manifest(spec.get("schedule"))
+    sampler = settings.sampler or sampler_spec.get("default", "ddim")
+    spacing = sampler_spec.get("spacing", "linspace")
+    if spacing not in SPACINGS:
+        raise BundleError(f"diffusion sampler: spacing should be one of {', '.join(SPACINGS)}, found {spacing!r}")
+    eta = settings.eta if settings.eta is not None else float(sampler_spec.get("eta", 0.0))
+    if sampler == "ddpm":
+        return step_table(schedule, "ddpm", settings.steps)
+    steps = settings.steps if settings.steps is not None else int(sampler_spec.get("steps", 50))
+    return step_table(schedule, "ddim", steps, eta, spacing)
+
+
+@dataclass
+class Translator:
+    """A prepared run: bundle, target, model entry, backend choice and (diffusion) step table.
+
+    Make it with :func:`prepare`; call :meth:`translate` for each volume.
+    """
+
+    bundle: Bundle
+    target: Domain
+    settings: Settings
+    spec: dict
+    factory: RunnerFactory
+    choice: Choice
+    config: PreprocessConfig
+    table: StepTable | None = None
+    data_range: tuple[float, float] = (0.0, 1.0)
+    lmi_factory: RunnerFactory | None = field(default=None, repr=False)
+
+    @property
+    def description(self) -> str:
+        """``galip <model> <bundle name> -> <domain>``: the output's NIfTI description."""
+        return f"galip {self.settings.model} {bundle_name(self.bundle)} -> {self.target.name}"
+
+    def translate(self, data: np.ndarray, affine: np.ndarray, kind: str = "mri", *,
+                  on_slices: Progress = _no_progress, on_step: Progress = _no_progress) -> Result:
+        """Translate one volume ``(X, Y, Z)`` (scanner units) of source ``kind`` (``mri``/``ct``).
+
+        ``on_slices(done, total)`` is called after each batch; ``on_step(done, total)``
+        after each diffusion step of the current batch. Returns the volume in the input's
+        shape and voxel order (same affine).
+        """
+        plan, raw = plan_volume(data, affine, kind, self.config)
+        target_map = target_intensity(self.target, plan)
+        out = np.empty(raw.shape, dtype=np.float32)
+        n, batch = len(raw), self.settings.batch
+        started = time.perf_counter()
+        on_slices(0, n)
+        with self._runners() as infer:
+            for start in range(0, n, batch):
+                stop = min(start + batch, n)
+                x = plan.prepare(raw[start:stop])[:, None]                  # (b, 1, H', W') in [0, 1]
+                y = infer(x, start, on_step)                                 # (b, 1, H', W') in [0, 1]
+                out[start:stop] = plan.restore(np.clip(y[:, 0], 0.0, 1.0), target_map)
+                on_slices(stop, n)
+        seconds = time.perf_counter() - started
+        del raw
+        return Result(slices_to_volume(out, plan), plan, target_map, self.choice, seconds, self.table)
+
+    # -- model calls ---------------------------------------------------------------------
+    def _runners(self) -> "_Active":
+        if self.settings.model == "generator":
+            return _Active([self.factory()], self._generate)
+        return _Active([self.factory(), self.lmi_factory()], self._diffuse)
+
+    def _generate(self, runners: list[Runner], x: np.ndarray, start: int, on_step: Progress) -> np.ndarray:
+        """I2I-Galip generator: one call per batch, the target's class id per slice."""
+        (runner,) = runners
+        domain = np.full(len(x), self.target.class_id, dtype=np.int64)
+        outputs = runner.infer({"image": x, "domain": domain})
+        return _output(outputs, "translated").astype(np.float32, copy=False)
+
+    def _diffuse(self, runners: list[Runner], source: np.ndarray, start: int, on_step: Progress) -> np.ndarray:
+        """MIDiffusion sampling of one batch (paper Alg. 1 with the DDIM/DDPM step graph)."""
+        step, lmi = runners
+        table = self.table
+        # 1. LMI(source, source): fixed over the whole loop (paper Eq. 13, second channel).
+        lmi_source = _output(lmi.infer({"x": source, "y": source}), "lmi").astype(np.float32, copy=False)
+        # 2. x_T ~ N(0, I) and every step's z from one Generator per slice (seed, slice index).
+        rngs = [np.random.default_rng([self.settings.seed, start + i]) for i in range(len(source))]
+
+        def draw() -> np.ndarray:
+            return np.stack([rng.standard_normal(source.shape[1:], dtype=np.float32) for rng in rngs])
+
+        def updates() -> Iterator[dict[str, np.ndarray]]:
+            on_step(0, len(table))
+            for index, row in enumerate(table.feeds()):
+                row["noise"] = draw()
+                yield row
+                on_step(index + 1, len(table))   # resumed once the step has run
+
+        # 3. The loop: x_prev of each step is the next step's x_t (kept on device by TensorRT).
+        init = {"x_t": draw(), "source": source, "lmi_source": lmi_source}
+        outputs = step.run_loop(init, updates(), carry=("x_t", "x_prev"))
+        # 4. The last step lands on ᾱ = 1: x_prev = x̂_0 in the model's data range → [0, 1].
+        lo, hi = self.data_range
+        x0 = _output(outputs, "x_prev").astype(np.float32, copy=False)
+        return (x0 - lo) / (hi - lo)
+
+
+class _Active:
+    """Activates runners on enter, deactivates on exit; calling it runs one batch."""
+
+    def __init__(self, runners: list[Runner], call):
+        self.runners, self.call = runners, call
+
+    def __enter__(self):
+        active = []
+        try:
+            for runner in self.runners:
+                active.append(runner.activate())
+        except BaseException:
+            for runner in active:
+                runner.deactivate()
+            raise
+        return lambda x, start, on_step: self.call(self.runners, x, start, on_step)
+
+    def __exit__(self, *exc) -> None:
+        for runner in reversed(self.runners):
+            runner.deactivate()
+
+
+def _output(outputs: dict[str, np.ndarray], name: str) -> np.ndarray:
+    if name in outputs:
+        return outputs[name]
+    raise BundleError(f"the graph has outputs {list(outputs)}, expected {name!r}; re-export the bundle")
+
+
+def _lmi_factory(bundle: Bundle, spec: dict, choice: Choice, threads: int | None) -> RunnerFactory:
+    """Runner over the bundle's ``lmi.onnx`` on onnxruntime (CUDA when the step runs there)."""
+    from .backends.onnxruntime.loader import cuda_providers
+    from .backends.onnxruntime.runner import onnxrt_factory
+    entry = spec.get("lmi_graph")
+    if not isinstance(entry, dict) or "file" not in entry:
+        raise BundleError(f"diffusion model: lmi_graph should be {{'file': 'lmi.onnx'}}, found {entry!r}; "
+                          "re-export the bundle")
+    providers = cuda_providers() if choice.name == "onnxruntime-cuda" else ["CPUExecutionProvider"]
+    name = "onnxruntime-cuda" if choice.name == "onnxruntime-cuda" else "onnxruntime-cpu"
+    return onnxrt_factory(bundle.path(entry["file"]), providers, threads=threads, precision="fp32", name=name)
+
+
+def prepare(bundle: Bundle, to: str, settings: Settings = Settings()) -> Translator:
+    """Check the settings against the bundle and pick the backend; nothing heavy runs yet.
+
+    Raises ConfigError (bad settings, unknown target, no such model), BundleError
+    (malformed model entry) or BackendError (the requested backend cannot run).
+    """
+    settings.check()
+    target, spec = resolve_target(bundle, to, settings.model)
+    config = PreprocessConfig.from_dict(spec.get("preprocess") or bundle.preprocess)
+    table, data_range = None, (0.0, 1.0)
+    if settings.model == "diffusion":
+        table = _sampler_table(spec, settings)
+        data_range = _data_range(spec)
+    factory, choice = select_backend(bundle, settings.model, settings.backend, settings.precision,
+                                     domain=target.name if settings.model == "diffusion" else None,
+                                     threads=settings.threads)
+    translator = Translator(bundle, target, settings, spec, factory, choice, config, table, data_range)
+    if settings.model == "diffusion":
+        translator.lmi_factory = _lmi_factory(bundle, spec, choice, settings.threads)
+    return translator
