@@ -1,7 +1,8 @@
 """The bundle: one folder holding ``manifest.json`` and the graphs and engines it lists.
 
 ``galip-export`` writes it with :func:`write_manifest`; ``galip-run`` reads it with
-:func:`load_bundle`. Pure JSON + hashlib: no onnx, no torch, nothing unpickled.
+:func:`load_bundle`. JSON + hashlib, and onnx to read graphs' external-data tensors: no torch,
+nothing unpickled.
 
 Manifest, schema version 1 (``...`` = same shape as the entry before)::
 
@@ -26,8 +27,8 @@ Every ``"file"`` value under ``models`` must be listed in ``files``; ``files`` m
 
 Safety (a bundle is data, never code; DESIGN.md "The bundle"): every path must be relative,
 without ``..`` or backslashes, and resolve inside the folder after following symlinks.
-ONNX external data: each referenced ``.onnx`` is scanned at load time (protobuf wire format
-read directly, so the runtime needs no ``onnx`` package); every tensor ``location``
+ONNX external data: each referenced ``.onnx`` is parsed at load time with ``onnx`` (imported
+then, not at module import; tensor data is never loaded); every tensor ``location``
 (relative to the graph's folder, as onnxruntime resolves it) must pass the same path check
 and be listed in ``files``, hence checksummed; ``write_manifest`` lists such files itself.
 sha256 checks are skipped with ``verify=False``; the path and external-data checks never are.
@@ -44,7 +45,7 @@ from typing import Any
 
 from .cli_support import atomic_path
 from .domains import Domain, get_domain
-from .errors import BundleError, ConfigError
+from .errors import BackendError, BundleError, ConfigError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -119,83 +120,35 @@ def referenced_files(manifest: dict) -> list[tuple[str, str]]:
 
 
 # ----------------------------------------------------------------------------- ONNX external data
-# Which length-delimited fields of which ONNX message hold sub-messages that can contain
-# tensors (field numbers from onnx.proto; checked against onnx's descriptors in the tests).
-_CHILDREN: dict[str, dict[int, str]] = {
-    "model": {7: "graph", 20: "training", 25: "function"},
-    "training": {1: "graph", 2: "graph"},
-    "function": {7: "node"},
-    "graph": {1: "node", 5: "tensor", 15: "sparse"},
-    "node": {5: "attribute"},
-    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
-    "sparse": {1: "tensor", 2: "tensor"},
-}
-
-
-def _varint(buf: memoryview, i: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = buf[i]
-        i += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, i
-        shift += 7
-
-
-def _fields(buf: memoryview):
-    """Yield ``(field_number, wire_type, value)``; value is an int or a memoryview slice."""
-    i, n = 0, len(buf)
-    while i < n:
-        key, i = _varint(buf, i)
-        field, wire = key >> 3, key & 7
-        value: Any = None
-        if wire == 0:
-            value, i = _varint(buf, i)
-        elif wire == 1:
-            i += 8
-        elif wire == 2:
-            length, i = _varint(buf, i)
-            value, i = buf[i:i + length], i + length
-        elif wire == 5:
-            i += 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        if i > n:
-            raise ValueError("truncated protobuf message")
-        yield field, wire, value
-
-
 def onnx_external_locations(data: bytes) -> list[str]:
     """``location`` of every tensor a serialized ONNX ``ModelProto`` stores as external data.
 
-    Walks graphs, subgraphs (If/Loop/Scan attributes), functions, training graphs, sparse
-    tensors. Raises ``ValueError`` on bytes that are not a protobuf message.
+    Walks every message field (protobuf reflection), so graphs, subgraphs (If/Loop/Scan),
+    functions, training graphs and sparse tensors are all seen; onnx's own
+    ``_get_all_tensors`` skips the last two. Raises ``ValueError`` on bytes that are not an
+    ONNX model, BackendError when the ``onnx`` package is missing.
     """
-    locations: list[str] = []
-    stack: list[tuple[str, memoryview]] = [("model", memoryview(data))]
     try:
-        while stack:
-            kind, buf = stack.pop()
-            if kind == "tensor":
-                external = data_location = None
-                for field, wire, value in _fields(buf):
-                    if field == 14 and wire == 0:
-                        data_location = value
-                    elif field == 13 and wire == 2:
-                        entry = {f: bytes(v).decode("utf-8", "replace") for f, w, v in _fields(value) if w == 2}
-                        if entry.get(1) == "location":
-                            external = entry.get(2, "")
-                if external is not None or data_location == 1:
-                    locations.append(external if external is not None else "")
-                continue
-            children = _CHILDREN[kind]
-            for field, wire, value in _fields(buf):
-                if wire == 2 and field in children:
-                    stack.append((children[field], value))
-    except (IndexError, ValueError, KeyError) as error:
+        import onnx
+        from google.protobuf.message import DecodeError, Message
+        from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+    except ImportError as error:
+        raise BackendError(f"reading ONNX graphs needs onnx ({error}); install it: pip install 'galip[cpu]'") from None
+
+    def tensors(message):
+        if isinstance(message, onnx.TensorProto):
+            yield message
+            return
+        for field, value in message.ListFields():
+            if field.message_type is not None:
+                for item in [value] if isinstance(value, Message) else value:
+                    yield from tensors(item)
+
+    try:
+        model = onnx.load_model_from_string(data)
+        return [ExternalDataInfo(t).location for t in tensors(model) if uses_external_data(t)]
+    except (DecodeError, ValueError) as error:
         raise ValueError(f"not a valid ONNX protobuf ({error})") from None
-    return locations
 
 
 def _external_files(root: Path, graph: str, where: str) -> list[str]:
@@ -377,6 +330,14 @@ def load_bundle(root: str | Path, *, verify: bool = True) -> Bundle:
             raise BundleError(
                 f"bundle file {name!r} listed in {source} is missing; copy it back or re-export the bundle"
             )
+    bundle = Bundle(root=root, manifest=manifest)
+    if verify:   # before parsing any graph, so a tampered one is reported as such
+        bad = verify_checksums(bundle)
+        if bad:
+            raise BundleError(
+                f"sha256 mismatch for {', '.join(bad)} in bundle {root}: the file changed after export; "
+                "restore it or re-export the bundle"
+            )
     for relative, where in referenced_files(manifest):
         resolve_inside(root, relative, where)
         needed = [_norm(relative)]
@@ -388,14 +349,6 @@ def load_bundle(root: str | Path, *, verify: bool = True) -> Bundle:
                     f"{where}: {name!r} is not listed in the manifest's files, so it cannot be "
                     "checksummed; re-export the bundle (write_manifest lists it)"
                 )
-    bundle = Bundle(root=root, manifest=manifest)
-    if verify:
-        bad = verify_checksums(bundle)
-        if bad:
-            raise BundleError(
-                f"sha256 mismatch for {', '.join(bad)} in bundle {root}: the file changed after export; "
-                "restore it or re-export the bundle"
-            )
     return bundle
 
 

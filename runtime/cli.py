@@ -107,7 +107,8 @@ def check_writable(path: Path, *, overwrite: bool, suffixes: tuple[str, ...], wh
 def _progress() -> Progress:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn())
-    return Progress(*columns, console=err_console, transient=True)
+    # Drawn only on a terminal: piped or captured stderr stays free of bar remnants.
+    return Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal)
 
 
 def _summary(out: Path, translator: Translator, n_slices: int, wall: float) -> str:
@@ -135,7 +136,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
     )
 )
 def main(
-    input: Annotated[Path, typer.Argument(show_default=False,
+    source: Annotated[Path, typer.Argument(metavar="INPUT", show_default=False,
                                            help="Source volume (.nii or .nii.gz); never modified.")],
     to: Annotated[str, typer.Option("--to", show_default=False,
                                     help="Target domain, one of the bundle's (T1, T2, PD, CT, or a suffix like T2w).")],
@@ -180,22 +181,22 @@ def main(
         settings.check()
         bundle = load_bundle(bundle_dir) if bundle_dir is not None else shipped_bundle()
         translator = prepare(bundle, to, settings)
-        volume = load_volume(input)
+        volume = load_volume(source)
         if volume.n_nonfinite:
-            err_console.print(f"warning: {input}: {volume.n_nonfinite} NaN/Inf voxels set to 0",
+            err_console.print(f"warning: {source}: {volume.n_nonfinite} NaN/Inf voxels set to 0",
                               markup=False, highlight=False, soft_wrap=True)
-        out = out if out is not None else default_output(input, translator.target.name)
-        check_writable(out, overwrite=overwrite, suffixes=_NIFTI_SUFFIXES, what="output", input=input)
+        out = out if out is not None else default_output(source, translator.target.name)
+        check_writable(out, overwrite=overwrite, suffixes=_NIFTI_SUFFIXES, what="output", source=source)
         if preview is not None:
             from .preview import require_matplotlib
             require_matplotlib()
-            check_writable(preview, overwrite=overwrite, suffixes=(".png",), what="preview", input=input)
+            check_writable(preview, overwrite=overwrite, suffixes=(".png",), what="preview", source=source)
         kind = source_kind.value
         if kind == "auto":
             kind = guess_kind(volume.data)
             if kind == "ct":
-                err_console.print(f"note: reading {input} as CT (voxels below {CT_GUESS_BELOW:g} HU); "
-                                  "pass --input-kind mri if it is MRI", markup=False, highlight=False, soft_wrap=True)
+                err_console.print(f"note: reading {source} as CT (voxels below {CT_GUESS_BELOW:g} HU); "
+                                  "pass --source-kind mri if it is MRI", markup=False, highlight=False, soft_wrap=True)
 
         with _progress() as bar:
             slices = bar.add_task(f"{translator.target.name} by {settings.model}", total=None)
@@ -213,6 +214,6 @@ def main(
         if preview is not None:
             from .preview import write_preview
             write_preview(preview, volume.data, result.data, volume.affine, source_map=result.plan.source_map,
-                          output_map=result.target_map, labels=(f"input ({kind})", translator.target.name),
+                          output_map=result.target_map, labels=(f"source ({kind})", translator.target.name),
                           title=translator.description, overwrite=overwrite)
     typer.echo(_summary(out, translator, result.plan.n_slices, time.perf_counter() - started))

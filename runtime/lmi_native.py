@@ -13,6 +13,7 @@ file and renamed into place, which is safe when several processes build at once.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import math
 import os
@@ -72,6 +73,7 @@ def check_lmi_args(x_shape, y_shape, patch, radius, bins, sigma) -> None:
         raise ConfigError(f"LMI sigma must be > 0, got {sigma!r}")
 
 
+@functools.lru_cache(maxsize=64)
 def needs_float64(bins: int, sigma: float) -> bool:
     """True when (bins, sigma) bin almost hard, so float32 rounding would dominate NMI.
 

@@ -125,6 +125,18 @@ def test_probe_model_is_valid_onnx():
     model = onnx.load_from_string(identity_model_bytes())
     onnx.checker.check_model(model)
     assert [n.op_type for n in model.graph.node] == ["Identity"] and model.opset_import[0].version == 13
+    assert model.ir_version == 8
+    session = onnxruntime.InferenceSession(identity_model_bytes(), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": np.array([1.5], np.float32)})[0].tolist() == [1.5]
+
+
+def test_onnx_missing_says_how_to_install(monkeypatch):
+    from galip.runtime.bundle import onnx_external_locations
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(BackendError, match=r"onnx does not import.*galip\[cpu\]"):
+        identity_model_bytes()
+    with pytest.raises(BackendError, match=r"needs onnx.*galip\[cpu\]"):
+        onnx_external_locations(b"")
 
 
 def test_loader_errors(tmp_path):

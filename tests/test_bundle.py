@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import set_external_data
 
-from galip.runtime import bundle as bundle_mod
 from galip.runtime.bundle import (
     MANIFEST_NAME, SCHEMA_VERSION, load_bundle, onnx_external_locations, verify_checksums, write_manifest,
 )
@@ -108,9 +108,10 @@ def test_diffusion_models_and_extra_files(folder):
 
 def test_tampered_byte_names_the_file(folder):
     write_manifest(folder, base_manifest())
-    data = bytearray((folder / "generator.onnx").read_bytes())
-    data[-1] ^= 0xFF
-    (folder / "generator.onnx").write_bytes(bytes(data))
+    data = (folder / "generator.onnx").read_bytes()
+    two, three = np.float32(2).tobytes(), np.float32(3).tobytes()
+    assert data.count(two) == 1                                  # the "scale" weight: still a valid graph
+    (folder / "generator.onnx").write_bytes(data.replace(two, three))
     with pytest.raises(BundleError, match=r"sha256 mismatch for generator\.onnx") as info:
         load_bundle(folder)
     assert "\n" not in str(info.value) and "re-export" in str(info.value)
@@ -226,8 +227,10 @@ def test_external_data_escaping_refused(folder):
                 entry.value = "../secret.bin"
     (folder / "generator.onnx").write_bytes(model.SerializeToString())
     assert onnx_external_locations((folder / "generator.onnx").read_bytes()) == ["../secret.bin"] * 3
-    with pytest.raises(BundleError, match="external data location '../secret.bin'.*climbs out"):
+    with pytest.raises(BundleError, match="sha256 mismatch for generator.onnx"):
         load_bundle(folder)
+    with pytest.raises(BundleError, match="external data location '../secret.bin'.*climbs out"):
+        load_bundle(folder, verify=False)
     with pytest.raises(BundleError, match="climbs out"):
         write_manifest(folder, base_manifest())
 
@@ -253,18 +256,26 @@ def test_external_locations_in_subgraphs_and_garbage(folder):
         write_manifest(folder, base_manifest())
 
 
-def test_wire_schema_matches_onnx_descriptors():
-    """The field numbers the scanner descends into are the ones onnx.proto defines."""
-    types = {"model": onnx.ModelProto, "training": onnx.TrainingInfoProto, "function": onnx.FunctionProto,
-             "graph": onnx.GraphProto, "node": onnx.NodeProto, "attribute": onnx.AttributeProto,
-             "sparse": onnx.SparseTensorProto, "tensor": onnx.TensorProto}
-    for kind, children in bundle_mod._CHILDREN.items():
-        fields = types[kind].DESCRIPTOR.fields_by_number
-        for number, child in children.items():
-            assert fields[number].message_type.full_name == types[child].DESCRIPTOR.full_name, (kind, number)
-    tensor = onnx.TensorProto.DESCRIPTOR.fields_by_number
-    assert tensor[13].name == "external_data" and tensor[14].name == "data_location"
-    assert onnx.TensorProto.EXTERNAL == 1
+def test_external_locations_from_onnx_save_model(folder):
+    """onnx.save_model's location is reported and checksummed; sparse and training tensors are seen too."""
+    (folder / "weights").mkdir()
+    save_external(tiny_graph(), folder / "generator.onnx", "weights/generator.bin")
+    data = (folder / "generator.onnx").read_bytes()
+    assert onnx_external_locations(data) == ["weights/generator.bin"] * 3     # scale, col, big
+    write_manifest(folder, base_manifest())
+    assert "weights/generator.bin" in load_bundle(folder).manifest["files"]
+
+    model = onnx.load_model_from_string(data)
+    values = numpy_helper.from_array(np.arange(4, dtype=np.float32), "s")
+    indices = numpy_helper.from_array(np.arange(4, dtype=np.int64), "i")
+    sparse = model.graph.sparse_initializer.add()
+    sparse.CopyFrom(helper.make_sparse_tensor(values, indices, [4]))
+    train = model.training_info.add().initialization
+    train.CopyFrom(helper.make_graph([], "init", [], [], [values]))
+    for tensor in [sparse.values, sparse.indices, train.initializer[0]]:
+        set_external_data(tensor, "extra.bin")
+    found = sorted(onnx_external_locations(model.SerializeToString()))
+    assert found == ["extra.bin"] * 3 + ["weights/generator.bin"] * 3
 
 
 def test_model_domains_must_be_declared(folder):

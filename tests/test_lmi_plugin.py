@@ -118,7 +118,7 @@ def test_nvcc_host_code_matches_gxx_build(native, tmp_path):
     lib_path = tmp_path / "lmi_nvcc_host.so"
     source = kernels.header_path().parent / "lmi_host.cpp"
     cmd = [kernels.nvcc_path(), "-x", "cu", "-O3", "-std=c++17", "-arch=sm_80", "-shared",
-           "-cudart", "none", "-Xcompiler", "-fPIC,-fopenmp", "-o", str(lib_path), str(source)]
+           "-cudart", "static", "-Xcompiler", "-fPIC,-fopenmp", "-o", str(lib_path), str(source)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lib = ctypes.CDLL(str(lib_path))

@@ -98,36 +98,20 @@ class SessionFromOnnx:
 
 
 # ----------------------------------------------------------------------------- probe graph
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _field(number: int, value: Union[int, bytes, str]) -> bytes:
-    if isinstance(value, int):
-        return _varint(number << 3) + _varint(value)
-    data = value.encode() if isinstance(value, str) else value
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
-
-
 def identity_model_bytes() -> bytes:
     """A serialized ONNX model ``y = Identity(x)``, x, y: float32[1] (IR 8, opset 13).
 
-    Written with a few lines of protobuf encoding so the runtime needs no ``onnx``
-    package; used to probe whether an execution provider really loads.
+    Used to probe whether an execution provider really loads; IR 8 and opset 13 are old
+    enough for every onnxruntime galip supports. BackendError when ``onnx`` is missing.
     """
-    dims = _field(1, _field(1, 1))                                     # shape { dim { dim_value: 1 } }
-    tensor_type = _field(1, _field(1, 1) + _field(2, dims))             # elem_type FLOAT, shape
-    value_info = lambda name: _field(1, name) + _field(2, tensor_type)  # noqa: E731
-    node = _field(1, "x") + _field(2, "y") + _field(4, "Identity")
-    graph = _field(1, node) + _field(2, "probe") + _field(11, value_info("x")) + _field(12, value_info("y"))
-    opset = _field(1, "") + _field(2, 13)
-    return _field(1, 8) + _field(2, "galip") + _field(7, graph) + _field(8, opset)
+    try:
+        from onnx import TensorProto, helper
+    except ImportError as error:
+        raise BackendError(f"onnx does not import ({error}); install it: {INSTALL_CPU}") from None
+    x, y = (helper.make_tensor_value_info(name, TensorProto.FLOAT, [1]) for name in "xy")
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, producer_name="galip", ir_version=8, opset_imports=[helper.make_opsetid("", 13)])
+    return model.SerializeToString()
 
 
 def provider_really_loads(provider: Provider, ort=None) -> tuple[bool, list[str]]:
@@ -136,16 +120,18 @@ def provider_really_loads(provider: Provider, ort=None) -> tuple[bool, list[str]
     onnxruntime-gpu lists CUDA even where its libraries cannot load and silently falls
     back to CPU, so the answer is ``provider in session.get_providers()``. Returns
     ``(kept, providers_in_use)``; ``(False, [])`` when the session cannot be built.
+    Raises BackendError when ``onnx`` (which builds the probe) is missing.
     """
     ort = ort or import_onnxruntime()
     name = provider_name(provider)
+    probe = identity_model_bytes()
     try:
         options = ort.SessionOptions()
         options.log_severity_level = 4   # the fallback is expected here; keep stderr quiet
         providers = [provider] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
         with warnings.catch_warnings():   # "provider not in available providers"
             warnings.simplefilter("ignore")
-            session = ort.InferenceSession(identity_model_bytes(), sess_options=options, providers=providers)
+            session = ort.InferenceSession(probe, sess_options=options, providers=providers)
         in_use = list(session.get_providers())
     except Exception:
         return False, []
