@@ -52,6 +52,7 @@ SCALAR_INPUTS = ("timestep", "alpha_bar_t", "alpha_bar_prev", "sigma")
 INPUTS = {**{n: "float32[N,1,H,W]" for n in IMAGE_INPUTS},
           **{n: "float32[1]" for n in SCALAR_INPUTS}, "noise": "float32[N,1,H,W]"}
 OUTPUTS = {"x_prev": "float32[N,1,H,W]", "x0_pred": "float32[N,1,H,W]"}
+NET_SCOPE = "/denoiser/net/"     # TorchScript-exporter scope of the score network's nodes
 LMI_IO = {"inputs": {"x": "float32[N,1,H,W]", "y": "float32[N,1,H,W]"},
           "outputs": {"lmi": "float32[N,1,H,W]", "y_at": "float32[N,1,H,W]"}}
 
@@ -167,6 +168,16 @@ def export_step(denoiser: LMIDenoiser, *, opset: int = DEFAULT_OPSET, clip_x0: b
                         "epsilon-model (inputs x_t, source, lmi_source, timestep, alpha_bar_t, "
                         "alpha_bar_prev, sigma, noise -> x_prev, x0_pred)")
     return check_graph(model, allowed_custom=[(lmi_onnx.DOMAIN, lmi_onnx.OP_TYPE)])
+
+
+def update_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the step graph's nodes outside the score network (conditioning, LMI, DDIM
+    update): the fp16 graph keeps them fp32 (x̂_0 divides by √ᾱ_t, about 0.006 at t = T)."""
+    names = [n.name for n in model.graph.node]
+    if not any(name.startswith(NET_SCOPE) for name in names):
+        raise ValueError(f"no node of the step graph is in the score network's scope {NET_SCOPE!r}; "
+                         "the exporter's node naming changed: update NET_SCOPE")
+    return [name for name in names if not name.startswith(NET_SCOPE)]
 
 
 def export_lmi(params: dict, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:

@@ -96,7 +96,8 @@ def compile_lmi_ptx(out_dir: str | Path | None = None, arch: str | None = DEFAUL
     nvcc = nvcc_path()
     if nvcc is None:
         raise BackendError("building the LMI CUDA kernel needs nvcc, found none on $PATH, "
-                           "$CUDA_HOME or /usr/local/cuda; install the CUDA toolkit or set CUDA_HOME")
+                           "$CUDA_HOME or /usr/local/cuda; install the CUDA toolkit or "
+                           "set CUDA_HOME")
     header = header_path()
     flags = list(FLAGS) + ([f"-arch={arch}"] if arch else [])
     digest = hashlib.sha256()

@@ -1,8 +1,9 @@
 """LMI as an ONNX model-local function ``galip::LMI`` built from standard ops only.
 
 One operator, three implementations (DESIGN.md, "The LMI operator"): this is the portable
-one. It runs in onnxruntime on CPU through the function body; TensorRT (>= 10.7 prefers a
-registered plugin over a local function of the same name) maps the very same node to the
+one. It runs in onnxruntime on CPU through the function body; TensorRT (whose ONNX parser
+prefers a registered plugin over a local function of the same name since 10.7, per the
+onnx-tensorrt 10.7 release notes) maps the very same node to the
 CUDA plugin of :mod:`galip.export.tensorrt.lmi_plugin` through ``op_type`` + the
 ``plugin_namespace`` attribute.
 
@@ -17,7 +18,8 @@ Contract, with the ONNX ops that implement each step of the function body:
    with both j and j + τ inside: outer product ``Mul`` → (N, B·B, H, W), box mean with
    ``AveragePool`` (count_include_pad=1, zero padding drops j outside) over the box mean of
    the shifted mask (the same 1/p² cancels);
-4. marginals from that joint (sums over b and over a: one 1×1 ``Conv`` with 0/1 weights),
+4. marginals of that joint (Σ_b P(a, b) = box mean of w_a(X_j) over the same valid pairs,
+   as Σ_b w_b = 1; likewise over a: ``AveragePool`` of B channels, no B·B reduction),
    entropies −Σ p log p guarded as p·log(max(p, 1e-30)) (0·log 0 = 0), MI = H_X + H_Y − H_XY
    = Σ P log(P / P_X P_Y), NMI = 2·MI / (H_X + H_Y);
 5. stack the T = (2r + 1)² maps (N, T, H, W); the chosen offset is the first one whose MI
@@ -48,7 +50,7 @@ DOMAIN = "galip"                 # ONNX domain of the function and the node
 OP_TYPE = "LMI"                  # == TensorRT plugin name ("galip::LMI")
 PLUGIN_NAMESPACE = "galip"       # == TensorRT plugin namespace
 DEFAULT_OPSET = 17
-MIN_OPSET = 13                   # Softmax(axis), ReduceSum/Unsqueeze axes-as-input
+MIN_OPSET = 13                   # Softmax over one axis; Unsqueeze axes as an input
 MIN_IR_VERSION = 9               # FunctionProto.attribute_proto (attribute defaults)
 LMI_DEFAULTS = {"patch": 3, "radius": 1, "bins": 27, "sigma": 8 / 255, "normalize": True}
 OUTPUTS = ("lmi", "y_at", "offset_index")   # float32, float32, int32; all (N, 1, H, W)
@@ -162,11 +164,6 @@ def lmi_function_proto(patch: int = 3, radius: int = 1, bins: int = 27,
             "count_include_pad": 1}
     tiny = g.const(0.5 / (p * p))        # below any non-empty pair count / p²
     zero, one, two = g.const(0.0), g.const(1.0), g.const(2.0)
-    w_marg = np.zeros((2 * B, B, B, 1, 1), np.float32)
-    for a in range(B):
-        w_marg[a, a, :] = 1.0            # P_X(a) = Σ_b P(a, b)
-        w_marg[B + a, :, a] = 1.0        # P_Y(a) = Σ_b P(b, a)
-    w_marg = g.const(w_marg.reshape(2 * B, B * B, 1, 1))
     mi_maps, y_shifted = [], []
     for dy, dx in offsets(r):
         # Slice [r + d, r + d + size) of the padded axis, i.e. end = −(r − d) or "to the end".
@@ -183,16 +180,18 @@ def lmi_function_proto(patch: int = 3, radius: int = 1, bins: int = 27,
         count = g.op("AveragePool", mask_s, **pool)
         c_safe = g.op("Max", count, tiny)
 
-        # 4. Marginals of that joint: sums over b (P_X) and over a (P_Y) as one 1×1 Conv
-        #    with 0/1 weights (2B, B·B) (a ReduceSum over the reshaped (N, B, B, H, W)).
-        #    H_X + H_Y = −Σ p log p over those 2B channels; with Σ_ab S = c,
-        #    H_XY = −Σ P log P = log c − Σ S log S / c (no division of the B·B tensor).
-        marg = g.op("Div", g.op("Conv", s_joint, w_marg), c_safe)       # (N, 2B, H, W)
+        # 4. Marginals of that joint without summing it: P_X(a) = Σ_b P(a, b) is the mean over
+        #    the same valid pairs of w_a(X_j), since Σ_b w_b(Y_{j+τ}) = 1 (likewise P_Y), so
+        #    they are box means of B channels. H_X + H_Y = −Σ p log p over those 2B channels;
+        #    with Σ_ab S = c, H_XY = −Σ P log P = log c − Σ S log S / c (S is not divided).
+        p_x = g.op("AveragePool", g.op("Mul", w_x, mask_s), **pool)
+        p_y = g.op("AveragePool", w_y_s, **pool)
+        marg = g.op("Div", g.op("Concat", p_x, p_y, axis=1), c_safe)   # (N, 2B, H, W)
         h_marg = g.op("Neg", _sum_plogp(g, marg, 2 * B))
         h_xy = g.op("Sub", g.op("Log", c_safe), g.op("Div", _sum_plogp(g, s_joint, B * B), c_safe))
         mi = g.op("Sub", h_marg, h_xy)
         if params["normalize"]:
-            # NMI = 2·MI / (H_X + H_Y); 0 where both patches are constant (H_X + H_Y = 0).
+            # NMI = 2·MI / (H_X + H_Y), 0 where H_X + H_Y = 0 (as lmi.cuh).
             positive = g.op("Greater", h_marg, zero)
             safe = g.op("Where", positive, h_marg, one)
             mi = g.op("Where", positive, g.op("Div", g.op("Mul", mi, two), safe), zero)
@@ -317,7 +316,9 @@ def lmi_model(patch: int = 3, radius: int = 1, bins: int = 27, sigma: float = 8 
     graph = helper.make_graph(
         [lmi_node("x", "y", OUTPUTS, name="lmi", **params)], "galip_lmi",
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims) for n in ("x", "y")], outputs)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                              ir_version=MIN_IR_VERSION, producer_name="galip")
+    opsets = [helper.make_opsetid("", opset)]
+    ir_version = max(MIN_IR_VERSION, helper.find_min_ir_version_for(opsets, ignore_unknown=True))
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=ir_version,
+                              producer_name="galip")
     add_lmi_function(model, params)
     return model

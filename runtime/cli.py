@@ -83,7 +83,7 @@ def check_writable(path: Path, *, overwrite: bool, suffixes: tuple[str, ...], wh
     """OutputError unless ``path`` can be written: right suffix, not a folder, not the input,
     new (or ``overwrite``), in an existing folder where a file can really be created."""
     if not path.name.lower().endswith(suffixes):
-        raise OutputError(f"{path}: expected a {what} name ending in {' or '.join(suffixes)}, found {path.name!r}; "
+        raise OutputError(f"{path}: expected a name ending in {' or '.join(suffixes)} for the {what}, found {path.name!r}; "
                           "rename it")
     if path.is_dir():
         raise OutputError(f"{path}: expected a {what} file name, found a folder; give a file name inside it")

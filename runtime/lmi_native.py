@@ -217,7 +217,8 @@ def lmi_numpy(x: np.ndarray, y: np.ndarray, patch: int = 3, radius: int = 1, bin
         patch: odd patch side p (default 3); radius: search radius r, (2r+1)^2 offsets
             (default 1); bins: B soft bins, centres linspace(0, 1, B) (default 27); sigma:
             Gaussian width (default 8/255); normalize: NMI = 2 MI / (H_X + H_Y) (default True).
-        num_threads: OpenMP threads; default $GALIP_NUM_THREADS or the usable cores.
+        num_threads: OpenMP threads; default $GALIP_NUM_THREADS or the usable cores (fewer for
+            inputs under ~1k pixels per core).
 
     Returns:
         lmi_map (N, 1, H, W) float32; y_at (N, 1, H, W) float32, y at the arg-max offset (0
@@ -232,7 +233,10 @@ def lmi_numpy(x: np.ndarray, y: np.ndarray, patch: int = 3, radius: int = 1, bin
     lmi = np.empty((n, 1, h, w), np.float32)
     y_at = np.empty((n, 1, h, w), np.float32)
     index = np.empty((n, 1, h, w), np.int32)
-    threads = _default_threads() if num_threads is None else int(num_threads)
+    if num_threads is None:  # ~1k pixels per thread at least: tiny inputs stay on one core
+        threads = max(1, min(_default_threads(), (x32.size + 1023) // 1024))
+    else:
+        threads = int(num_threads)
     code = lib.galip_lmi_host(x32, y32, n, h, w, patch, radius, bins, float(sigma),
                               int(bool(normalize)), threads, lmi, y_at, index)
     if code == -1:

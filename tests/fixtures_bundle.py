@@ -14,12 +14,12 @@
   i.e. the inverted source in [0, 1]) plus a bounded term that reads the LMI condition and
   the timestep::
 
-      ε  = (x_t − √ᾱ_t·x₀*)/√(1−ᾱ_t) − K·√ᾱ_t/√(1−ᾱ_t)·tanh(Conv3x3([LMI(source, u(x_t)), lmi_source]) + t/T)
+      ε  = (x_t − √ᾱ_t·x₀*)/√(1−ᾱ_t) − K·√ᾱ_t/√(1−ᾱ_t)·tanh(Conv3x3([LMI(source, u(x_t)), lmi_source]) + t/T + x_t)
       x̂₀ = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t = x₀* + K·tanh(…),   u(x_t) = clip((x_t+1)/2, 0, 1)
       x_prev = √ᾱ_prev·x̂₀ + √max(1−ᾱ_prev−σ², 0)·ε + σ·noise
 
   so a correct sampler lands within K/2 (in [0, 1]) of the inverted source, and the
-  result still depends on the noise (through LMI(source, u(x_t))).
+  result still depends on the noise (through x_t and LMI(source, u(x_t))).
 """
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def diffusion_step_model(timesteps: int = SCHEDULE["timesteps"], seed: int = 1) 
         _const("one", np.float32(1.0)), _const("two", np.float32(2.0)), _const("half", np.float32(0.5)),
         _const("zero", np.float32(0.0)), _const("k", np.float32(K)),
         _const("inv_T", np.float32(1.0 / timesteps)),
-        _const("w_cond", rng.normal(0, 1.0, (1, 2, 3, 3)).astype(np.float32)),
+        _const("w_cond", rng.normal(0, 0.5, (1, 2, 3, 3)).astype(np.float32)),
     ]
     N = helper.make_node
     nodes = [
@@ -123,7 +123,8 @@ def diffusion_step_model(timesteps: int = SCHEDULE["timesteps"], seed: int = 1) 
         N("Conv", ["cond", "w_cond"], ["cond1"], pads=[1, 1, 1, 1]),
         N("Mul", ["timestep", "inv_T"], ["t_frac"]),
         N("Add", ["cond1", "t_frac"], ["cond2"]),
-        N("Tanh", ["cond2"], ["dev"]),                                        # in (−1, 1)
+        N("Add", ["cond2", "x_t"], ["cond3"]),
+        N("Tanh", ["cond3"], ["dev"]),                                        # in (−1, 1)
         # x₀* = 1 − 2·source
         N("Mul", ["source", "two"], ["s2"]), N("Sub", ["one", "s2"], ["x0_star"]),
         N("Sqrt", ["alpha_bar_t"], ["sa"]),

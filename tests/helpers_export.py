@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-TINY_UNET = dict(base_channels=8, channel_mult=(1, 2, 2), groups=4, head_channels=8,
-                 attention_ds=(2, 4), context_dim=16)
+TINY_UNET = dict(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, groups=4, head_channels=8,
+                 attention_ds=(4,), context_dim=16)
 TINY_NET = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attention_ds=(2,), groups=4, dropout=0.0)
 SHORT_SCHEDULE = dict(num_timesteps=20, beta_start=1e-3, beta_end=0.2)
 
@@ -63,6 +63,14 @@ def diffusion_payload(seed: int = 0, target: str = "T2", net: dict | None = None
         "target": get_domain(target).to_dict(),
         "preprocess": preprocess_config(32), "data_dir": None,
     }
+
+
+def ort_session(model, threads: int = 1):
+    """onnxruntime CPU session of an in-memory ModelProto (one thread: the CPU is shared)."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def save_payload(payload: dict, path: Path) -> Path:

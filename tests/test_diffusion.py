@@ -33,6 +33,15 @@ def fake_lmi(x, y, config):
     return F.avg_pool2d(1.0 - (x - y).abs(), 3, 1, 1, count_include_pad=False)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and the CI machine is shared: use one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def stub_lmi(monkeypatch):
     monkeypatch.setattr(conditioning, "lmi_map", fake_lmi)
@@ -166,14 +175,16 @@ def test_translate_slices_keeps_type_and_shape():
     assert isinstance(as_tensor, torch.Tensor) and as_tensor.shape == (3, 1, 8, 8)
 
 
-def test_one_step_exports_to_onnx_with_t_as_graph_inputs():
+def test_one_step_exports_to_onnx_with_t_as_graph_inputs(monkeypatch):
     ort = pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(conditioning, "lmi_map", None)       # the graph must use the lmi_fn given
     ab = DDPMSchedule().alphas_cumprod
 
     class Step(torch.nn.Module):            # what the export engineer wraps: LMI + net + update
         def __init__(self):
             super().__init__()
-            self.model = tiny_denoiser()
+            torch.manual_seed(0)
+            self.model = LMIDenoiser(ScoreNet(TINY), lmi_fn=fake_lmi)
             self.register_buffer("alpha_bar", ab)
 
         def forward(self, x_t, t, t_prev, noise, source, lmi_ss):
@@ -201,9 +212,9 @@ def test_one_condition_function_serves_training_and_sampling(monkeypatch, tmp_pa
     calls = {"condition": [], "lmi": []}
     real_condition = conditioning.condition
 
-    def spy_condition(x_t, reference, lmi_ref_ref, config):
+    def spy_condition(x_t, reference, lmi_ref_ref, config, lmi_fn=None):
         calls["condition"].append(reference.clone())
-        return real_condition(x_t, reference, lmi_ref_ref, config)
+        return real_condition(x_t, reference, lmi_ref_ref, config, lmi_fn)
 
     def spy_lmi(x, y, config):
         calls["lmi"].append((x.clone(), y.clone(), config))

@@ -6,6 +6,7 @@ No GPU and no full TensorRT here: nothing in this file builds or runs an engine.
 import ctypes
 import importlib.util
 import inspect
+import re
 import struct
 import subprocess
 import sys
@@ -20,7 +21,8 @@ from galip.export.tensorrt import lmi_plugin
 from galip.runtime.errors import BackendError, ConfigError
 
 TOL = 1e-5
-needs_nvcc = pytest.mark.skipif(not kernels.nvcc_available(), reason="nvcc (CUDA toolkit) not found")
+needs_nvcc = pytest.mark.skipif(not kernels.nvcc_available(),
+                                reason="nvcc (CUDA toolkit) not found")
 
 
 def _pair(rng, n, h, w):
@@ -70,9 +72,12 @@ def test_ptx_entry_point_parser():
         kernels.ptx_kernel_params(ptx, "missing")
 
 
-def test_header_is_package_data():
-    assert kernels.header_path().name == "lmi.cuh"
-    assert "galip_lmi_pixel" in kernels.header_path().read_text()
+def test_header_is_package_data_and_limits_agree():
+    text = kernels.header_path().read_text()
+    assert kernels.header_path().name == "lmi.cuh" and "galip_lmi_kernel" in text
+    defines = dict(re.findall(r"#define (GALIP_LMI_DEVICE_MAX_\w+) (\d+)", text))
+    assert int(defines["GALIP_LMI_DEVICE_MAX_BINS"]) == lmi_plugin.DEVICE_MAX_BINS
+    assert int(defines["GALIP_LMI_DEVICE_MAX_RADIUS"]) == lmi_plugin.DEVICE_MAX_RADIUS
 
 
 # ---- the __host__ __device__ per-pixel math, built for the host ------------------------------
@@ -89,16 +94,23 @@ def native():
                     reason="galip.train.lmi (the PyTorch reference) is not written yet")
 @pytest.mark.parametrize("normalize", [True, False])
 def test_host_build_matches_pytorch_lmi(native, normalize):
-    """g++ build of lmi.cuh (lmi_native, the LMI engineer's) against galip.train.lmi.lmi."""
+    """g++ build of lmi.cuh (lmi_native, the LMI engineer's) against galip.train.lmi.
+
+    ``lmi`` itself runs this very build on CPU, so the independent check is ``lmi_dense``,
+    the dense differentiable PyTorch reference.
+    """
     torch = pytest.importorskip("torch")
-    from galip.train.lmi import lmi
+    from galip.train.lmi import lmi, lmi_dense
     x, y = _pair(np.random.default_rng(4), 2, 40, 33)
     got_lmi, got_y_at, _ = native.lmi_numpy(x, y, normalize=normalize)
     with torch.no_grad():
-        ref_lmi, ref_y_at = lmi(torch.from_numpy(x), torch.from_numpy(y), normalize=normalize)
-    np.testing.assert_allclose(got_lmi, ref_lmi.numpy(), atol=TOL, rtol=0)
-    agree = np.isclose(got_y_at, ref_y_at.numpy(), atol=TOL, rtol=0)
-    assert agree.mean() > 0.999
+        ref = lmi(torch.from_numpy(x), torch.from_numpy(y), normalize=normalize)
+        dense = lmi_dense(torch.from_numpy(x[:1, :, :24]), torch.from_numpy(y[:1, :, :24]),
+                          normalize=normalize)
+    dense_lmi, dense_y_at, _ = native.lmi_numpy(x[:1, :, :24], y[:1, :, :24], normalize=normalize)
+    for (a, b), (c, d) in (((got_lmi, got_y_at), ref), ((dense_lmi, dense_y_at), dense)):
+        np.testing.assert_allclose(a, c.numpy(), atol=TOL, rtol=0)
+        assert np.isclose(b, d.numpy(), atol=TOL, rtol=0).mean() > 0.999
 
 
 def test_host_build_matches_brute_force_loop(native):
@@ -127,7 +139,7 @@ def test_nvcc_host_code_matches_gxx_build(native, tmp_path):
     lib.galip_lmi_host.argtypes = [f32, f32] + [ctypes.c_int] * 6 + [ctypes.c_float] + \
         [ctypes.c_int] * 2 + [f32, f32, i32]
     x, y = _pair(np.random.default_rng(7), 2, 31, 26)
-    out = [np.empty(x.shape, np.float32), np.empty(x.shape, np.float32), np.empty(x.shape, np.int32)]
+    out = [np.empty(x.shape, t) for t in (np.float32, np.float32, np.int32)]
     assert lib.galip_lmi_host(x, y, 2, 31, 26, 3, 1, 27, 8 / 255, 1, 2, *out) == 0
     ref_lmi, ref_y_at, ref_index = native.lmi_numpy(x, y)
     np.testing.assert_allclose(out[0], ref_lmi, atol=TOL, rtol=0)
@@ -227,6 +239,8 @@ def _fake_tensorrt():
 @pytest.fixture
 def fake_trt(monkeypatch, tmp_path):
     trt, trtp = _fake_tensorrt()
+    monkeypatch.setenv("GALIP_CACHE", str(tmp_path))          # PTX cache of this test only
+    monkeypatch.delenv("GALIP_LMI_PTX", raising=False)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
     monkeypatch.setattr(lmi_plugin, "_registered", None)
@@ -249,7 +263,8 @@ def test_registration_with_fake_tensorrt(fake_trt, tmp_path):
     # register: inputs x, y then the ONNX node's attributes (lmi_onnx.lmi_node) as attributes
     sig = inspect.signature(fns["register"])
     assert list(sig.parameters) == ["x", "y", "patch", "radius", "bins", "sigma", "normalize"]
-    assert [sig.parameters[n].annotation for n in ("patch", "sigma", "normalize")] == [int, float, int]
+    annotations = [sig.parameters[n].annotation for n in ("patch", "sigma", "normalize")]
+    assert annotations == [int, float, int]
     x = fake_trt.TensorDesc((2, 1, 100, 77))
     outs = fns["register"](x, x, 3, 1, 27, 8 / 255, 1)
     assert [o.shape_expr for o in outs] == [x.shape_expr] * 3     # lmi, y_at, offset_index
@@ -281,7 +296,8 @@ def test_registration_with_fake_tensorrt(fake_trt, tmp_path):
 
 def test_add_lmi_layer_uses_the_aot_plugin(fake_trt, tmp_path):
     calls = []
-    network = types.SimpleNamespace(add_plugin=lambda plugin, aot: calls.append((plugin, aot)) or "layer")
+    network = types.SimpleNamespace(
+        add_plugin=lambda plugin, aot: calls.append((plugin, aot)) or "layer")
     assert lmi_plugin.add_lmi_layer(network, "x", "y", bins=16, normalize=False) == "layer"
     (plugin_id, tensors, attrs), aot = calls[0]
     assert (plugin_id, tensors, aot) == ("galip::LMI", ("x", "y"), True)
@@ -289,9 +305,22 @@ def test_add_lmi_layer_uses_the_aot_plugin(fake_trt, tmp_path):
                      "normalize": 0}
 
 
+def test_registration_with_a_prebuilt_ptx_needs_no_nvcc(fake_trt, tmp_path, monkeypatch):
+    ptx = tmp_path / "prebuilt.ptx"
+    params = ",\n".join(f"\t.param {t} p{i}" for i, t in enumerate(lmi_plugin.KERNEL_ABI))
+    ptx.write_text(f".visible .entry galip_lmi_kernel(\n{params}\n)\n{{\n}}\n// prebuilt\n")
+    monkeypatch.setattr(kernels, "nvcc_path", lambda: None)
+    monkeypatch.setenv("GALIP_LMI_PTX", str(ptx))
+    lmi_plugin.register_lmi_plugin()
+    aot = next(fn for kind, _, fn in fake_trt.calls if kind == "aot_impl")
+    x = fake_trt.TensorDesc((1, 1, 8, 8))
+    assert aot(x, x, 3, 1, 27, 8 / 255, 1, (x, x, x), 0)[1].endswith("// prebuilt\n")
+
+
 def test_registration_rejects_a_kernel_with_another_signature(fake_trt, tmp_path, monkeypatch):
     bad = tmp_path / "bad.ptx"
-    bad.write_text(".visible .entry galip_lmi_kernel(\n\t.param .u64 a,\n\t.param .u64 b\n)\n{\n}\n")
+    bad.write_text(".visible .entry galip_lmi_kernel(\n\t.param .u64 a,\n"
+                   "\t.param .u64 b\n)\n{\n}\n")
     monkeypatch.setattr(kernels, "compile_lmi_ptx", lambda out_dir=None, arch=None: bad)
     with pytest.raises(BackendError, match="TensorRT plugin passes"):
         lmi_plugin.register_lmi_plugin()

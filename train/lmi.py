@@ -54,9 +54,8 @@ def soft_bins(v: torch.Tensor, bins: int = 27, sigma: float = 8 / 255) -> torch.
 
 
 def _xlogx(p: torch.Tensor) -> torch.Tensor:
-    """p log p with 0 log 0 = 0 and a finite gradient everywhere (where-guarded)."""
-    positive = p > 0
-    return torch.where(positive, p * torch.log(torch.where(positive, p, torch.ones_like(p))), 0.0)
+    """p log p for p >= 0 with 0 log 0 = 0; the clamp keeps the gradient finite at p = 0."""
+    return p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
 
 
 def _compute_dtype(dtype: torch.dtype, bins: int, sigma: float) -> torch.dtype:
@@ -90,15 +89,16 @@ def _mi_at(wx: torch.Tensor, wy: torch.Tensor, dy: torch.Tensor, dx: torch.Tenso
             xs.append(wx_pad[window].flatten(2))
             ys.append(wy_pad.gather(2, flat.expand(n, b, -1)))
             valid.append(mx_pad[window].flatten(2) * my_pad.gather(2, flat))
-    m = torch.stack(valid, 1)  # (N, P, 1, HW)
+    m = torch.stack(valid, -1).transpose(1, 2)  # (N, HW, 1, P)
     # Step 2: joint histogram = mean over the valid pairs of w(X_j) w(Y_j+tau)^T.
-    joint = torch.einsum("npah,npbh->nabh", torch.stack(xs, 1) * m, torch.stack(ys, 1))
-    count = m.sum(1).unsqueeze(1)  # (N, 1, 1, HW); 0 -> P = 0 -> MI = 0
-    p = joint / count.clamp_min(1.0)
+    xs = torch.stack(xs, -1).transpose(1, 2) * m  # (N, HW, B, P)
+    ys = torch.stack(ys, -1).permute(0, 2, 3, 1)  # (N, HW, P, B)
+    count = m.sum(-1, keepdim=True)  # (N, HW, 1, 1); 0 -> P = 0 -> MI = 0
+    p = torch.matmul(xs, ys) / count.clamp_min(1.0)  # (N, HW, B, B)
     # Step 3: MI = H_X + H_Y - H_XY with marginals from the joint (paper Eq. 2).
-    h_xy = -_xlogx(p).sum((1, 2))
-    h_x = -_xlogx(p.sum(2)).sum(1)
-    h_y = -_xlogx(p.sum(1)).sum(1)
+    h_xy = -_xlogx(p).sum((2, 3))
+    h_x = -_xlogx(p.sum(3)).sum(2)
+    h_y = -_xlogx(p.sum(2)).sum(2)
     mi = h_x + h_y - h_xy
     if normalize:
         denom = h_x + h_y

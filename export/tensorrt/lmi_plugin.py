@@ -31,6 +31,7 @@ built with it on the development machines (no GPU, no full TensorRT there).
 NOTE: no ``from __future__ import annotations`` here: ``tensorrt.plugin`` inspects the
 decorated functions' annotations as live classes.
 """
+import os
 import struct
 from pathlib import Path
 from typing import Any, List, Optional, Tuple, Union
@@ -40,13 +41,13 @@ from galip.export.lmi_onnx import OP_TYPE, PLUGIN_NAMESPACE, lmi_params
 from galip.runtime.errors import BackendError, ConfigError
 
 __all__ = ["PLUGIN_ID", "KERNEL_ABI", "add_lmi_layer", "check_device_params", "check_kernel_abi",
-           "kernel_scalar_args",
-           "launch_grid", "register_lmi_plugin", "sigma_bits"]
+           "kernel_scalar_args", "launch_grid", "register_lmi_plugin", "sigma_bits"]
 
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{OP_TYPE}"       # "galip::LMI"
 DEVICE_MAX_BINS = 32                                # GALIP_LMI_DEVICE_MAX_BINS (lmi.cuh)
 DEVICE_MAX_RADIUS = 3                               # GALIP_LMI_DEVICE_MAX_RADIUS (lmi.cuh)
-INSTALL_TRT = "pip install 'tensorrt>=10.9' on a GPU machine (full TensorRT: tensorrt-lean has no plugin builder)"
+INSTALL_TRT = ("pip install 'tensorrt>=10.9' on a GPU machine "
+               "(full TensorRT: tensorrt-lean has no plugin builder)")
 
 # PTX parameter types galip_lmi_kernel must have: x, y; N, H, W, patch, radius, bins, sigma,
 # normalize; lmi, y_at, offset_index.
@@ -56,7 +57,8 @@ _registered: Optional[Path] = None                  # PTX file once registered i
 
 
 def sigma_bits(sigma: float) -> int:
-    """The float32 bit pattern of ``sigma`` as a signed int32 (the kernel's ``sigma_bits``)."""
+    """The float32 bit pattern of ``sigma`` as a signed int32: the int32 extra arg that fills
+    the kernel's 4-byte ``float sigma`` parameter with exactly float32(sigma)."""
     return struct.unpack("<i", struct.pack("<f", float(sigma)))[0]
 
 
@@ -81,7 +83,7 @@ def check_kernel_abi(ptx: str) -> None:
 
 
 def launch_grid(n: Any, h: Any, w: Any, cdiv=None, block: int = kernels.BLOCK) -> dict:
-    """Launch dimensions of the TRT kernel: one thread per pixel, blockIdx.y = batch index.
+    """Launch dimensions of galip_lmi_kernel: one thread per pixel, blockIdx.y = batch index.
 
     ``n, h, w`` may be ints or TensorRT symbolic shape expressions (then pass ``trtp.cdiv``).
     """
@@ -106,18 +108,26 @@ def _import_trtp():
 
 
 def register_lmi_plugin(arch: Optional[str] = kernels.DEFAULT_ARCH,
-                        ptx_dir: Optional[Path] = None) -> str:
+                        ptx_dir: Optional[Path] = None, ptx_file: Optional[Path] = None) -> str:
     """Register ``galip::LMI`` with ``tensorrt.plugin`` (once per process); returns its id.
 
-    Compiles the PTX first (nvcc, cached), so a missing nvcc fails here, not mid-build.
-    Raises BackendError without tensorrt.plugin or nvcc.
+    The PTX is ``ptx_file`` (else ``$GALIP_LMI_PTX``) when given, for GPU machines without
+    nvcc (compile it elsewhere with :func:`galip.export.kernels.compile_lmi_ptx`); otherwise
+    nvcc compiles it now (cached in ``ptx_dir``), so a missing nvcc fails here, not
+    mid-build. Raises BackendError without tensorrt.plugin, without any PTX source, or when
+    the PTX kernel's parameters are not the ones the plugin passes.
     """
     global _registered
     trtp = _import_trtp()
     if _registered is not None:
         return PLUGIN_ID
-    ptx_path = kernels.compile_lmi_ptx(ptx_dir, arch)
-    ptx = ptx_path.read_text()
+    ptx_file = ptx_file or os.environ.get("GALIP_LMI_PTX") or None
+    ptx_path = Path(ptx_file) if ptx_file else kernels.compile_lmi_ptx(ptx_dir, arch)
+    try:
+        ptx = ptx_path.read_text()
+    except OSError as error:
+        raise BackendError(f"cannot read the LMI kernel PTX {ptx_path}: {error.strerror}; "
+                           "point GALIP_LMI_PTX at a file from compile_lmi_ptx()") from None
     check_kernel_abi(ptx)
     import tensorrt as trt
 

@@ -37,8 +37,10 @@
 #if defined(_OPENMP) && !defined(__CUDACC__)
 #define GALIP_STR(x) #x
 #define GALIP_SIMD_SUM(var) _Pragma(GALIP_STR(omp simd reduction(+ : var)))
+#define GALIP_SIMD _Pragma("omp simd")
 #else
 #define GALIP_SIMD_SUM(var)
+#define GALIP_SIMD
 #endif
 
 // Two MI values closer than this are a tie (the first offset in row-major order wins).
@@ -61,6 +63,7 @@ struct GalipLmiShape {
   int radius;     // search radius r: (2r + 1)^2 offsets
   int bins;       // B, centres linspace(0, 1, B)
   int support;    // S = min(2K + 1, B) bins kept per sample
+  int window;     // L >= S reals per stored window (zero padded so rows vectorise)
   int normalize;  // 1: NMI, 0: MI
 };
 
@@ -199,15 +202,16 @@ GALIP_HD inline void galip_lmi_soft_bin(float v, int bins, int support, double c
 template <class real>
 struct GalipLmiPlanes {
   const int* start;     // (H, W) first bin
-  const real* weights;  // (H, W, S) window weights
-  int W, S;
+  const real* weights;  // (H, W, L) window weights, zero beyond S
+  int W, L;
   GALIP_HD int first_bin(int h, int w) const { return start[h * W + w]; }
   GALIP_HD const real* weights_at(int h, int w, real*) const {
-    return weights + (long)(h * W + w) * S;
+    return weights + (long)(h * W + w) * L;
   }
 };
 
-// Weight source computing windows on the fly from the image (CUDA kernel: no extra pass).
+// Weight source computing windows on the fly from the image (CUDA kernel: no extra pass;
+// window L = S).
 template <class real>
 struct GalipLmiImage {
   const float* img;  // (H, W)
@@ -237,6 +241,7 @@ GALIP_HD inline double galip_lmi_mi_of_joint(const real* J, int bx, int by, int 
   for (int a = 0; a < bx; ++a) {
     const real* row = J + a * by;
     real r = 0;
+    GALIP_SIMD_SUM(r)
     for (int b = 0; b < by; ++b) {
       r += row[b];
       cs[b] += row[b];
@@ -266,37 +271,42 @@ GALIP_HD inline double galip_lmi_mi_of_joint(const real* J, int bx, int by, int 
   return denom > 1e-12 ? 2.0 * mi / denom : 0.0;
 }
 
-// J[a * stride + b] += wx[a] * wy[b] for a, b < S (one pair's contribution, Step 4b).
-// SC > 0 fixes S at compile time (fully unrolled inner loop for the default S = 11).
-template <class real, int SC>
+// J[a * stride + b] += wx[a] * wy[b] for a < S, b < L (one pair's contribution, Step 4b;
+// wy is zero beyond S). SC, LC > 0 fix S, L at compile time (host defaults: 11 and 12, so a
+// row update is one 8-wide plus one 4-wide unmasked FMA).
+template <class real, int SC, int LC>
 GALIP_HD inline void galip_lmi_outer_add(real* __restrict__ J, int stride,
                                          const real* __restrict__ wx,
-                                         const real* __restrict__ wy, int S) {
-  const int n = SC > 0 ? SC : S;
-  for (int a = 0; a < n; ++a) {
+                                         const real* __restrict__ wy, int S, int L) {
+  const int rows = SC > 0 ? SC : S, cols = LC > 0 ? LC : L;
+  for (int a = 0; a < rows; ++a) {
     const real u = wx[a];
     real* __restrict__ row = J + a * stride;
-    for (int b = 0; b < n; ++b) row[b] += u * wy[b];
+    GALIP_SIMD
+    for (int b = 0; b < cols; ++b) row[b] += u * wy[b];
   }
 }
 
-// Per pixel work area of galip_lmi_pixel, in reals: joint B*B, 2 weight windows, 2 marginals.
-GALIP_HD inline int galip_lmi_work_size(int bins) { return bins * bins + 4 * bins; }
+// Per pixel work area of galip_lmi_pixel, in reals: joint B x (B + L - S), 2 weight windows,
+// 2 marginals.
+GALIP_HD inline int galip_lmi_work_size(int bins, int pad) {
+  return bins * (bins + pad) + 4 * (bins + pad);
+}
 
 // Step 4: LMI of one pixel (h, w): MI for every offset, then the tie-aware arg-max.
-// work: galip_lmi_work_size(B) reals; mi: (2r+1)^2 doubles. Writes the LMI value and the
+// work: galip_lmi_work_size(B, L - S) reals; mi: (2r+1)^2 doubles. Writes the LMI value and the
 // offset index t* = (dy + r)(2r + 1) + (dx + r).
-template <class real, int SC, class Src>
+template <class real, int SC, int LC, class Src>
 GALIP_HD inline void galip_lmi_pixel(const Src& sx, const Src& sy, const GalipLmiShape& s, int h,
                                      int w, real* work, double* mi, float* out_lmi,
                                      int* out_tau) {
-  const int B = s.bins, S = SC > 0 ? SC : s.support, R = s.radius, D = 2 * R + 1;
-  const int half = s.patch / 2;
+  const int B = s.bins, S = SC > 0 ? SC : s.support, L = LC > 0 ? LC : s.window;
+  const int R = s.radius, D = 2 * R + 1, half = s.patch / 2, BL = B + L - S;
   real* J = work;
-  real* wx_buf = J + B * B;
-  real* wy_buf = wx_buf + B;
-  real* rs = wy_buf + B;
-  real* cs = rs + B;
+  real* wx_buf = J + B * BL;
+  real* wy_buf = wx_buf + BL;
+  real* rs = wy_buf + BL;
+  real* cs = rs + BL;
   const int h0 = h - half > 0 ? h - half : 0, h1 = h + half < s.H - 1 ? h + half : s.H - 1;
   const int w0 = w - half > 0 ? w - half : 0, w1 = w + half < s.W - 1 ? w + half : s.W - 1;
   double best = -1e300;
@@ -320,7 +330,7 @@ GALIP_HD inline void galip_lmi_pixel(const Src& sx, const Src& sy, const GalipLm
         yhi = by0 > yhi ? by0 : yhi;
       }
     }
-    const int bx = xhi - xlo + S, by = yhi - ylo + S;
+    const int bx = xhi - xlo + S, by = yhi - ylo + L;  // by - (L - S) columns are zero
     for (int k = 0; k < bx * by; ++k) J[k] = 0;
     // 4b: sparse joint: each pair adds the S x S outer product of its windows.
     for (int jh = ha; jh <= hb; ++jh) {
@@ -329,7 +339,7 @@ GALIP_HD inline void galip_lmi_pixel(const Src& sx, const Src& sy, const GalipLm
         const real* wyp = sy.weights_at(jh + dy, jw + dx, wy_buf);
         real* base =
             J + (sx.first_bin(jh, jw) - xlo) * by + (sy.first_bin(jh + dy, jw + dx) - ylo);
-        galip_lmi_outer_add<real, SC>(base, by, wxp, wyp, S);
+        galip_lmi_outer_add<real, SC, LC>(base, by, wxp, wyp, S, L);
       }
     }
     // 4c: MI / NMI of P = J / sum J (paper Eq. 2).
@@ -358,7 +368,7 @@ __device__ inline void galip_lmi_device_pixel(const float* xn, const float* yn,
                                               void* work, double* mi, float* v, int* tau) {
   GalipLmiImage<real> sx = {xn, s.W, s.bins, s.support, c};
   GalipLmiImage<real> sy = {yn, s.W, s.bins, s.support, c};
-  galip_lmi_pixel<real, 0>(sx, sy, s, h, w, (real*)work, mi, v, tau);
+  galip_lmi_pixel<real, 0, 0>(sx, sy, s, h, w, (real*)work, mi, v, tau);
 }
 
 // One thread per output pixel, blockIdx.y = batch index; launch grid ((H*W + bs - 1)/bs, N).
@@ -385,7 +395,8 @@ extern "C" __global__ void galip_lmi_kernel(const float* x, const float* y, int 
   }
   GalipLmiShape s;
   s.H = H; s.W = W; s.patch = patch; s.radius = radius; s.bins = bins;
-  s.support = galip_lmi_support(bins, sigma); s.normalize = normalize;
+  s.support = galip_lmi_support(bins, sigma); s.window = s.support;
+  s.normalize = normalize;
   const float* xn = x + (long)nb * H * W;
   const float* yn = y + (long)nb * H * W;
   const double c = galip_lmi_bin_c(bins, sigma);

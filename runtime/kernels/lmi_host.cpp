@@ -8,6 +8,10 @@
 #include <omp.h>
 #endif
 
+#ifndef GALIP_LMI_HOST_WINDOW
+#define GALIP_LMI_HOST_WINDOW 12
+#endif
+
 // Validates the run-time parameters; 0 when they are usable.
 static int galip_lmi_check(int N, int H, int W, int patch, int radius, int bins, float sigma) {
   if (N < 0 || H < 1 || W < 1) return 1;
@@ -20,14 +24,14 @@ static int galip_lmi_check(int N, int H, int W, int patch, int radius, int bins,
 
 // Steps 1-4 for every pixel of every image, accumulating in `real` (float or double) with the
 // window size S fixed at compile time when SC > 0.
-template <class real, int SC>
+template <class real, int SC, int LC>
 static int galip_lmi_run(const float* x, const float* y, int N, const GalipLmiShape& s,
                          double c, int num_threads, float* lmi, float* y_at, int* offset_index) {
-  const int H = s.H, W = s.W, S = s.support, B = s.bins, D = 2 * s.radius + 1;
+  const int H = s.H, W = s.W, S = s.support, L = s.window, B = s.bins, D = 2 * s.radius + 1;
   const long hw = (long)H * W, npix = (long)N * hw;
   // Step 1-2: every pixel's window (first bin + S normalised weights), once per call.
   int* starts = (int*)malloc(sizeof(int) * 2 * npix);
-  real* weights = (real*)malloc(sizeof(real) * 2 * npix * S);
+  real* weights = (real*)malloc(sizeof(real) * 2 * npix * L);
   if (!starts || !weights) {
     free(starts);
     free(weights);
@@ -44,10 +48,11 @@ static int galip_lmi_run(const float* x, const float* y, int N, const GalipLmiSh
     for (long k = 0; k < 2 * npix; ++k) {
       const float v = k < npix ? x[k] : y[k - npix];
       starts[k] = galip_lmi_first_bin(v, B, S);
-      galip_lmi_soft_bin(v, B, S, c, starts[k], weights + k * S);
+      galip_lmi_soft_bin(v, B, S, c, starts[k], weights + k * L);
+      for (int b = S; b < L; ++b) weights[k * L + b] = 0;
     }
     // Step 3-4: one pixel per iteration; each thread owns one work area.
-    real* work = (real*)malloc(sizeof(real) * galip_lmi_work_size(B));
+    real* work = (real*)malloc(sizeof(real) * galip_lmi_work_size(B, L - S));
     double* mi = (double*)malloc(sizeof(double) * D * D);
     if (!work || !mi) {
 #ifdef _OPENMP
@@ -62,11 +67,11 @@ static int galip_lmi_run(const float* x, const float* y, int N, const GalipLmiSh
       if (!work || !mi) continue;
       const long off = (k / hw) * hw;
       const int h = (int)((k - off) / W), w = (int)((k - off) % W);
-      GalipLmiPlanes<real> sx = {starts + off, weights + off * S, W, S};
-      GalipLmiPlanes<real> sy = {starts + npix + off, weights + (npix + off) * S, W, S};
+      GalipLmiPlanes<real> sx = {starts + off, weights + off * L, W, L};
+      GalipLmiPlanes<real> sy = {starts + npix + off, weights + (npix + off) * L, W, L};
       float v;
       int tau;
-      galip_lmi_pixel<real, SC>(sx, sy, s, h, w, work, mi, &v, &tau);
+      galip_lmi_pixel<real, SC, LC>(sx, sy, s, h, w, work, mi, &v, &tau);
       lmi[k] = v;
       offset_index[k] = tau;
       y_at[k] = galip_lmi_y_at(y + off, H, W, s.radius, h, w, tau);
@@ -104,16 +109,20 @@ int galip_lmi_host(const float* x, const float* y, int N, int H, int W, int patc
   GalipLmiShape s;
   s.H = H; s.W = W; s.patch = patch; s.radius = radius; s.bins = bins;
   s.support = galip_lmi_support(bins, sigma);
+  s.window = s.support;
   s.normalize = normalize ? 1 : 0;
   const double c = galip_lmi_bin_c(bins, sigma);
 #ifdef _OPENMP
   if (num_threads <= 0) num_threads = omp_get_max_threads();
 #endif
   if (galip_lmi_needs_double(bins, sigma))
-    return galip_lmi_run<double, 0>(x, y, N, s, c, num_threads, lmi, y_at, offset_index);
-  if (s.support == 11)  // the defaults (B = 27, sigma = 8/255): unrolled inner loops
-    return galip_lmi_run<float, 11>(x, y, N, s, c, num_threads, lmi, y_at, offset_index);
-  return galip_lmi_run<float, 0>(x, y, N, s, c, num_threads, lmi, y_at, offset_index);
+    return galip_lmi_run<double, 0, 0>(x, y, N, s, c, num_threads, lmi, y_at, offset_index);
+  if (s.support == 11) {  // the defaults (B = 27, sigma = 8/255): rows padded to WIN floats
+    s.window = GALIP_LMI_HOST_WINDOW;
+    return galip_lmi_run<float, 11, GALIP_LMI_HOST_WINDOW>(x, y, N, s, c, num_threads, lmi,
+                                                           y_at, offset_index);
+  }
+  return galip_lmi_run<float, 0, 0>(x, y, N, s, c, num_threads, lmi, y_at, offset_index);
 }
 
 }  // extern "C"

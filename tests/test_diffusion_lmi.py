@@ -1,0 +1,50 @@
+"""MIDiffusion conditioning against the real LMI operator (galip.train.lmi); skipped until it exists."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+lmi_module = pytest.importorskip("galip.train.lmi", reason="galip.train.lmi (LMI operator) not built yet")
+
+from galip.train.midiffusion import conditioning, samplers  # noqa: E402
+from galip.train.midiffusion.conditioning import LMIConfig, LMIDenoiser  # noqa: E402
+from galip.train.midiffusion.schedule import DDPMSchedule, img2x, q_sample  # noqa: E402
+from galip.train.midiffusion.scorenet import ScoreNet, ScoreNetConfig  # noqa: E402
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY = ScoreNetConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, attention_ds=(2,), groups=4)
+
+
+def smooth_slices(n=2, size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    base = rng.random((n, 1, size // 4, size // 4)).astype(np.float32)
+    return torch.from_numpy(np.kron(base, np.ones((1, 1, 4, 4), np.float32)))
+
+
+def test_condition_with_the_real_operator_is_finite_and_bounded_by_self_information():
+    x0 = smooth_slices()
+    schedule = DDPMSchedule()
+    t = torch.tensor([900, 900])
+    x_t = q_sample(img2x(x0), t, torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)),
+                   schedule.alphas_cumprod)
+    cond = conditioning.condition(x_t, x0, None, LMIConfig())
+    assert cond.shape == (2, 3, 16, 16) and torch.isfinite(cond).all()
+    assert torch.equal(cond[:, :1], x_t)
+    # Theorem 1 (paper): LMI(x0, x_t) ≤ LMI(x0, x0); on average it is clearly below for a noisy x_t
+    assert cond[:, 1].mean() < cond[:, 2].mean()
+
+
+def test_sampling_step_with_the_real_operator():
+    torch.manual_seed(0)
+    model = LMIDenoiser(ScoreNet(TINY)).eval()
+    out = samplers.sample_ddim(model, smooth_slices(1), DDPMSchedule(), 2,
+                               generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 1, 16, 16) and 0 <= out.min() and out.max() <= 1
