@@ -21,6 +21,7 @@ kept as is here) and inserts the casts; the result is checked and shape-inferred
 """
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import onnx
@@ -189,8 +190,10 @@ def to_fp16(model: onnx.ModelProto, *, spatial_inputs: Iterable[str],
     blocked_nodes = _blocked_nodes(model, spatial_inputs, blocked_ops, keep_fp32_nodes)
     _split_shared_initializers(model, set(blocked_nodes) | {n.name for n in model.graph.node
                                                             if n.op_type in blocked_ops})
-    converted = float16.convert_float_to_float16(
-        model, keep_io_types=True, op_block_list=sorted(blocked_ops), node_block_list=blocked_nodes)
+    with warnings.catch_warnings():    # "the float32 number 1e-09 will be truncated to 1e-07"
+        warnings.simplefilter("ignore", UserWarning)
+        converted = float16.convert_float_to_float16(
+            model, keep_io_types=True, op_block_list=sorted(blocked_ops), node_block_list=blocked_nodes)
     _restore_fp32_outputs(converted, [v.name for v in model.graph.output
                                       if v.type.tensor_type.elem_type == TensorProto.FLOAT])
     _drop_round_trips(converted)

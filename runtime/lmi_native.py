@@ -16,6 +16,7 @@ import ctypes
 import functools
 import hashlib
 import math
+import numbers
 import os
 import platform
 import shlex
@@ -58,16 +59,17 @@ def check_lmi_args(x_shape, y_shape, patch, radius, bins, sigma) -> None:
     """
     x_shape, y_shape = tuple(x_shape), tuple(y_shape)
     if len(x_shape) != 4 or x_shape[1] != 1:
-        raise ConfigError(f"LMI expects x of shape (N, 1, H, W), got {x_shape}; add the channel axis")
+        raise ConfigError(f"LMI expects x of shape (N, 1, H, W), got {x_shape}; "
+                          "add the channel axis")
     if x_shape != y_shape:
         raise ConfigError(f"LMI expects x and y of the same shape, got {x_shape} and {y_shape}")
     if x_shape[2] < 1 or x_shape[3] < 1:
         raise ConfigError(f"LMI expects H, W >= 1, got {x_shape}")
-    if not isinstance(patch, int) or patch < 1 or patch % 2 == 0:
+    if not isinstance(patch, numbers.Integral) or patch < 1 or patch % 2 == 0:
         raise ConfigError(f"LMI patch must be an odd int >= 1, got {patch!r}")
-    if not isinstance(radius, int) or radius < 0:
+    if not isinstance(radius, numbers.Integral) or radius < 0:
         raise ConfigError(f"LMI radius must be an int >= 0, got {radius!r}")
-    if not isinstance(bins, int) or bins < 2:
+    if not isinstance(bins, numbers.Integral) or bins < 2:
         raise ConfigError(f"LMI bins must be an int >= 2, got {bins!r}")
     if not float(sigma) > 0.0:
         raise ConfigError(f"LMI sigma must be > 0, got {sigma!r}")
@@ -133,7 +135,8 @@ def _build(target: Path) -> None:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            first = (proc.stderr.strip().splitlines() or ["no output"])[0]
+            lines = proc.stderr.strip().splitlines() or ["no output"]
+            first = next((ln for ln in lines if "error" in ln), lines[0])
             raise BackendError(f"LMI native kernel failed to compile ({shlex.join(cmd)}): {first}")
         os.replace(tmp, target)
     finally:
@@ -163,8 +166,8 @@ def _load() -> ctypes.CDLL:
         f32 = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
         i32 = np.ctypeslib.ndpointer(np.int32, flags="C_CONTIGUOUS")
         lib.galip_lmi_host.restype = ctypes.c_int
-        lib.galip_lmi_host.argtypes = (
-            [f32, f32] + [ctypes.c_int] * 6 + [ctypes.c_float] + [ctypes.c_int] * 2 + [f32, f32, i32])
+        cint, cfloat = ctypes.c_int, ctypes.c_float
+        lib.galip_lmi_host.argtypes = [f32, f32] + [cint] * 6 + [cfloat, cint, cint, f32, f32, i32]
         lib.galip_lmi_support_radius_host.restype = ctypes.c_int
         lib.galip_lmi_support_radius_host.argtypes = [ctypes.c_int, ctypes.c_float]
         lib.galip_lmi_needs_double_host.restype = ctypes.c_int
@@ -199,6 +202,8 @@ def support_radius(bins: int = 27, sigma: float = 8 / 255) -> int:
 def _default_threads() -> int:
     env = os.environ.get("GALIP_NUM_THREADS")
     if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ConfigError(f"GALIP_NUM_THREADS must be a positive integer, got {env!r}")
         return int(env)
     try:
         return len(os.sched_getaffinity(0))
@@ -237,8 +242,8 @@ def lmi_numpy(x: np.ndarray, y: np.ndarray, patch: int = 3, radius: int = 1, bin
         threads = max(1, min(_default_threads(), (x32.size + 1023) // 1024))
     else:
         threads = int(num_threads)
-    code = lib.galip_lmi_host(x32, y32, n, h, w, patch, radius, bins, float(sigma),
-                              int(bool(normalize)), threads, lmi, y_at, index)
+    code = lib.galip_lmi_host(x32, y32, n, h, w, int(patch), int(radius), int(bins),
+                              float(sigma), int(bool(normalize)), threads, lmi, y_at, index)
     if code == -1:
         raise BackendError(f"LMI native kernel ran out of memory for input of shape {x32.shape}")
     if code != 0:

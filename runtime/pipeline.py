@@ -11,12 +11,15 @@ numpy only around the backends (never torch). The chain, per batch of ``batch`` 
     clip to [0, 1] → SlicePlan.restore (CT window for CT targets, else the source's map)
     → written into the output slice stack; slices_to_volume at the end
 
-Only the input and output volumes exist whole; every intermediate is one batch.
+Whole-volume arrays: the input, the raw canonical slice stack from ``plan_volume``, the
+output slice stack (filled batch by batch) and the output volume; every model-space array
+(padded, resampled, model input and output, diffusion state and noise) is one batch.
 Diffusion noise comes from one numpy Generator per slice, seeded with ``(seed, slice
 index)``, so a slice's translation does not depend on ``batch``.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -160,17 +163,22 @@ def _data_range(spec: dict) -> tuple[float, float]:
 
 
 def _sampler_table(spec: dict, settings: Settings) -> StepTable:
-    sampler_spec = spec.get("sampler", {}) or {}
+    """The step table of this run: the settings, else the manifest's ``sampler`` defaults."""
+    defaults = spec.get("sampler") or {}
     schedule = NoiseSchedule.from_manifest(spec.get("schedule"))
-    sampler = settings.sampler or sampler_spec.get("default", "ddim")
-    spacing = sampler_spec.get("spacing", "linspace")
+    try:
+        sampler = settings.sampler or str(defaults.get("default", "ddim"))
+        spacing = str(defaults.get("spacing", "linspace"))
+        eta = settings.eta if settings.eta is not None else float(defaults.get("eta", 0.0))
+        steps = settings.steps if settings.steps is not None else int(defaults.get("steps", 50))
+    except (AttributeError, TypeError, ValueError):
+        raise BundleError(f"diffusion sampler: expected {{default, steps[, eta, spacing]}}, found {defaults!r}; "
+                          "re-export the bundle") from None
     if spacing not in SPACINGS:
         raise BundleError(f"diffusion sampler: spacing should be one of {', '.join(SPACINGS)}, found {spacing!r}")
-    eta = settings.eta if settings.eta is not None else float(sampler_spec.get("eta", 0.0))
     if sampler == "ddpm":
         return step_table(schedule, "ddpm", settings.steps)
-    steps = settings.steps if settings.steps is not None else int(sampler_spec.get("steps", 50))
-    return step_table(schedule, "ddim", steps, eta, spacing)
+    return step_table(schedule, sampler, steps, eta, spacing)
 
 
 @dataclass
@@ -208,13 +216,17 @@ class Translator:
         target_map = target_intensity(self.target, plan)
         out = np.empty(raw.shape, dtype=np.float32)
         n, batch = len(raw), self.settings.batch
+        diffusion = self.settings.model == "diffusion"
+        call = self._diffuse if diffusion else self._generate
         started = time.perf_counter()
         on_slices(0, n)
-        with self._runners() as infer:
+        with contextlib.ExitStack() as stack:    # deactivates every runner, also on errors
+            runners = [stack.enter_context(make()) for make in
+                       ((self.factory, self.lmi_factory) if diffusion else (self.factory,))]
             for start in range(0, n, batch):
                 stop = min(start + batch, n)
                 x = plan.prepare(raw[start:stop])[:, None]                  # (b, 1, H', W') in [0, 1]
-                y = infer(x, start, on_step)                                 # (b, 1, H', W') in [0, 1]
+                y = call(runners, x, start, on_step)                         # (b, 1, H', W') in [0, 1]
                 out[start:stop] = plan.restore(np.clip(y[:, 0], 0.0, 1.0), target_map)
                 on_slices(stop, n)
         seconds = time.perf_counter() - started
@@ -222,11 +234,6 @@ class Translator:
         return Result(slices_to_volume(out, plan), plan, target_map, self.choice, seconds, self.table)
 
     # -- model calls ---------------------------------------------------------------------
-    def _runners(self) -> "_Active":
-        if self.settings.model == "generator":
-            return _Active([self.factory()], self._generate)
-        return _Active([self.factory(), self.lmi_factory()], self._diffuse)
-
     def _generate(self, runners: list[Runner], x: np.ndarray, start: int, on_step: Progress) -> np.ndarray:
         """I2I-Galip generator: one call per batch, the target's class id per slice."""
         (runner,) = runners
@@ -260,28 +267,6 @@ class Translator:
         lo, hi = self.data_range
         x0 = _output(outputs, "x_prev").astype(np.float32, copy=False)
         return (x0 - lo) / (hi - lo)
-
-
-class _Active:
-    """Activates runners on enter, deactivates on exit; calling it runs one batch."""
-
-    def __init__(self, runners: list[Runner], call):
-        self.runners, self.call = runners, call
-
-    def __enter__(self):
-        active = []
-        try:
-            for runner in self.runners:
-                active.append(runner.activate())
-        except BaseException:
-            for runner in active:
-                runner.deactivate()
-            raise
-        return lambda x, start, on_step: self.call(self.runners, x, start, on_step)
-
-    def __exit__(self, *exc) -> None:
-        for runner in reversed(self.runners):
-            runner.deactivate()
 
 
 def _output(outputs: dict[str, np.ndarray], name: str) -> np.ndarray:

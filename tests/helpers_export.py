@@ -13,10 +13,16 @@ TINY_NET = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attention_ds=(2,), grou
 SHORT_SCHEDULE = dict(num_timesteps=20, beta_start=1e-3, beta_end=0.2)
 
 
-def _randomise(module: torch.nn.Module, seed: int, scale: float = 0.15) -> None:
-    """Perturb every parameter (zero-initialised output convs included) so parity is not trivial."""
+def _randomise(module: torch.nn.Module, seed: int, scale: float = 0.02) -> None:
+    """Untrained but well-scaled weights: zero-initialised convs/linears get PyTorch's default
+    init, then every parameter a little noise (norm affines, tables), so outputs depend on
+    every layer and keep the magnitude of a trained network's."""
+    torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)) and not layer.weight.any():
+                layer.reset_parameters()
         for p in module.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * scale)
 
@@ -52,7 +58,7 @@ def diffusion_payload(seed: int = 0, target: str = "T2", net: dict | None = None
     model = ScoreNet(net_config)
     ema = ScoreNet(net_config)
     ema.load_state_dict(model.state_dict())
-    _randomise(ema, seed + 1, scale=0.05)
+    _randomise(ema, seed + 1)
     return {
         "format": "galip-midiffusion", "version": 1, "step": 1, "total_steps": 1,
         "model": model.state_dict(), "ema": {"decay": 0.9999, "module": ema.state_dict()},

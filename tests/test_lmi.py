@@ -121,6 +121,19 @@ def test_all_implementations_match_brute_force(native, h, w, patch, radius, bins
         np.testing.assert_array_equal(y_at.numpy(), ref_y_at.astype(np.float32))
 
 
+def test_values_outside_unit_range_bin_like_the_edges(native):
+    # Diffusion samples x_t leave [0, 1]; soft binning is a softmax, so they bin like the edges.
+    rng = np.random.default_rng(7)
+    x = rng.uniform(-0.3, 1.3, (1, 1, 6, 7)).astype(np.float32)
+    y = np.clip(x + 0.1 * rng.standard_normal(x.shape), -0.5, 1.5).astype(np.float32)
+    ref_lmi, ref_y_at, _ = brute_lmi(x, y)
+    np.testing.assert_allclose(lmi_numpy(x, y)[0], ref_lmi, atol=1e-5, rtol=0)
+    for fn in (lmi_dense, lmi):
+        value, y_at = fn(torch.from_numpy(x), torch.from_numpy(y))
+        np.testing.assert_allclose(value.numpy(), ref_lmi, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(y_at.numpy(), ref_y_at.astype(np.float32))
+
+
 @pytest.mark.parametrize("radius", [1, 2])
 def test_ties_go_to_the_first_offset(native, radius):
     # X constant -> every joint is an outer product -> MI = 0 for every offset: all tie.
@@ -169,6 +182,9 @@ def test_gradcheck_float64(native, bins, normalize):
     y = torch.rand(1, 1, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     fn = lambda a, b: lmi(a, b, bins=bins, normalize=normalize)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, y), eps=1e-6, atol=1e-5, fast_mode=True)
+    value, ref = fn(x, y)[0], lmi_dense(x, y, bins=bins, normalize=normalize)[0]
+    assert value.dtype == torch.float64
+    torch.testing.assert_close(value, ref, atol=1e-12, rtol=0)
 
 
 def test_fast_path_gradient_equals_dense_gradient(native):
@@ -180,7 +196,8 @@ def test_fast_path_gradient_equals_dense_gradient(native):
     for fn in (lmi, lmi_dense):
         x, y = x0.clone().requires_grad_(), y0.clone().requires_grad_()
         value, y_at = fn(x, y)
-        (value * torch.linspace(0, 1, value.numel()).view_as(value)).sum().add(y_at.sum()).backward()
+        weights = torch.linspace(0, 1, value.numel()).view_as(value)
+        ((value * weights).sum() + y_at.sum()).backward()
         assert torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all()
         grads.append((x.grad, y.grad))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)

@@ -297,3 +297,25 @@ def test_schedule_rejects_bad_settings():
         S.step_table(schedule, "ddpm", 5)
     with pytest.raises(ConfigError, match="sampler"):
         S.step_table(schedule, "euler", 5)
+
+
+def test_no_runtime_module_imports_torch_train_or_export():
+    """Static check of every import in runtime/, lazy ones inside functions included."""
+    import ast
+    import galip.runtime as runtime_pkg
+    root = Path(runtime_pkg.__file__).resolve().parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        package = ["galip", "runtime", *path.relative_to(root).parent.parts]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package[: len(package) - node.level + 1] if node.level else []
+                names = [".".join(base + ([node.module] if node.module else []))]
+            else:
+                continue
+            for name in names:
+                if name.split(".")[0] == "torch" or name.startswith(("galip.train", "galip.export")):
+                    offenders.append(f"{path.relative_to(root)}:{node.lineno} imports {name}")
+    assert offenders == []

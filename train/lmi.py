@@ -42,8 +42,8 @@ _warned_fallback = False
 def soft_bins(v: torch.Tensor, bins: int = 27, sigma: float = 8 / 255) -> torch.Tensor:
     """Gaussian soft-bin weights: (N, 1, H, W) -> (N, B, H, W), normalised over the B bins.
 
-    w_a(v) = exp(-(v - c_a)^2 / 2 sigma^2) / sum_b exp(-(v - c_b)^2 / 2 sigma^2), c = linspace(0, 1, B),
-    computed as a softmax (no underflow for values outside [0, 1]).
+    w_a(v) = exp(-(v - c_a)^2 / 2 sigma^2) / sum_b exp(-(v - c_b)^2 / 2 sigma^2),
+    c = linspace(0, 1, B), computed as a softmax (no underflow for values outside [0, 1]).
     """
     centres = torch.linspace(0.0, 1.0, bins, dtype=v.dtype, device=v.device).view(1, -1, 1, 1)
     w = torch.softmax(-((v - centres) ** 2) / (2.0 * sigma**2), dim=1)
@@ -124,7 +124,7 @@ def _y_at(y: torch.Tensor, index: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 def _select(mi: torch.Tensor) -> torch.Tensor:
-    """Arg-max over offsets (N, T, H, W) -> (N, H, W): the first offset within TIE_TOL of the max."""
+    """Arg-max, (N, T, H, W) -> (N, H, W): the first offset within TIE_TOL of the max."""
     near = mi >= mi.amax(1, keepdim=True) - TIE_TOL
     return torch.argmax(near.to(mi.dtype), dim=1)  # argmax returns the first maximal index
 
@@ -238,6 +238,7 @@ def lmi(x: torch.Tensor, y: torch.Tensor, patch: int = 3, radius: int = 1, bins:
     """
     check_lmi_args(x.shape, y.shape, patch, radius, bins, sigma)
     if x.dtype not in (torch.float32, torch.float64) or y.dtype != x.dtype:
-        raise ConfigError(f"lmi expects float32/float64 x and y of one dtype, got {x.dtype}, {y.dtype}")
+        raise ConfigError(f"lmi expects float32 or float64 x and y of one dtype, "
+                          f"got {x.dtype} and {y.dtype}")
     native = _native_ok(x)
     return _Lmi.apply(x, y, patch, radius, bins, float(sigma), bool(normalize), native)

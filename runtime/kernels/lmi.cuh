@@ -2,27 +2,23 @@
 // galip contract in DESIGN.md "The LMI operator: one contract, three implementations".
 //
 // One header, three consumers: the host build (lmi_host.cpp, g++ + OpenMP), nvcc -> PTX for
-// the TensorRT plugin, and CuPy on a GPU machine. The per-pixel math is one
-// __host__ __device__ inline function (galip_lmi_pixel); it compiles unchanged with g++
-// (where __CUDACC__ is undefined) and nvcc.
+// the TensorRT plugin, and CuPy on a GPU machine. The per-pixel math is one __host__ __device__
+// inline function (galip_lmi_pixel) that compiles with g++ (no __CUDACC__) and nvcc.
 //
 // Contract, per pixel i and offset tau in [-r, r]^2 (row-major from (-r, -r)):
 //   w_a(v)      = exp(-(v - c_a)^2 / 2 sigma^2) / sum_b exp(-(v - c_b)^2 / 2 sigma^2),
-//                 c_a = a / (B - 1)                        (soft binning, Gaussian KDE "K")
+//                 c_a = a / (B - 1)
 //   P_tau(a, b) = mean over valid pairs j in the p x p patch around i of w_a(X_j) w_b(Y_j+tau),
-//                 a pair is valid when both X_j and Y_j+tau lie inside the image
-//   MI_tau(i)   = sum P log(P / (P_X P_Y)), 0 log 0 = 0        (paper Eq. 2)
-//   NMI         = 2 MI / (H_X + H_Y)  (0 where H_X + H_Y <= 1e-12)
-//   MI_tau(i)   = 0 where the pixel/offset has no valid pair
+//                 valid: both X_j and Y_j+tau inside the image (no valid pair: MI := 0)
+//   MI_tau(i)   = sum P log(P / (P_X P_Y)), 0 log 0 = 0 (paper Eq. 2); NMI = 2 MI / (H_X + H_Y)
+//                 (0 where H_X + H_Y <= 1e-12)
 //   LMI(i)      = MI at tau* = the first offset whose MI is within GALIP_LMI_TIE_TOL of the
 //                 max (paper Eq. 11: max over tau; the tolerance makes float ties deterministic)
 //
-// Sparse accumulation: sigma = 8/255 is ~0.8 bin widths at B = 27, so a sample's weights
-// are negligible a few bins from its nearest centre. Each sample keeps only a window of
-// S = min(2K + 1, B) bins around its nearest centre (shifted inside [0, B)), normalised over
-// that window (the dense softmax conditioned on the window). K is the smallest radius whose
-// omitted normalised mass is <= 1e-9 (galip_lmi_support_radius; K = 5 at the defaults); the
-// resulting MI/NMI differs from the dense definition by ~1e-7 at most.
+// Sparse accumulation: sigma = 8/255 is ~0.8 bin widths at B = 27, so each sample keeps only a
+// window of S = min(2K + 1, B) bins around its nearest centre (shifted inside [0, B)),
+// normalised over that window; K (Step 0a) makes the result differ from the dense definition
+// by ~1e-7 at most.
 #pragma once
 
 #include <math.h>
@@ -33,7 +29,7 @@
 #define GALIP_HD
 #endif
 
-// Host loops whose sum may be reassociated (vectorised); nothing under nvcc.
+// Host loops to vectorise (sums may be reassociated); nothing under nvcc.
 #if defined(_OPENMP) && !defined(__CUDACC__)
 #define GALIP_STR(x) #x
 #define GALIP_SIMD_SUM(var) _Pragma(GALIP_STR(omp simd reduction(+ : var)))
@@ -49,11 +45,10 @@
 #define GALIP_LMI_TRUNC_EPS 1e-9
 // float32 accumulation when every local entropy is at least this (nats), else float64.
 #define GALIP_LMI_FLOAT_MIN_ENTROPY 0.25
-// Fixed-size local arrays of the CUDA kernel (the host build allocates per thread).
+// Fixed-size local arrays of the CUDA kernel (the host build allocates per thread): with 32
+// bins a thread holds 9 KB of local memory.
 #ifndef GALIP_LMI_DEVICE_MAX_BINS
 #define GALIP_LMI_DEVICE_MAX_BINS 32
-#endif
-#ifndef GALIP_LMI_DEVICE_MAX_RADIUS
 #define GALIP_LMI_DEVICE_MAX_RADIUS 3
 #endif
 
@@ -66,6 +61,9 @@ struct GalipLmiShape {
   int window;     // L >= S reals per stored window (zero padded so rows vectorise)
   int normalize;  // 1: NMI, 0: MI
 };
+
+GALIP_HD inline int galip_imin(int a, int b) { return a < b ? a : b; }
+GALIP_HD inline int galip_imax(int a, int b) { return a > b ? a : b; }
 
 // c = h^2 / 2 sigma^2 with h = 1/(B - 1): the Gaussian exponent per squared bin distance.
 GALIP_HD inline double galip_lmi_bin_c(int bins, float sigma) {
@@ -92,8 +90,7 @@ GALIP_HD inline int galip_lmi_support_radius(int bins, float sigma) {
 }
 
 GALIP_HD inline int galip_lmi_support(int bins, float sigma) {
-  const int s = 2 * galip_lmi_support_radius(bins, sigma) + 1;
-  return s < bins ? s : bins;
+  return galip_imin(2 * galip_lmi_support_radius(bins, sigma) + 1, bins);
 }
 
 // Step 0b: precision. Every local entropy H_X, H_Y is >= the entropy of one sample's weights
@@ -114,7 +111,7 @@ GALIP_HD inline int galip_lmi_needs_double(int bins, float sigma) {
 
 // Natural log of a positive normal number. Host: branch-free (exponent split at sqrt(1/2) as
 // in musl, then log m = 2 atanh s, s = (m-1)/(m+1), |s| <= 0.1716) so that g++ vectorises the
-// entropy loops; double: series to s^11, abs. error <= 5e-11; float: series to s^7, ~1 ulp.
+// entropy loops; double: series to s^11, abs. error <= 5e-11; float: to s^7, rel. <= 2.2e-7.
 // Device: log / logf.
 GALIP_HD inline double galip_lmi_log(double x) {
 #if defined(__CUDA_ARCH__)
@@ -126,11 +123,7 @@ GALIP_HD inline double galip_lmi_log(double x) {
   u = (u & 0x000fffffffffffffull) + 0x3fe6a09e667f3bcdull;
   const double m = __builtin_bit_cast(double, u);  // m in [sqrt(1/2), sqrt(2))
   const double s = (m - 1.0) / (m + 1.0), z = s * s;
-  double p = 2.0 / 11.0;
-  p = p * z + 2.0 / 9.0;
-  p = p * z + 2.0 / 7.0;
-  p = p * z + 2.0 / 5.0;
-  p = p * z + 2.0 / 3.0;
+  const double p = 2.0 / 3 + z * (2.0 / 5 + z * (2.0 / 7 + z * (2.0 / 9 + z * (2.0 / 11))));
   return e * 0.69314718055994530942 + 2.0 * s + s * z * p;
 #endif
 }
@@ -145,20 +138,18 @@ GALIP_HD inline float galip_lmi_log(float x) {
   u = (u & 0x007fffffu) + 0x3f3504f3u;
   const float m = __builtin_bit_cast(float, u);
   const float s = (m - 1.0f) / (m + 1.0f), z = s * s;
-  float p = 2.0f / 7.0f;
-  p = p * z + 2.0f / 5.0f;
-  p = p * z + 2.0f / 3.0f;
+  const float p = 2.0f / 3 + z * (2.0f / 5 + z * (2.0f / 7));
   return e * 0.693147180559945f + 2.0f * s + s * z * p;
 #endif
 }
 
 // Step 1: first bin of a sample's window: nearest centre minus K, shifted inside [0, B - S].
+GALIP_HD inline int galip_lmi_nearest(float v, int bins) {  // nearest centre; NaN -> 0
+  return (int)fminf(fmaxf(rintf(v * (float)(bins - 1)), 0.0f), (float)(bins - 1));
+}
+
 GALIP_HD inline int galip_lmi_first_bin(float v, int bins, int support) {
-  float a = rintf(v * (float)(bins - 1));
-  a = fminf(fmaxf(a, 0.0f), (float)(bins - 1));  // also maps NaN to 0
-  int start = (int)a - support / 2;
-  start = start < 0 ? 0 : start;
-  return start > bins - support ? bins - support : start;
+  return galip_imin(galip_imax(galip_lmi_nearest(v, bins) - support / 2, 0), bins - support);
 }
 
 // Step 2: normalised Gaussian soft-bin weights of v over bins [start, start + S) (DESIGN.md
@@ -170,11 +161,11 @@ GALIP_HD inline int galip_lmi_first_bin(float v, int bins, int support) {
 template <class real>
 GALIP_HD inline void galip_lmi_soft_bin(float v, int bins, int support, double c, int start,
                                         real* w) {
-  const double a0 = fmin(fmax(rint((double)v * (bins - 1)), 0.0), (double)(bins - 1));
+  const int a0 = galip_lmi_nearest(v, bins);  // inside the window by construction
   const double delta = (double)v * (bins - 1) - a0;
   const double q = exp(-2.0 * c);
   const double g_up = exp(-c * (1.0 - 2.0 * delta)), g_down = exp(-c * (1.0 + 2.0 * delta));
-  const int k0 = (int)a0 - start;
+  const int k0 = a0 - start;
   double inv = 0.0;
   for (int pass = 0; pass < 2; ++pass) {  // pass 0: normaliser; pass 1: weights
     double sum = 1.0, cur = 1.0, g = g_up;
@@ -197,8 +188,7 @@ GALIP_HD inline void galip_lmi_soft_bin(float v, int bins, int support, double c
   }
 }
 
-// Weight source reading precomputed planes (host: each pixel's window computed once and
-// reused across offsets and patch positions).
+// Weight source reading precomputed planes (host: each window computed once per call).
 template <class real>
 struct GalipLmiPlanes {
   const int* start;     // (H, W) first bin
@@ -210,8 +200,7 @@ struct GalipLmiPlanes {
   }
 };
 
-// Weight source computing windows on the fly from the image (CUDA kernel: no extra pass;
-// window L = S).
+// Weight source computing windows on the fly (CUDA kernel: no extra pass; L = S).
 template <class real>
 struct GalipLmiImage {
   const float* img;  // (H, W)
@@ -227,14 +216,27 @@ struct GalipLmiImage {
   }
 };
 
+// -sum p log p over p_k = v_k * scale, 0 log 0 = 0 (masses below the smallest normal number
+// count as 0); one flat loop, vectorised on the host.
+template <class real>
+GALIP_HD inline real galip_lmi_entropy(const real* v, int n, real scale) {
+  const real tiny = sizeof(real) == 4 ? (real)1.17549435e-38f : (real)2.2250738585072014e-308;
+  real h = 0;
+  GALIP_SIMD_SUM(h)
+  for (int k = 0; k < n; ++k) {
+    const real p = v[k] * scale;
+    h -= p * galip_lmi_log(p > tiny ? p : tiny);  // p = 0 adds 0 * log(tiny) = 0
+  }
+  return h;
+}
+
 // Step 3: MI (or NMI) of the un-normalised joint J (bx x by box, row stride by), paper Eq. 2.
 // P = J / T with T = sum J (= the number of pairs up to rounding; dividing by the actual sum
 // keeps tiny entropies exact in float64): MI = H_X + H_Y - H_XY, NMI = 2 MI / (H_X + H_Y).
-// Masses below the smallest normal number count as 0 (0 log 0 = 0). rs, cs: >= B reals.
+// rs, cs: >= bx, by reals of scratch.
 template <class real>
 GALIP_HD inline double galip_lmi_mi_of_joint(const real* J, int bx, int by, int normalize,
                                              real* rs, real* cs) {
-  const real tiny = sizeof(real) == 4 ? (real)1.17549435e-38f : (real)2.2250738585072014e-308;
   // 3a: marginals from the joint (row and column sums) and the total mass.
   for (int b = 0; b < by; ++b) cs[b] = 0;
   real total = 0;
@@ -249,26 +251,13 @@ GALIP_HD inline double galip_lmi_mi_of_joint(const real* J, int bx, int by, int 
     rs[a] = r;
     total += r;
   }
+  // 3b: entropies of the joint and of both marginals.
   const real inv_t = (real)1 / total;
-  // 3b: entropies -sum p log p over the box (flat loop, vectorised on the host).
-  real hxy = 0, hx = 0, hy = 0;
-  GALIP_SIMD_SUM(hxy)
-  for (int k = 0; k < bx * by; ++k) {
-    const real p = J[k] * inv_t;
-    hxy -= p * galip_lmi_log(p > tiny ? p : tiny);  // p = 0 adds 0 * log(tiny) = 0
-  }
-  for (int a = 0; a < bx; ++a) {
-    const real p = rs[a] * inv_t;
-    hx -= p * galip_lmi_log(p > tiny ? p : tiny);
-  }
-  for (int b = 0; b < by; ++b) {
-    const real p = cs[b] * inv_t;
-    hy -= p * galip_lmi_log(p > tiny ? p : tiny);
-  }
-  const double mi = (double)hx + (double)hy - (double)hxy;
+  const double hxy = galip_lmi_entropy(J, bx * by, inv_t);
+  const double hx = galip_lmi_entropy(rs, bx, inv_t), hy = galip_lmi_entropy(cs, by, inv_t);
+  const double mi = hx + hy - hxy;
   if (!normalize) return mi;
-  const double denom = (double)hx + (double)hy;
-  return denom > 1e-12 ? 2.0 * mi / denom : 0.0;
+  return hx + hy > 1e-12 ? 2.0 * mi / (hx + hy) : 0.0;
 }
 
 // J[a * stride + b] += wx[a] * wy[b] for a < S, b < L (one pair's contribution, Step 4b;
@@ -287,8 +276,7 @@ GALIP_HD inline void galip_lmi_outer_add(real* __restrict__ J, int stride,
   }
 }
 
-// Per pixel work area of galip_lmi_pixel, in reals: joint B x (B + L - S), 2 weight windows,
-// 2 marginals.
+// Work area of galip_lmi_pixel in reals: joint B x (B + L - S), 2 windows, 2 marginals.
 GALIP_HD inline int galip_lmi_work_size(int bins, int pad) {
   return bins * (bins + pad) + 4 * (bins + pad);
 }
@@ -302,19 +290,15 @@ GALIP_HD inline void galip_lmi_pixel(const Src& sx, const Src& sy, const GalipLm
                                      int* out_tau) {
   const int B = s.bins, S = SC > 0 ? SC : s.support, L = LC > 0 ? LC : s.window;
   const int R = s.radius, D = 2 * R + 1, half = s.patch / 2, BL = B + L - S;
-  real* J = work;
-  real* wx_buf = J + B * BL;
-  real* wy_buf = wx_buf + BL;
-  real* rs = wy_buf + BL;
-  real* cs = rs + BL;
-  const int h0 = h - half > 0 ? h - half : 0, h1 = h + half < s.H - 1 ? h + half : s.H - 1;
-  const int w0 = w - half > 0 ? w - half : 0, w1 = w + half < s.W - 1 ? w + half : s.W - 1;
+  real *J = work, *wx_buf = J + B * BL, *wy_buf = wx_buf + BL, *rs = wy_buf + BL, *cs = rs + BL;
+  const int h0 = galip_imax(h - half, 0), h1 = galip_imin(h + half, s.H - 1);
+  const int w0 = galip_imax(w - half, 0), w1 = galip_imin(w + half, s.W - 1);
   double best = -1e300;
   for (int t = 0; t < D * D; ++t) {
     const int dy = t / D - R, dx = t % D - R;
     // 4a: valid pairs (X_j and Y_{j+tau} inside the image) and the joint's bounding box.
-    const int ha = h0 + dy < 0 ? -dy : h0, hb = h1 + dy > s.H - 1 ? s.H - 1 - dy : h1;
-    const int wa = w0 + dx < 0 ? -dx : w0, wb = w1 + dx > s.W - 1 ? s.W - 1 - dx : w1;
+    const int ha = galip_imax(h0, -dy), hb = galip_imin(h1, s.H - 1 - dy);
+    const int wa = galip_imax(w0, -dx), wb = galip_imin(w1, s.W - 1 - dx);
     if (ha > hb || wa > wb) {
       mi[t] = 0.0;  // no valid pair: MI := 0
       best = best > 0.0 ? best : 0.0;
@@ -324,10 +308,8 @@ GALIP_HD inline void galip_lmi_pixel(const Src& sx, const Src& sy, const GalipLm
     for (int jh = ha; jh <= hb; ++jh) {
       for (int jw = wa; jw <= wb; ++jw) {
         const int bx0 = sx.first_bin(jh, jw), by0 = sy.first_bin(jh + dy, jw + dx);
-        xlo = bx0 < xlo ? bx0 : xlo;
-        xhi = bx0 > xhi ? bx0 : xhi;
-        ylo = by0 < ylo ? by0 : ylo;
-        yhi = by0 > yhi ? by0 : yhi;
+        xlo = galip_imin(xlo, bx0), xhi = galip_imax(xhi, bx0);
+        ylo = galip_imin(ylo, by0), yhi = galip_imax(yhi, by0);
       }
     }
     const int bx = xhi - xlo + S, by = yhi - ylo + L;  // by - (L - S) columns are zero
@@ -362,12 +344,12 @@ GALIP_HD inline float galip_lmi_y_at(const float* y, int H, int W, int radius, i
 }
 
 #ifdef __CUDACC__
-template <class real>
+template <class real>  // weights computed on the fly, in `real` precision
 __device__ inline void galip_lmi_device_pixel(const float* xn, const float* yn,
                                               const GalipLmiShape& s, double c, int h, int w,
                                               void* work, double* mi, float* v, int* tau) {
-  GalipLmiImage<real> sx = {xn, s.W, s.bins, s.support, c};
-  GalipLmiImage<real> sy = {yn, s.W, s.bins, s.support, c};
+  const GalipLmiImage<real> sx = {xn, s.W, s.bins, s.support, c};
+  const GalipLmiImage<real> sy = {yn, s.W, s.bins, s.support, c};
   galip_lmi_pixel<real, 0, 0>(sx, sy, s, h, w, (real*)work, mi, v, tau);
 }
 
