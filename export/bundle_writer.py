@@ -32,6 +32,7 @@ GENERATOR_FORMAT = "galip-i2i-generator"
 DIFFUSION_FORMAT = "galip-midiffusion"
 KINDS = {GENERATOR_FORMAT: "generator", DIFFUSION_FORMAT: "diffusion"}
 DOMAIN_KEYS = ("caption", "class_id", "kind", "suffix")
+MIN_OPSET, MAX_OPSET = 18, 20       # LayerNormalization et al.; torch.onnx TorchScript exporter max
 DEFAULT_SAMPLER = {"default": "ddim", "steps": 50, "eta": 0.0}
 
 
@@ -60,8 +61,9 @@ class ExportOptions:
                               f"{self.min_size}, {self.opt_size}, {self.max_size}")
         if self.max_batch < 1:
             raise ConfigError(f"--max-batch must be at least 1, got {self.max_batch}")
-        if not 18 <= self.opset:
-            raise ConfigError(f"--opset must be 18 or newer, got {self.opset}")
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise ConfigError(f"--opset {self.opset} is not supported; galip writes opsets {MIN_OPSET} to "
+                              f"{MAX_OPSET} (the newest PyTorch's TorchScript exporter writes)")
 
     @property
     def opt_batch(self) -> int:

@@ -16,6 +16,10 @@ import numpy as np
 from .errors import BundleError, ConfigError, InputError
 
 
+#: Fixed HU window mapped to [0, 1] for CT (air to dense bone).
+CT_WINDOW: tuple[float, float] = (-1000.0, 1000.0)
+
+
 @dataclass(frozen=True)
 class IntensityMap:
     """Linear map ``x -> (x - lo) / (hi - lo)``; finite ``lo < hi`` in scanner units."""
@@ -47,7 +51,7 @@ class IntensityMap:
 
 
 def fit_intensity(data: np.ndarray, kind: Literal["mri", "ct"], *, percentiles: tuple[float, float] = (0.5, 99.5),
-                  ct_window: tuple[float, float] = (-1000.0, 1000.0), mask: np.ndarray | None = None) -> IntensityMap:
+                  ct_window: tuple[float, float] = CT_WINDOW, mask: np.ndarray | None = None) -> IntensityMap:
     """Fit the intensity map of one volume.
 
     Parameters

@@ -20,7 +20,6 @@ index)``, so a slice's translation does not depend on ``batch``.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Literal
@@ -32,7 +31,7 @@ from .backends.select import Choice, select_backend
 from .bundle import Bundle
 from .domains import Domain
 from .errors import BundleError, ConfigError
-from .intensity import IntensityMap, fit_intensity
+from .intensity import CT_WINDOW, IntensityMap
 from .preprocess import PreprocessConfig, SlicePlan, plan_volume, slices_to_volume
 from .schedule import SAMPLERS, SPACINGS, NoiseSchedule, StepTable, step_table
 
@@ -40,8 +39,6 @@ Model = Literal["generator", "diffusion"]
 MODELS = ("generator", "diffusion")
 #: A voxel below this (HU) makes ``guess_kind`` call a volume CT: air is about −1000 HU.
 CT_GUESS_BELOW = -500.0
-#: Fixed HU window of CT targets: fit_intensity's default, so training and runtime agree.
-CT_WINDOW = tuple(inspect.signature(fit_intensity).parameters["ct_window"].default)
 
 Progress = Callable[[int, int], None]   # (done, total)
 
