@@ -33,7 +33,6 @@ DIFFUSION_FORMAT = "galip-midiffusion"
 KINDS = {GENERATOR_FORMAT: "generator", DIFFUSION_FORMAT: "diffusion"}
 DOMAIN_KEYS = ("caption", "class_id", "kind", "suffix")
 MIN_OPSET, MAX_OPSET = 18, 20       # LayerNormalization et al.; torch.onnx TorchScript exporter max
-DEFAULT_SAMPLER = {"default": "ddim", "steps": 50, "eta": 0.0}
 
 
 @dataclass(frozen=True)
@@ -292,7 +291,7 @@ def _export_diffusion(payload: dict, root: Path, manifest: dict, options: Export
         _write(dg.export_lmi(lmi, opset=options.opset), root, lmi_name, result)
     entry = {
         "graphs": graphs, "lmi_graph": {"file": lmi_name, "engines": []}, "engines": [],
-        "schedule": dg.schedule_entry(schedule), "lmi": lmi, "sampler": {**DEFAULT_SAMPLER, "steps": min(DEFAULT_SAMPLER["steps"], schedule.num_timesteps)},
+        "schedule": dg.schedule_entry(schedule), "lmi": lmi, "sampler": dg.sampler_entry(schedule),
         "data_range": dg.data_range_entry(info),
         "conditioning": {"xt_map": denoiser.lmi_config.xt_map, "clip_x0": True},
         "io": {"inputs": dict(dg.INPUTS), "outputs": dict(dg.OUTPUTS)}, "lmi_io": dict(dg.LMI_IO),

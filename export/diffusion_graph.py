@@ -41,7 +41,8 @@ from galip.export.generator_graph import DEFAULT_OPSET, check_graph, torch_to_on
 from galip.runtime.errors import ConfigError
 from galip.train.midiffusion import conditioning
 from galip.train.midiffusion.conditioning import LMIConfig, LMIDenoiser
-from galip.train.midiffusion.samplers import _predict_x0
+from galip.train.midiffusion import schedule as _schedule
+from galip.train.midiffusion.samplers import predict_x0
 from galip.train.midiffusion.schedule import DATA_RANGE, DDPMSchedule
 from galip.train.midiffusion.scorenet import ScoreNet, ScoreNetConfig
 
@@ -103,7 +104,7 @@ class DiffusionStep(nn.Module):
         ab_prev = alpha_bar_prev.reshape(-1, 1, 1, 1)
         sigma = sigma.reshape(-1, 1, 1, 1)
         # 3. x̂_0 (Ho et al. Eq. 15), clipped, ε recomputed (the samplers' own function)
-        x0, eps = _predict_x0(eps, x_t, ab_t, self.clip_x0)
+        x0, eps = predict_x0(eps, x_t, ab_t, self.clip_x0)
         # 4. Song et al. Eq. 12
         direction = (1.0 - ab_prev - sigma * sigma).clamp(min=0.0).sqrt() * eps
         return ab_prev.sqrt() * x0 + direction + sigma * noise, x0
@@ -190,6 +191,13 @@ def schedule_entry(schedule: DDPMSchedule) -> dict:
     """The manifest's ``schedule`` entry."""
     return {"kind": "ddpm_linear", "beta_start": schedule.beta_start, "beta_end": schedule.beta_end,
             "timesteps": schedule.num_timesteps}
+
+
+def sampler_entry(schedule: DDPMSchedule, steps: int = 50) -> dict:
+    """The manifest's ``sampler`` defaults: DDIM, ``steps`` (at most T), η = 0, and the
+    timestep spacing the PyTorch samplers use (so runtime and eager pick the same steps)."""
+    spacing = getattr(_schedule, "DEFAULT_SPACING", "trailing")
+    return {"default": "ddim", "steps": min(steps, schedule.num_timesteps), "eta": 0.0, "spacing": spacing}
 
 
 def data_range_entry(info: dict) -> list[float]:

@@ -16,8 +16,9 @@ and reads float32 whatever the precision. Kept in fp32 (Cast nodes around them):
 * whatever the caller names in ``keep_fp32_nodes`` (the diffusion step keeps its DDIM
   update in fp32: x̂_0 divides by √ᾱ_t ≈ 0.006 at t = T).
 
-The converter clamps fp32 constants into fp16's range (|v| in [1e-7, 1e4] by default,
-kept as is here) and inserts the casts; the result is checked and shape-inferred again.
+The converter rounds fp32 weights and constants of the fp16 part to fp16 (magnitudes
+clamped to [1e-7, 65504], fp16's finite range, instead of its default 1e4 ceiling) and
+inserts the casts; the result is checked and shape-inferred again.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from galip.runtime.errors import ConfigError
 
 from .generator_graph import check_graph
 
+FP16_MAX = 65504.0                # largest finite fp16 (the converter's default clamps at 1e4)
 INSTALL = "pip install 'galip[train]' (onnxconverter-common)"
 KEEP_FP32_OPS = (
     "LMI",                                                      # galip::LMI (contract: fp32)
@@ -193,7 +195,8 @@ def to_fp16(model: onnx.ModelProto, *, spatial_inputs: Iterable[str],
     with warnings.catch_warnings():    # "the float32 number 1e-09 will be truncated to 1e-07"
         warnings.simplefilter("ignore", UserWarning)
         converted = float16.convert_float_to_float16(
-            model, keep_io_types=True, op_block_list=sorted(blocked_ops), node_block_list=blocked_nodes)
+            model, keep_io_types=True, op_block_list=sorted(blocked_ops), node_block_list=blocked_nodes,
+            min_positive_val=1e-7, max_finite_val=FP16_MAX)
     _restore_fp32_outputs(converted, [v.name for v in model.graph.output
                                       if v.type.tensor_type.elem_type == TensorProto.FLOAT])
     _drop_round_trips(converted)

@@ -100,6 +100,13 @@ def test_ddim_timesteps_start_at_pure_noise_and_descend(steps):
         assert ts == list(range(999, -1, -1))
 
 
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+def test_ddim_timesteps_match_the_runtime_table(spacing):
+    from galip.runtime.schedule import ddim_timesteps as runtime_timesteps
+    for steps in (1, 2, 3, 7, 10, 50, 333, 999, 1000):
+        assert ddim_timesteps(1000, steps, spacing) == runtime_timesteps(1000, steps, spacing).tolist()
+
+
 # ---------------------------------------------------------------- update rules
 def _pairs():
     return [(11, 10), (11, 7), (5, 4), (3, 0), (0, -1), (4, -1)]
@@ -140,6 +147,23 @@ def test_ddim_eta_0_with_the_true_noise_stays_on_the_trajectory(t, t_prev):
     expected = x0 if t_prev < 0 else q_sample(x0, torch.tensor([t_prev]), eps, ab)
     torch.testing.assert_close(out.prev_sample, expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out.pred_original_sample, x0, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sampler,steps,eta", [("ddim", 5, 0.0), ("ddim", 7, 0.7), ("ddpm", None, 1.0)])
+def test_updates_agree_with_the_runtime_step_table(sampler, steps, eta):
+    from galip.runtime.schedule import NoiseSchedule, step_table
+    table = step_table(NoiseSchedule(1e-3, 0.3, 12), sampler, steps, eta, "trailing")
+    ts = [int(t) for t in table.timestep] + [-1]
+    x_t, eps, noise = torch.randn(3, 1, 1, 4, 4).double()
+    for i, (t, t_prev) in enumerate(zip(ts, ts[1:])):
+        ab_t, ab_prev, sigma = table.alpha_bar_t[i], table.alpha_bar_prev[i], table.sigma[i]
+        x0 = (x_t - (1 - ab_t) ** 0.5 * eps) / ab_t ** 0.5                  # the graph's maths
+        expected = ab_prev ** 0.5 * x0 + max(0.0, 1 - ab_prev - sigma ** 2) ** 0.5 * eps + sigma * noise
+        update = samplers.ddpm_update if sampler == "ddpm" else samplers.ddim_update
+        kwargs = {} if sampler == "ddpm" else {"eta": eta}
+        got = update(eps, x_t, torch.tensor([t]), torch.tensor([t_prev]), noise,
+                     SHORT.alphas_cumprod.double(), clip_x0=False, **kwargs)
+        torch.testing.assert_close(got.prev_sample, expected, atol=1e-6, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- samplers
@@ -277,8 +301,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, slices):
     assert straight["step"] == resumed["step"] == 4 and straight["loss"] == resumed["loss"]
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
-    for key in ("model",):
-        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["ema"]["module"][k], b["ema"]["module"][k]) for k in a["ema"]["module"])
     assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(),
                                                     b["optimizer"]["state"][0].values()))

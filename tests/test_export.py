@@ -349,3 +349,16 @@ def test_runtime_only_tensorrt_counts_as_unavailable(monkeypatch):
     lean.__version__ = "10.13.0.35"
     monkeypatch.setitem(sys.modules, "tensorrt", lean)
     assert "no Builder / OnnxParser" in builder.unavailable_reason()
+
+
+def test_domain_input_is_the_class_id_not_the_training_index():
+    # trained on PD (class 2) and T2 (class 1), in that order: index 0 ≠ class id 2
+    payload = generator_payload(seed=4, domains="PD,T2")
+    _, unet, context, _ = generator_from_payload(payload)
+    session = ort_session(export_generator(payload))
+    image = phantom_slices(2, 32, 32, seed=4)
+    out = _run(session, image, [2, 1])
+    with torch.no_grad():
+        ref = unet(torch.from_numpy(image), context[[0, 1]], torch.tensor([2, 1])).numpy()
+    result = parity.compare(out, ref, max_abs=1e-4)
+    assert result, result

@@ -103,7 +103,7 @@ def test_generator_then_diffusion_share_one_bundle(checkpoints, tmp_path, no_ten
     assert step["graphs"]["fp32"] == {"file": "diffusion_T2_step.onnx"}
     assert step["lmi_graph"]["file"] == "lmi.onnx"
     assert step["schedule"] == {"kind": "ddpm_linear", "beta_start": 1e-3, "beta_end": 0.2, "timesteps": 20}
-    assert step["sampler"]["default"] == "ddim" and step["sampler"]["steps"] == 20
+    assert step["sampler"] == {"default": "ddim", "steps": 20, "eta": 0.0, "spacing": "trailing"}
     assert step["data_range"] == [-1.0, 1.0]
     assert set(step["lmi"]) == {"patch", "radius", "bins", "sigma", "normalize"}
     assert set(loaded.manifest["files"]) == {"generator.onnx", "generator_fp16.onnx", "diffusion_T2_step.onnx",

@@ -23,7 +23,7 @@ from typing import Callable, Literal, Protocol
 import numpy as np
 import torch
 
-from .schedule import DDPMSchedule, ddim_timesteps, x2img
+from .schedule import DEFAULT_SPACING, DDPMSchedule, Spacing, ddim_timesteps, x2img
 
 
 class EpsModel(Protocol):
@@ -52,7 +52,7 @@ def _alpha_bars(alpha_bar: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor):
     return ab_t, ab_prev
 
 
-def _predict_x0(eps: torch.Tensor, x_t: torch.Tensor, ab_t: torch.Tensor, clip_x0: bool):
+def predict_x0(eps: torch.Tensor, x_t: torch.Tensor, ab_t: torch.Tensor, clip_x0: bool):
     """x̂_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t (Ho et al. Eq. 15); with clipping, ε is recomputed
     from the clipped x̂_0 (diffusers ``use_clipped_model_output``)."""
     x0 = (x_t - (1.0 - ab_t).sqrt() * eps) / ab_t.sqrt()
@@ -62,11 +62,14 @@ def _predict_x0(eps: torch.Tensor, x_t: torch.Tensor, ab_t: torch.Tensor, clip_x
     return x0, eps
 
 
+_predict_x0 = predict_x0     # old name, still imported by export/diffusion_graph.py
+
+
 def ddpm_update(eps: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
                 noise: torch.Tensor, alpha_bar: torch.Tensor, *, clip_x0: bool = True) -> StepOutput:
     """Ancestral step x_t → x_{t_prev} ~ q(x_{t_prev} | x_t, x̂_0) (Ho et al. Eq. 6–7, Alg. 2)."""
     ab_t, ab_prev = _alpha_bars(alpha_bar, t, t_prev)
-    x0, _ = _predict_x0(eps, x_t, ab_t, clip_x0)
+    x0, _ = predict_x0(eps, x_t, ab_t, clip_x0)
     # 1. α and β of the (possibly skipping) transition t_prev → t: α = ᾱ_t / ᾱ_prev
     alpha = ab_t / ab_prev
     beta = 1.0 - alpha
@@ -82,7 +85,7 @@ def ddim_update(eps: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, t_prev: t
                 clip_x0: bool = True) -> StepOutput:
     """Generalised DDIM step x_t → x_{t_prev} (Song et al. 2021, Eq. 12 and 16)."""
     ab_t, ab_prev = _alpha_bars(alpha_bar, t, t_prev)
-    x0, eps = _predict_x0(eps, x_t, ab_t, clip_x0)
+    x0, eps = predict_x0(eps, x_t, ab_t, clip_x0)
     # 1. σ_t(η) = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev) (Eq. 16)
     sigma_t = eta * ((1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev)).sqrt()
     # 2. x_prev = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ_t²) ε + σ_t z (Eq. 12)
@@ -146,20 +149,22 @@ def sample_ddpm(eps_model: EpsModel, source: torch.Tensor, schedule: DDPMSchedul
 @torch.no_grad()
 def sample_ddim(eps_model: EpsModel, source: torch.Tensor, schedule: DDPMSchedule, steps: int, *,
                 eta: float = 0.0, generator: torch.Generator | None = None, clip_x0: bool = True,
-                callback: Callable | None = None) -> torch.Tensor:
+                spacing: Spacing = DEFAULT_SPACING, callback: Callable | None = None) -> torch.Tensor:
     """DDIM sampling with any number of steps (Song et al. 2021, Eq. 12; η = 0 deterministic).
 
-    ``source`` (N, 1, H, W) in [0, 1] → translated target slices (N, 1, H, W) in [0, 1].
+    ``source`` (N, 1, H, W) in [0, 1] → translated target slices (N, 1, H, W) in [0, 1];
+    ``spacing`` picks the timesteps (:func:`~galip.train.midiffusion.schedule.ddim_timesteps`).
     """
     def step(*args):
         return ddim_step(*args, eta=eta, clip_x0=clip_x0)
-    timesteps = ddim_timesteps(schedule.num_timesteps, steps)
+    timesteps = ddim_timesteps(schedule.num_timesteps, steps, spacing)
     return _sample(step, eps_model, source, schedule, timesteps, generator, callback)
 
 
 def translate_slices(eps_model: EpsModel, sources, *, schedule: DDPMSchedule | None = None,
                      sampler: Literal["ddim", "ddpm"] = "ddim", steps: int = 50, eta: float = 0.0,
-                     seed: int = 0, batch_size: int = 8, clip_x0: bool = True):
+                     seed: int = 0, batch_size: int = 8, clip_x0: bool = True,
+                     spacing: Spacing = DEFAULT_SPACING):
     """Translate source slices (n, H, W) or (n, 1, H, W) in [0, 1], ndarray or tensor.
 
     Returns the same type and shape. One generator seeded with ``seed`` drives all batches,
@@ -188,7 +193,7 @@ def translate_slices(eps_model: EpsModel, sources, *, schedule: DDPMSchedule | N
                 out = sample_ddpm(eps_model, batch, schedule, generator=generator, clip_x0=clip_x0)
             else:
                 out = sample_ddim(eps_model, batch, schedule, steps, eta=eta, generator=generator,
-                                  clip_x0=clip_x0)
+                                  clip_x0=clip_x0, spacing=spacing)
             outputs.append(out.cpu())
     finally:
         if was_training:

@@ -8,11 +8,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from galip.runtime.errors import ConfigError
 
 DATA_RANGE = (-1.0, 1.0)   # model space of x_0; images live in [0, 1]
+Spacing = Literal["trailing", "linspace"]
+DEFAULT_SPACING: Spacing = "trailing"
 
 
 @dataclass(frozen=True)
@@ -59,13 +62,22 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
     return ab.sqrt() * x0 + (1.0 - ab).sqrt() * noise
 
 
-def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """Descending ``steps`` timesteps ending at 0 and starting at T−1 ("trailing" spacing,
-    Lin et al. 2024 §3.3), so every run starts from pure noise; ``steps = T`` gives T−1 … 0."""
+def ddim_timesteps(num_timesteps: int, steps: int, spacing: Spacing = DEFAULT_SPACING) -> list[int]:
+    """``steps`` strictly descending timesteps starting at T−1 (pure noise); ``steps = T``
+    gives T−1 … 0 with either spacing (the same values as galip.runtime.schedule).
+
+    ``trailing`` (default; Lin et al. 2024 §3.3): round(T − i·T/steps) − 1, ends at
+    T/steps − 1, so every step spans T/steps timesteps. ``linspace``: round-half-up of
+    linspace(T−1, 0, steps), ends at 0.
+    """
     if not 1 <= steps <= num_timesteps:
         raise ConfigError(f"sampler steps must be between 1 and {num_timesteps}, got {steps}")
-    stride = num_timesteps / steps
-    return [int(round(num_timesteps - i * stride)) - 1 for i in range(steps)]
+    if spacing == "trailing":
+        stride = num_timesteps / steps
+        return [int(round(num_timesteps - i * stride)) - 1 for i in range(steps)]
+    if spacing == "linspace":
+        return [int(v) for v in np.floor(np.linspace(num_timesteps - 1, 0, steps) + 0.5)]
+    raise ConfigError(f"unknown timestep spacing {spacing!r}; expected 'trailing' or 'linspace'")
 
 
 def img2x(img: torch.Tensor) -> torch.Tensor:

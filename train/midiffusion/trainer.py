@@ -230,12 +230,18 @@ def load_denoiser(path: str | Path, *, ema: bool = True,
                   device: str | torch.device = "cpu") -> tuple[LMIDenoiser, DDPMSchedule, dict]:
     """The trained ε-model (EMA weights by default) in eval mode, its schedule, and the
     checkpoint's config/target/preprocess entries (what export puts in the manifest)."""
-    payload = load_checkpoint(path)
-    _check_format(payload, path)
+    denoiser, schedule, info = denoiser_from_payload(load_checkpoint(path), ema=ema, source=path)
+    return denoiser.to(device), schedule, info
+
+
+def denoiser_from_payload(payload: dict, *, ema: bool = True,
+                          source: str | Path = "checkpoint") -> tuple[LMIDenoiser, DDPMSchedule, dict]:
+    """:func:`load_denoiser` for an already loaded payload (on the CPU)."""
+    _check_format(payload, source)
     config = payload["config"]
     net = ScoreNet(ScoreNetConfig.from_dict(config["net"]))
     net.load_state_dict(payload["ema"]["module"] if ema else payload["model"])
-    denoiser = LMIDenoiser(net, LMIConfig.from_dict(config["lmi"])).to(device).eval()
+    denoiser = LMIDenoiser(net, LMIConfig.from_dict(config["lmi"])).eval()
     info = {key: payload[key] for key in ("config", "target", "preprocess", "step")}
     return denoiser, DDPMSchedule.from_dict(config["schedule"]), info
 
