@@ -22,9 +22,16 @@ $(VENV)/.stamp-demo: pyproject.toml setup.py | $(VENV)/bin/python
 test: $(VENV)/.stamp-test
 	$(VENV)/bin/pytest -q
 
+SHIPPED_BUNDLE := runtime/bundles/demo/manifest.json
+
 demo: $(VENV)/.stamp-demo
-	$(VENV)/bin/galip-data --out $(DEMO)/data --subjects 1 --spacing 2 --seed 0
-	$(VENV)/bin/galip-run $(DEMO)/data/sub-000/sub-000_T1w.nii.gz --to T2 --out $(DEMO)/sub-000_T2_galip.nii.gz --overwrite
+	$(VENV)/bin/galip-data --out $(DEMO)/data --subjects 1 --spacing 2 --seed 0 --overwrite
+	@if [ -f $(SHIPPED_BUNDLE) ]; then \
+		$(VENV)/bin/galip-run $(DEMO)/data/sub-000/sub-000_T1w.nii.gz --to T2 \
+			--out $(DEMO)/sub-000_T2_galip.nii.gz --preview $(DEMO)/sub-000_T2_galip.png --overwrite; \
+	else \
+		echo "demo: sample volume written to $(DEMO)/data; no demo bundle is shipped yet, so no translation (train with galip-train, export with galip-export, then galip-run --bundle DIR)"; \
+	fi
 
 bench: $(VENV)/.stamp-test
 	$(VENV)/bin/galip-bench --quick --out bench/results

@@ -217,6 +217,12 @@ class BiomedCLIPBackbone(nn.Module):
                 f"({type(error).__name__}); download them once with network access, e.g. "
                 f"python -c \"import open_clip; open_clip.create_model_from_pretrained('{hub_name}'); "
                 f"open_clip.get_tokenizer('{hub_name}')\"") from None
+        trunk = getattr(model.visual, "trunk", None)
+        missing = [a for a in ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "norm")
+                   if not hasattr(trunk, a)]
+        if missing:
+            raise ConfigError(f"BiomedCLIP's image tower lacks {', '.join(missing)}; galip reads the timm "
+                              "VisionTransformer API of timm >= 0.9: upgrade timm")
         self.model = model.requires_grad_(False).eval()
 
     def train(self, mode: bool = True) -> "BiomedCLIPBackbone":  # frozen: always eval

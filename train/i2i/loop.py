@@ -100,9 +100,9 @@ def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict,
         for key, value in given.items():
             if value is not None:
                 setattr(config, key, value)
+    trainer = I2ITrainer(config, domain_list)          # backbone errors before the slow data load
     slices = load_training_slices(data_dir, domain_list, config.size)
     sampler = SliceSampler(slices, config.batch, config.seed)
-    trainer = I2ITrainer(config, domain_list)
     if payload is not None:
         trainer.load_state_dict(payload)
         sampler.load_state_dict(payload["sampler"])

@@ -95,8 +95,8 @@ class I2ITrainer:
         config = copy.deepcopy(config)          # the fields filled in below stay ours
         self.config, self.domains, self.step = config, list(domains), 0
         self.mode = config.backbone
-        torch.manual_seed(config.seed)
         self.backbone = backbone if backbone is not None else make_backbone(self.mode, config.tiny)
+        torch.manual_seed(config.seed)          # initialisation below is a function of the seed
         # 1. per-domain context table: caption tokens (frozen) or learned tokens (clip-free)
         if self.backbone is not None:
             context, self.text_emb = self.backbone.encode_captions([d.caption for d in domains])
