@@ -196,7 +196,7 @@ def schedule_entry(schedule: DDPMSchedule) -> dict:
 def sampler_entry(schedule: DDPMSchedule, steps: int = 50) -> dict:
     """The manifest's ``sampler`` defaults: DDIM, ``steps`` (at most T), η = 0, and the
     timestep spacing the PyTorch samplers use (so runtime and eager pick the same steps)."""
-    spacing = getattr(_schedule, "DEFAULT_SPACING", "trailing")
+    spacing = _schedule.DEFAULT_SPACING
     return {"default": "ddim", "steps": min(steps, schedule.num_timesteps), "eta": 0.0, "spacing": spacing}
 
 

@@ -33,7 +33,7 @@ from .domains import Domain
 from .errors import BundleError, ConfigError
 from .intensity import CT_WINDOW, IntensityMap
 from .preprocess import PreprocessConfig, SlicePlan, plan_volume, slices_to_volume
-from .schedule import SAMPLERS, SPACINGS, NoiseSchedule, StepTable, step_table
+from .schedule import DEFAULT_SPACING, SAMPLERS, SPACINGS, NoiseSchedule, StepTable, step_table
 
 Model = Literal["generator", "diffusion"]
 MODELS = ("generator", "diffusion")
@@ -165,7 +165,7 @@ def _sampler_table(spec: dict, settings: Settings) -> StepTable:
     schedule = NoiseSchedule.from_manifest(spec.get("schedule"))
     try:
         sampler = settings.sampler or str(defaults.get("default", "ddim"))
-        spacing = str(defaults.get("spacing", "linspace"))
+        spacing = str(defaults.get("spacing", DEFAULT_SPACING))
         eta = settings.eta if settings.eta is not None else float(defaults.get("eta", 0.0))
         steps = settings.steps if settings.steps is not None else int(defaults.get("steps", 50))
     except (AttributeError, TypeError, ValueError):

@@ -30,6 +30,9 @@ Sampler = Literal["ddim", "ddpm"]
 Spacing = Literal["linspace", "trailing"]
 SAMPLERS = ("ddim", "ddpm")
 SPACINGS = ("linspace", "trailing")
+#: The one default shared by training (galip.train.midiffusion) and the runtime, so eager
+#: PyTorch and a bundle pick the same timesteps for the same step count.
+DEFAULT_SPACING = "trailing"
 
 
 @dataclass(frozen=True)
@@ -71,13 +74,13 @@ class NoiseSchedule:
                               f"{dict(schedule)!r} ({exc}); re-export the bundle") from None
 
 
-def ddim_timesteps(timesteps: int, steps: int, spacing: Spacing = "linspace") -> np.ndarray:
+def ddim_timesteps(timesteps: int, steps: int, spacing: Spacing = DEFAULT_SPACING) -> np.ndarray:
     """Strictly decreasing subsequence of ``steps`` timesteps of 0 … T−1, int64 (steps,).
 
-    ``linspace`` (default): round-half-up of ``linspace(T−1, 0, steps)``: starts at T−1 (pure
-    noise) and ends at 0 (the last step sees the least noise); ``steps = 1`` gives [T−1].
-    ``trailing`` (Lin et al. 2024, §3.3; what ``galip.train.midiffusion`` samples with):
-    ``round(T − i·T/steps) − 1``, starts at T−1 and ends at T/steps − 1.
+    ``trailing`` (default; Lin et al. 2024, §3.3): ``round(T − i·T/steps) − 1``, starts at
+    T−1 (pure noise) and ends at T/steps − 1, so every step spans T/steps timesteps.
+    ``linspace``: round-half-up of ``linspace(T−1, 0, steps)``, starts at T−1 and ends at 0.
+    Either way the last step goes to x̂₀ (ᾱ_prev = 1); ``steps = 1`` gives [T−1].
     ``steps = T`` gives T−1 … 0 with either spacing.
     """
     if int(steps) != steps or not 1 <= steps <= timesteps:
@@ -119,7 +122,7 @@ class StepTable:
 
 
 def step_table(schedule: NoiseSchedule, sampler: Sampler = "ddim", steps: int | None = None,
-               eta: float = 0.0, spacing: Spacing = "linspace") -> StepTable:
+               eta: float = 0.0, spacing: Spacing = DEFAULT_SPACING) -> StepTable:
     """The (timestep, ᾱ_t, ᾱ_prev, σ) table of one sampling run.
 
     ``ddim``: ``steps`` timesteps from :func:`ddim_timesteps`, σ(``eta``) (Song et al. Eq. 16).

@@ -270,10 +270,13 @@ def test_ddim_eta_zero_is_deterministic_and_eta_one_over_all_steps_is_ddpm():
 
 
 @pytest.mark.parametrize("T", [1000, 50, 7])
-def test_ddim_timesteps_strictly_decrease_from_t_minus_1_to_0(T):
+def test_ddim_timesteps_strictly_decrease_from_t_minus_1(T):
     for steps in range(2, T + 1):
-        t = S.ddim_timesteps(T, steps)
+        t = S.ddim_timesteps(T, steps, "linspace")
         assert len(t) == steps and t[0] == T - 1 and t[-1] == 0, (T, steps)
+        assert np.all(np.diff(t) < 0), (T, steps)
+        t = S.ddim_timesteps(T, steps)  # trailing, the default: ends at T/steps - 1
+        assert len(t) == steps and t[0] == T - 1 and t[-1] == round(T / steps) - 1, (T, steps)
         assert np.all(np.diff(t) < 0), (T, steps)
     assert S.ddim_timesteps(T, 1).tolist() == [T - 1]
     assert S.ddim_timesteps(T, T).tolist() == list(range(T - 1, -1, -1))

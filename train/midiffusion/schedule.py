@@ -8,14 +8,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 
+from galip.runtime import schedule as runtime_schedule
 from galip.runtime.errors import ConfigError
+from galip.runtime.schedule import DEFAULT_SPACING, Spacing  # noqa: F401  (re-exported)
 
 DATA_RANGE = (-1.0, 1.0)   # model space of x_0; images live in [0, 1]
-Spacing = Literal["trailing", "linspace"]
-DEFAULT_SPACING: Spacing = "trailing"
 
 
 @dataclass(frozen=True)
@@ -63,21 +62,9 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
 
 
 def ddim_timesteps(num_timesteps: int, steps: int, spacing: Spacing = DEFAULT_SPACING) -> list[int]:
-    """``steps`` strictly descending timesteps starting at T−1 (pure noise); ``steps = T``
-    gives T−1 … 0 with either spacing (the same values as galip.runtime.schedule).
-
-    ``trailing`` (default; Lin et al. 2024 §3.3): round(T − i·T/steps) − 1, ends at
-    T/steps − 1, so every step spans T/steps timesteps. ``linspace``: round-half-up of
-    linspace(T−1, 0, steps), ends at 0.
-    """
-    if not 1 <= steps <= num_timesteps:
-        raise ConfigError(f"sampler steps must be between 1 and {num_timesteps}, got {steps}")
-    if spacing == "trailing":
-        stride = num_timesteps / steps
-        return [int(round(num_timesteps - i * stride)) - 1 for i in range(steps)]
-    if spacing == "linspace":
-        return [int(v) for v in np.floor(np.linspace(num_timesteps - 1, 0, steps) + 0.5)]
-    raise ConfigError(f"unknown timestep spacing {spacing!r}; expected 'trailing' or 'linspace'")
+    """``steps`` strictly descending timesteps from T−1: the runtime's own rule
+    (:func:`galip.runtime.schedule.ddim_timesteps`), so eager and bundle sampling agree."""
+    return runtime_schedule.ddim_timesteps(num_timesteps, steps, spacing).tolist()
 
 
 def img2x(img: torch.Tensor) -> torch.Tensor:
