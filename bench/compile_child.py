@@ -24,8 +24,10 @@ from pathlib import Path
 def run_compiled(spec: dict, workdir: Path, budget_s: float) -> tuple[dict | None, str]:
     """Run the child on ``spec``; returns (timings dict or None, reason when None).
 
-    ``spec``: kind ("generator"), checkpoint or manifest_entry, inputs (npz path with
-    ``b<batch>`` arrays + ``domain_b<batch>``), batches, device, threads, warmup, repeats.
+    ``spec``: checkpoint or manifest_entry (the generator), inputs (npz path with arrays
+    ``s<size>_b<batch>`` + ``domain_s<size>_b<batch>``), cases (those keys, in order),
+    device, threads, warmup, repeats, budget_per_case_s. The returned dict maps each
+    finished case key to {seconds, warmup, first_call_s} (first call = compilation).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     spec = {**spec, "out": str(workdir)}
@@ -36,22 +38,25 @@ def run_compiled(spec: dict, workdir: Path, budget_s: float) -> tuple[dict | Non
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "galip.bench.compile_child", str(spec_path)],
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    timed_out = False
     try:
         code = proc.wait(timeout=budget_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)     # the child's own process group only
-        proc.wait()
-        return None, (f"compilation did not finish within the {budget_s:.0f} s budget (inductor compiles "
-                      f"this model in minutes on few busy cores; a warm cache makes it seconds); "
-                      f"raise --compile-budget")
+        code, timed_out = proc.wait(), True
     finally:
         log.close()
     result = workdir / "timings.json"
-    if code != 0 or not result.is_file():
+    budget_note = (f"did not finish within the {budget_s:.0f} s budget (inductor compiles this model in "
+                   f"minutes on few busy cores; a warm cache makes it seconds); raise --compile-budget")
+    if not result.is_file():
+        if timed_out:
+            return None, "compilation " + budget_note
         tail = [ln for ln in (workdir / "child.log").read_text(errors="replace").splitlines() if ln.strip()]
         return None, f"torch.compile failed (exit {code}): {tail[-1][:240] if tail else 'no output'}"
     data = json.loads(result.read_text())
     data["wall_s"] = time.perf_counter() - started
+    data["unfinished"] = budget_note if timed_out else (f"exit {code}" if code else "")
     return data, ""
 
 
@@ -64,7 +69,7 @@ def main(spec_path: str) -> None:
     from galip.bench.workload import eager_generator
 
     torch.set_num_threads(int(spec["threads"]))
-    device = spec["device"]
+    device, out_dir = spec["device"], Path(spec["out"])
     checkpoint = Path(spec["checkpoint"]) if spec.get("checkpoint") else None
     module = eager_generator(checkpoint, spec.get("manifest_entry")).to(device).eval()
     inputs = np.load(spec["inputs"], allow_pickle=False)
@@ -73,21 +78,25 @@ def main(spec_path: str) -> None:
     sync = torch.cuda.synchronize if device == "cuda" else None
     timings, outputs = {}, {}
     with torch.inference_mode():
-        for batch in spec["batches"]:
-            image = torch.from_numpy(inputs[f"b{batch}"]).to(device)
-            domain = torch.from_numpy(inputs[f"domain_b{batch}"]).to(device)
-            if not timings:   # the first call compiles
-                compiled(image, domain)
-                if sync:
-                    sync()
-                timings["compile_s"] = time.perf_counter() - started
-            timing, out = measure(lambda: compiled(image, domain), warmup=int(spec["warmup"]),
+        for key in spec["cases"]:                  # "s<size>_b<batch>"
+            image = torch.from_numpy(inputs[key]).to(device)
+            domain = torch.from_numpy(inputs[f"domain_{key}"]).to(device)
+            first = time.perf_counter()
+            compiled(image, domain)                # compiles (or recompiles for a new shape)
+            if sync:
+                sync()
+            compile_s = time.perf_counter() - first
+            timing, out = measure(lambda: compiled(image, domain), warmup=max(0, int(spec["warmup"]) - 1),
                                   repeats=int(spec["repeats"]), budget_s=spec.get("budget_per_case_s"),
                                   sync=sync)
-            timings[str(batch)] = {"seconds": list(timing.seconds), "warmup": timing.warmup}
-            outputs[f"b{batch}"] = out.float().cpu().numpy()
-    np.savez(Path(spec["out"]) / "outputs.npz", **outputs)
-    (Path(spec["out"]) / "timings.json").write_text(json.dumps(timings))
+            timings[key] = {"seconds": list(timing.seconds), "warmup": timing.warmup + 1,
+                            "first_call_s": compile_s}
+            outputs[key] = out.float().cpu().numpy()
+            # Written after every case (atomically): a budget that runs out later keeps these.
+            np.savez(out_dir / "outputs.tmp.npz", **outputs)
+            os.replace(out_dir / "outputs.tmp.npz", out_dir / "outputs.npz")
+            (out_dir / "timings.tmp.json").write_text(json.dumps({**timings, "total_s": time.perf_counter() - started}))
+            os.replace(out_dir / "timings.tmp.json", out_dir / "timings.json")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ numpy only around the backends (never torch). The chain, per batch of ``batch`` 
     generator:  translated = G(image, domain class id)
     diffusion:  lmi_source = LMI(source, source) (lmi.onnx), x_T ~ N(0, I), then the step
                 graph once per row of the schedule table, x_prev fed back as x_t;
-                x_0 mapped from the model's data range to [0, 1]
+                x_0 mapped from the model's data range to [0, 1]. On onnxruntime-cpu
+                with the native LMI kernel (Choice.lmi == "native") every LMI, the
+                step graph's and lmi.onnx's, runs on that kernel (SplitLmiRunner)
     clip to [0, 1] → SlicePlan.restore (CT window for CT targets, else the source's map)
     → written into the output slice stack; slices_to_volume at the end
 
@@ -273,16 +275,22 @@ def _output(outputs: dict[str, np.ndarray], name: str) -> np.ndarray:
 
 
 def _lmi_factory(bundle: Bundle, spec: dict, choice: Choice, threads: int | None) -> RunnerFactory:
-    """Runner over the bundle's ``lmi.onnx`` on onnxruntime (CUDA when the step runs there)."""
+    """Runner over the bundle's ``lmi.onnx``: onnxruntime (CUDA when the step runs there), or
+    the native CPU kernel when the step's LMI runs there (``choice.lmi == "native"``; the
+    parameters are read from lmi.onnx's node, no onnxruntime session is made)."""
     from .backends.onnxruntime.loader import cuda_providers
     from .backends.onnxruntime.runner import onnxrt_factory
     entry = spec.get("lmi_graph")
     if not isinstance(entry, dict) or "file" not in entry:
         raise BundleError(f"diffusion model: lmi_graph should be {{'file': 'lmi.onnx'}}, found {entry!r}; "
                           "re-export the bundle")
+    path = bundle.path(entry["file"])
+    if choice.lmi == "native":
+        from .backends.onnxruntime.split_lmi import split_lmi_factory
+        return split_lmi_factory(path, threads=threads, precision="fp32", name="onnxruntime-cpu")
     providers = cuda_providers() if choice.name == "onnxruntime-cuda" else ["CPUExecutionProvider"]
     name = "onnxruntime-cuda" if choice.name == "onnxruntime-cuda" else "onnxruntime-cpu"
-    return onnxrt_factory(bundle.path(entry["file"]), providers, threads=threads, precision="fp32", name=name)
+    return onnxrt_factory(path, providers, threads=threads, precision="fp32", name=name)
 
 
 def prepare(bundle: Bundle, to: str, settings: Settings = Settings()) -> Translator:

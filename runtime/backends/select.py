@@ -16,16 +16,24 @@
 Precision, unless asked for: fp16 first on GPUs (engine or graph), fp32 on CPU (most
 onnxruntime CPU kernels have no fp16 version). An explicit backend that cannot run raises
 BackendError naming why and what to install.
+
+LMI on onnxruntime-cpu (diffusion): the step graph's ``galip::LMI`` node runs on the native
+CPU kernel (:mod:`galip.runtime.lmi_native`, ~10x faster than the node's ONNX function body)
+through :class:`~galip.runtime.backends.onnxruntime.split_lmi.SplitLmiRunner` whenever that
+kernel builds and the graph splits; otherwise the plain graph runs. ``$GALIP_LMI`` (or the
+``lmi`` argument) picks: ``auto`` (default), ``native`` (BackendError when it cannot), ``onnx``
+(the plain graph). The choice is appended to the reason line and kept in ``Choice.lmi``.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
 from .. import device_info
-from ..errors import BackendError
+from ..errors import BackendError, ConfigError
 from ..bundle import Bundle
 from .base import RunnerFactory
 from .onnxruntime.loader import INSTALL_CPU, INSTALL_GPU, cuda_providers, provider_really_loads
@@ -33,17 +41,22 @@ from .onnxruntime.loader import INSTALL_CPU, INSTALL_GPU, cuda_providers, provid
 Requested = Literal["auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"]
 BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
 _PRECISION_ORDER = ("fp16", "fp32")
+LMI_ENV = "GALIP_LMI"
+LMI_MODES = ("auto", "native", "onnx")
 
 
 @dataclass(frozen=True)
 class Choice:
     """What :func:`select_backend` picked: backend ``name``, ``precision``, the ``file`` it
-    runs (engine or graph), and ``reason``, the line the CLI prints."""
+    runs (engine or graph), and ``reason``, the line the CLI prints. ``lmi``: where the
+    diffusion step's LMI runs on onnxruntime-cpu, ``native`` (the native CPU kernel) or
+    ``onnx`` (the graph's function body); None otherwise."""
 
     name: str
     precision: str
     reason: str
     file: Path
+    lmi: str | None = None
 
     def __str__(self) -> str:
         return self.reason
@@ -57,6 +70,8 @@ class _Option:
     note: str = ""          # why it was picked (when it can run)
     why_not: str = ""       # why it cannot run: "no TensorRT (not installed)"
     fix: str = ""           # what to do about it
+    lmi: str | None = None  # diffusion on onnxruntime-cpu: "native" or "onnx"
+    lmi_note: str = ""      # why, appended to the reason: "LMI on the native CPU kernel"
 
 
 def _version(text: str | None) -> tuple[int, ...]:
@@ -162,7 +177,31 @@ def _onnxruntime_cuda(bundle: Bundle, spec: dict, precision: str | None, cuda_gr
                    chosen, path, note="CUDA provider loads")
 
 
-def _onnxruntime_cpu(bundle: Bundle, spec: dict, precision: str | None, threads: int | None) -> _Option:
+def lmi_mode(requested: str | None = None) -> str:
+    """``requested``, else ``$GALIP_LMI``, else ``auto``; ConfigError for anything but auto/native/onnx."""
+    mode = (requested if requested is not None else os.environ.get(LMI_ENV, "")).strip().lower() or "auto"
+    if mode not in LMI_MODES:
+        raise ConfigError(f"{LMI_ENV} must be one of {', '.join(LMI_MODES)}, got {mode!r}")
+    return mode
+
+
+def _native_lmi(path: Path, mode: str) -> tuple[bool, str]:
+    """(run the step's LMI on the native kernel?, the note for the reason line)."""
+    if mode == "onnx":
+        return False, f"LMI in the ONNX graph ({LMI_ENV}=onnx)"
+    from .. import lmi_native
+    from .onnxruntime.split_lmi import NATIVE_NOTE, split_problem
+    why = lmi_native.native_unavailable_reason() or split_problem(path)
+    if why is None:
+        return True, NATIVE_NOTE
+    if mode == "native":
+        raise BackendError(f"{LMI_ENV}=native but the LMI cannot run on the native CPU kernel: {why}; "
+                           f"unset {LMI_ENV} to run the LMI in the ONNX graph")
+    return False, f"LMI in the ONNX graph (native CPU kernel unavailable: {why})"
+
+
+def _onnxruntime_cpu(bundle: Bundle, spec: dict, precision: str | None, threads: int | None,
+                     model: str = "generator", lmi: str = "auto") -> _Option:
     if _import_ort() is None:
         return _Option(why_not="no onnxruntime (not installed)", fix=f"install it: {INSTALL_CPU}")
     graph = _graph(bundle, spec, precision, ("fp32", "fp16"))
@@ -170,6 +209,15 @@ def _onnxruntime_cpu(bundle: Bundle, spec: dict, precision: str | None, threads:
         return _Option(why_not=graph, fix="pick a precision the bundle has (--precision)")
     from .onnxruntime.runner import onnxrt_factory
     chosen, path = graph
+    if model == "diffusion":
+        native, note = _native_lmi(path, lmi)
+        if native:
+            from .onnxruntime.split_lmi import split_lmi_factory
+            factory = split_lmi_factory(path, threads=threads, precision=chosen, name="onnxruntime-cpu")
+        else:
+            factory = onnxrt_factory(path, ["CPUExecutionProvider"], threads=threads, precision=chosen,
+                                     name="onnxruntime-cpu")
+        return _Option(factory, chosen, path, lmi="native" if native else "onnx", lmi_note=note)
     return _Option(onnxrt_factory(path, ["CPUExecutionProvider"], threads=threads, precision=chosen,
                                   name="onnxruntime-cpu"), chosen, path)
 
@@ -183,8 +231,12 @@ def select_backend(
     domain: str | None = None,
     cuda_graph: bool = False,
     threads: int | None = None,
+    lmi: str | None = None,
 ) -> tuple[RunnerFactory, Choice]:
     """Choose how to run ``bundle``'s ``model`` (``diffusion`` needs ``domain``).
+
+    ``lmi`` (default ``$GALIP_LMI``, else ``auto``): where a diffusion step on
+    onnxruntime-cpu runs its LMI (module docstring).
 
     Returns ``(runner_factory, choice)``: call the factory for an inactive runner;
     ``choice.reason`` is the line to print, e.g. ``picked onnxruntime-cpu fp32: no TensorRT
@@ -194,17 +246,23 @@ def select_backend(
     if requested not in ("auto",) + BACKENDS:
         raise BackendError(f"unknown backend {requested!r}; choose auto, {', '.join(BACKENDS)}")
     spec = bundle.model(model, domain)
+    mode = lmi_mode(lmi)
     probes: dict[str, Callable[[], _Option]] = {
         "tensorrt": lambda: _tensorrt(bundle, spec, precision, cuda_graph),
         "onnxruntime-cuda": lambda: _onnxruntime_cuda(bundle, spec, precision, cuda_graph, threads),
-        "onnxruntime-cpu": lambda: _onnxruntime_cpu(bundle, spec, precision, threads),
+        "onnxruntime-cpu": lambda: _onnxruntime_cpu(bundle, spec, precision, threads, model, mode),
     }
+
+    def choice(name: str, option: _Option, reason: str) -> Choice:
+        reason += f"; {option.lmi_note}" if option.lmi_note else ""
+        return Choice(name, option.precision, reason, option.file, option.lmi)
+
     if requested != "auto":
         option = probes[requested]()
         if option.factory is None:
             raise BackendError(f"--backend {requested} cannot run the {model}: {option.why_not}; {option.fix}")
         reason = f"picked {requested} {option.precision}: asked for with --backend {requested}"
-        return option.factory, Choice(requested, option.precision, reason, option.file)
+        return option.factory, choice(requested, option, reason)
     skipped: list[str] = []
     fixes: list[str] = []
     for name, probe in probes.items():
@@ -212,7 +270,7 @@ def select_backend(
         if option.factory is not None:
             notes = skipped or ([option.note] if option.note else [])
             reason = f"picked {name} {option.precision}" + (f": {', '.join(notes)}" if notes else "")
-            return option.factory, Choice(name, option.precision, reason, option.file)
+            return option.factory, choice(name, option, reason)
         skipped.append(option.why_not)
         fixes.append(option.fix)
     raise BackendError(f"no backend can run the {model}: {', '.join(skipped)}; {fixes[-1]}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import signal
+import threading
 from pathlib import Path
 
 from galip.runtime.domains import Domain, parse_domains
@@ -62,7 +63,8 @@ class _StopFlag:
         self._previous = None
 
     def __enter__(self):
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        if threading.current_thread() is threading.main_thread():   # signals live in the main thread
+            self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, signum, frame):
@@ -70,7 +72,8 @@ class _StopFlag:
         signal.signal(signal.SIGINT, self._previous)
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict, *, save_every: int = 1000,

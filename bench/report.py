@@ -1,0 +1,185 @@
+"""results.json, results.md and results.png of one ``galip-bench`` run.
+
+Speed-up = median of the group's reference row / median of the row, where a group is one
+case at one batch and size, and its reference is eager PyTorch fp32 on the run's device
+(for ``lmi``: ``lmi_dense``, galip's PyTorch reference). Estimated rows (``case ...
+(estimated)``) are compared with the eager row of the measured case, and say so.
+The goals of issue 7 are evaluated from the rows, never asserted: a missed goal is
+reported as missed, an unmeasurable one as not measured with the reason.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .harness import Row
+from .machine import describe
+
+SCHEMA = "galip-bench/1"
+
+
+# ----------------------------------------------------------------------------- speed-ups
+def _base_case(case: str) -> str:
+    return case.removesuffix(" (estimated)")
+
+
+def add_speedups(rows: list[Row]) -> None:
+    """Fill ``speedup``/``speedup_vs`` of every ok or estimated row with a reference."""
+    refs = {}
+    for row in rows:
+        if row.reference and row.status == "ok" and row.median_ms:
+            refs[(_base_case(row.case), row.batch, row.size)] = row
+    for row in rows:
+        ref = refs.get((_base_case(row.case), row.batch, row.size))
+        if ref is None or row.status not in ("ok", "estimated") or not row.median_ms:
+            continue
+        row.speedup = ref.median_ms / row.median_ms
+        row.speedup_vs = f"{ref.backend} {ref.precision} ({ref.device})"
+        if row.status == "estimated":
+            row.speedup_vs += ", measured"
+
+
+# ----------------------------------------------------------------------------- goals
+def _find(rows, case, backend=None, precision=None, status="ok", startswith=False):
+    for row in rows:
+        name_ok = row.case.startswith(case) if startswith else row.case == case
+        if (name_ok and row.status == status and (backend is None or row.backend == backend)
+                and (precision is None or row.precision == precision)):
+            yield row
+
+
+def goals(rows: list[Row]) -> list[dict]:
+    """The three goals: measured value, target, met (True/False) or None (not measured)."""
+    out = []
+    # 1. onnxruntime CPU >= 1.5x eager PyTorch on the generator (every batch and size).
+    ort = [r for r in _find(rows, "generator", "onnxruntime-cpu", "fp32") if r.speedup]
+    if ort:
+        worst = min(ort, key=lambda r: r.speedup)
+        measured = ", ".join(f"b{r.batch} {r.size}: {r.speedup:.2f}x" for r in ort)
+        out.append({"goal": "onnxruntime CPU >= 1.5x eager PyTorch fp32 on the generator", "target": 1.5,
+                    "measured": measured, "worst": round(worst.speedup, 3), "met": worst.speedup >= 1.5})
+    else:
+        out.append({"goal": "onnxruntime CPU >= 1.5x eager PyTorch fp32 on the generator", "target": 1.5,
+                    "measured": "not measured", "met": None})
+    # 2. LMI <= 50 ms per 128² call and >= 200x the authors' algorithm.
+    native = next(_find([r for r in rows if r.size == "128x128"], "lmi", "native C++ (lmi_numpy)"), None)
+    if native is not None:
+        vs = native.extra.get("speedup_vs_authors")
+        met = native.median_ms <= 50.0 and (vs is None or vs >= 200.0)
+        out.append({"goal": "LMI <= 50 ms per 128x128 call and >= 200x the authors' algorithm",
+                    "target": "50 ms, 200x", "measured": f"{native.median_ms:.1f} ms, "
+                    + (f"{vs:.0f}x the authors' algorithm" if vs else "authors' algorithm not measured"),
+                    "met": met})
+    else:
+        out.append({"goal": "LMI <= 50 ms per 128x128 call and >= 200x the authors' algorithm",
+                    "target": "50 ms, 200x", "measured": "not measured", "met": None})
+    # 3. GPU: TensorRT fp16 >= 8x eager fp32 (generator).
+    trt = [r for r in _find(rows, "generator", "tensorrt", "fp16") if r.speedup]
+    if trt:
+        worst = min(trt, key=lambda r: r.speedup)
+        out.append({"goal": "GPU: TensorRT fp16 >= 8x eager PyTorch fp32 (generator)", "target": 8.0,
+                    "measured": ", ".join(f"b{r.batch} {r.size}: {r.speedup:.1f}x" for r in trt),
+                    "met": worst.speedup >= 8.0})
+    else:
+        skipped = next(_find(rows, "generator", "tensorrt", "fp16", status="skipped"), None)
+        why = skipped.reason if skipped is not None else "no TensorRT row"
+        out.append({"goal": "GPU: TensorRT fp16 >= 8x eager PyTorch fp32 (generator)", "target": 8.0,
+                    "measured": f"not measured: {why}", "met": None})
+    return out
+
+
+# ----------------------------------------------------------------------------- files
+def write_json(path: Path, rows: list[Row], machine: dict, config: dict, extra: dict) -> Path:
+    data = {"schema": SCHEMA, **extra, "config": config, "machine": machine,
+            "goals": goals(rows), "rows": [row.to_json() for row in rows]}
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return path
+
+
+def _num(value, fmt: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return format(value, fmt)
+
+
+def _ms(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def markdown_table(rows: list[Row]) -> str:
+    head = ("| case | backend | precision | device | batch | size | median ms | p90 ms | n | "
+            "speed-up | max-abs | PSNR dB | status / note |")
+    lines = [head, "|" + "---|" * 13]
+    for r in rows:
+        speed = ""
+        if r.speedup:
+            speed = f"{r.speedup:.2f}x" if r.speedup < 100 else f"{r.speedup:.0f}x"
+        if r.reference:
+            speed = "1 (ref)"
+        note = r.reason if r.status in ("skipped", "failed") else r.note
+        vs_authors = r.extra.get("speedup_vs_authors")
+        if vs_authors and r.backend != "authors' algorithm":
+            note = f"{vs_authors:.0f}x the authors' algorithm; {note}"
+        status = "" if r.status == "ok" else f"**{r.status}**: "
+        cells = [r.case, r.backend, r.precision, r.device, "" if r.batch is None else str(r.batch), r.size,
+                 _ms(r.median_ms), _ms(r.p90_ms), str(r.repeats or ""), speed,
+                 _num(r.max_abs, ".2g"), _num(r.psnr, ".1f"), (status + note).replace("|", "/")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, rows: list[Row], machine: dict, extra: dict) -> Path:
+    lines = [f"# galip-bench results", "",
+             f"`{extra.get('command', 'galip-bench')}` — {extra.get('created', '')}, "
+             f"total wall time {extra.get('wall_s', 0):.0f} s", "",
+             f"Machine: {describe(machine)}.", ""]
+    load_end = extra.get("load_average_end")
+    if load_end:
+        lines += [f"Load average (1/5/15 min) at start {machine.get('load_average_1_5_15')}, at end {load_end}: "
+                  "other processes share these cores, so absolute times are inflated; ratios within "
+                  "this run compare like with like.", ""]
+    lines += [markdown_table(rows), "", "Speed-up: median of the eager PyTorch fp32 row of the same case, batch "
+              "and size over this row's (for `lmi`: over `lmi_dense`). Agreement: max-abs and PSNR of "
+              "this backend's output against eager PyTorch's on the same input (data range 1 for "
+              "[0, 1] images and LMI, 2 for the step's x_prev in [-1, 1], the reference's range for "
+              "volumes); `inf` = identical. `n` = timed calls after the warm-up.", "", "## Goals", ""]
+    for goal in goals(rows):
+        verdict = {True: "met", False: "**missed**", None: "not measured"}[goal["met"]]
+        lines.append(f"- {goal['goal']}: {verdict} — {goal['measured']}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_png(path: Path, rows: list[Row], title: str = "galip-bench: speed-up vs eager PyTorch fp32") -> Path:
+    """Horizontal bars of speed-up (log scale), one per non-reference row that has one."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [r for r in rows if r.speedup and not r.reference]
+    labels = [f"{r.case} | {r.backend} {r.precision} | b{r.batch} {r.size}".replace(" | b None ", " | ")
+              for r in bars]
+    values = [r.speedup for r in bars]
+    colors = ["#bbbbbb" if r.status == "estimated" else ("#2a9d8f" if r.speedup >= 1 else "#e76f51") for r in bars]
+    fig, ax = plt.subplots(figsize=(10, 0.32 * max(4, len(bars)) + 1.2))
+    if bars:
+        ax.barh(range(len(bars)), values, color=colors)
+        ax.set_yticks(range(len(bars)), labels, fontsize=7)
+        ax.set_xscale("log")
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        for i, value in enumerate(values):
+            ax.text(value, i, f" {value:.2g}x", va="center", fontsize=7)
+        ax.invert_yaxis()
+    else:
+        ax.text(0.5, 0.5, "no speed-ups measured", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("speed-up vs eager PyTorch fp32 (log scale; grey = estimated)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
