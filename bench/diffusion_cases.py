@@ -238,11 +238,15 @@ def ddim_cases(ctx: Context, step_ms: dict[tuple[str, str], float]) -> None:
         if cfg.quick:
             row.note += "; measured on the fastest backend of the step case"
         ctx.add(row)
-    # 3. Estimates for the backends DDIM-50 did not run on, marked as such.
+    # 3. Without a DDIM-50 run on every backend: estimates for all of them (the measured
+    #    one included, which shows how far the estimate is off), marked as such.
+    if cfg.ddim_all:
+        return
     for backend in backends:
-        if backend in chosen or (backend.name, backend.precision) not in step_ms:
+        if (backend.name, backend.precision) not in step_ms:
             continue
         ms = step_ms[(backend.name, backend.precision)] * steps_full
         ctx.add(Row(case=f"{case} (estimated)", backend=backend.name, precision=backend.precision,
                     device=backend.device, batch=1, size=label, median_ms=ms, status="estimated",
+                    reference=backend.reference,
                     note=f"estimated = {steps_full} x step median (diffusion step case); not measured"))

@@ -3,7 +3,7 @@
 Speed-up = median of the group's reference row / median of the row, where a group is one
 case at one batch and size, and its reference is eager PyTorch fp32 on the run's device
 (for ``lmi``: ``lmi_dense``, galip's PyTorch reference). Estimated rows (``case ...
-(estimated)``) are compared with the eager row of the measured case, and say so.
+(estimated)``) form their own group: estimates are compared with the eager estimate only.
 The goals of issue 7 are evaluated from the rows, never asserted: a missed goal is
 reported as missed, an unmeasurable one as not measured with the reason.
 """
@@ -20,24 +20,20 @@ SCHEMA = "galip-bench/1"
 
 
 # ----------------------------------------------------------------------------- speed-ups
-def _base_case(case: str) -> str:
-    return case.removesuffix(" (estimated)")
-
-
 def add_speedups(rows: list[Row]) -> None:
-    """Fill ``speedup``/``speedup_vs`` of every ok or estimated row with a reference."""
-    refs = {}
+    """Fill ``speedup``/``speedup_vs`` of every ok or estimated row that has a reference:
+    the group's eager row of the same status (measured against measured, estimated against
+    estimated: ``case (estimated)`` rows form their own group)."""
+    refs: dict[tuple, Row] = {}
     for row in rows:
-        if row.reference and row.status == "ok" and row.median_ms:
-            refs[(_base_case(row.case), row.batch, row.size)] = row
+        if row.reference and row.status in ("ok", "estimated") and row.median_ms:
+            refs[(row.case, row.batch, row.size)] = row
     for row in rows:
-        ref = refs.get((_base_case(row.case), row.batch, row.size))
+        ref = refs.get((row.case, row.batch, row.size))
         if ref is None or row.status not in ("ok", "estimated") or not row.median_ms:
             continue
         row.speedup = ref.median_ms / row.median_ms
         row.speedup_vs = f"{ref.backend} {ref.precision} ({ref.device})"
-        if row.status == "estimated":
-            row.speedup_vs += ", measured"
 
 
 # ----------------------------------------------------------------------------- goals
@@ -61,7 +57,7 @@ def goals(rows: list[Row]) -> list[dict]:
                     "measured": measured, "worst": round(worst.speedup, 3), "met": worst.speedup >= 1.5})
     else:
         out.append({"goal": "onnxruntime CPU >= 1.5x eager PyTorch fp32 on the generator", "target": 1.5,
-                    "measured": "not measured", "met": None})
+                    "measured": "no generator rows for both backends", "met": None})
     # 2. LMI <= 50 ms per 128² call and >= 200x the authors' algorithm.
     native = next(_find([r for r in rows if r.size == "128x128"], "lmi", "native C++ (lmi_numpy)"), None)
     if native is not None:
@@ -73,7 +69,7 @@ def goals(rows: list[Row]) -> list[dict]:
                     "met": met})
     else:
         out.append({"goal": "LMI <= 50 ms per 128x128 call and >= 200x the authors' algorithm",
-                    "target": "50 ms, 200x", "measured": "not measured", "met": None})
+                    "target": "50 ms, 200x", "measured": "no native LMI row at 128x128", "met": None})
     # 3. GPU: TensorRT fp16 >= 8x eager fp32 (generator).
     trt = [r for r in _find(rows, "generator", "tensorrt", "fp16") if r.speedup]
     if trt:
@@ -85,7 +81,7 @@ def goals(rows: list[Row]) -> list[dict]:
         skipped = next(_find(rows, "generator", "tensorrt", "fp16", status="skipped"), None)
         why = skipped.reason if skipped is not None else "no TensorRT row"
         out.append({"goal": "GPU: TensorRT fp16 >= 8x eager PyTorch fp32 (generator)", "target": 8.0,
-                    "measured": f"not measured: {why}", "met": None})
+                    "measured": why, "met": None})
     return out
 
 
@@ -112,24 +108,44 @@ def _ms(value) -> str:
 
 
 def markdown_table(rows: list[Row]) -> str:
+    """The measured and estimated rows as a markdown table."""
     head = ("| case | backend | precision | device | batch | size | median ms | p90 ms | n | "
-            "speed-up | max-abs | PSNR dB | status / note |")
+            "speed-up | max-abs | PSNR dB | note |")
     lines = [head, "|" + "---|" * 13]
     for r in rows:
+        if r.status not in ("ok", "estimated"):
+            continue
         speed = ""
         if r.speedup:
             speed = f"{r.speedup:.2f}x" if r.speedup < 100 else f"{r.speedup:.0f}x"
         if r.reference:
             speed = "1 (ref)"
-        note = r.reason if r.status in ("skipped", "failed") else r.note
+        note = r.note
         vs_authors = r.extra.get("speedup_vs_authors")
         if vs_authors and r.backend != "authors' algorithm":
-            note = f"{vs_authors:.0f}x the authors' algorithm; {note}"
-        status = "" if r.status == "ok" else f"**{r.status}**: "
+            note = f"**{vs_authors:.0f}x the authors' algorithm**; {note}"
+        if r.status == "estimated":
+            note = f"**estimated**: {note}"
         cells = [r.case, r.backend, r.precision, r.device, "" if r.batch is None else str(r.batch), r.size,
                  _ms(r.median_ms), _ms(r.p90_ms), str(r.repeats or ""), speed,
-                 _num(r.max_abs, ".2g"), _num(r.psnr, ".1f"), (status + note).replace("|", "/")]
+                 _num(r.max_abs, ".2g"), _num(r.psnr, ".1f"), note.replace("|", "/")]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def skipped_table(rows: list[Row]) -> str:
+    """Skipped and failed rows with their reasons (identical reasons of one case merged)."""
+    merged: dict[tuple, list[str]] = {}
+    for r in rows:
+        if r.status in ("skipped", "failed"):
+            key = (r.case, r.status, r.reason)
+            label = f"{r.backend} {r.precision}" + (f" b{r.batch}" if r.batch else "")
+            merged.setdefault(key, []).append(label)
+    if not merged:
+        return "Nothing was skipped."
+    lines = ["| case | backends | status | reason |", "|---|---|---|---|"]
+    for (case, status, reason), labels in merged.items():
+        lines.append(f"| {case} | {', '.join(labels)} | {status} | {reason.replace('|', '/')} |")
     return "\n".join(lines)
 
 
@@ -144,13 +160,15 @@ def write_markdown(path: Path, rows: list[Row], machine: dict, extra: dict) -> P
                   "other processes share these cores, so absolute times are inflated; ratios within "
                   "this run compare like with like.", ""]
     lines += [markdown_table(rows), "", "Speed-up: median of the eager PyTorch fp32 row of the same case, batch "
-              "and size over this row's (for `lmi`: over `lmi_dense`). Agreement: max-abs and PSNR of "
-              "this backend's output against eager PyTorch's on the same input (data range 1 for "
-              "[0, 1] images and LMI, 2 for the step's x_prev in [-1, 1], the reference's range for "
-              "volumes); `inf` = identical. `n` = timed calls after the warm-up.", "", "## Goals", ""]
+              "and size over this row's (for `lmi`: over `lmi_dense`, galip's PyTorch reference). "
+              "Agreement: max-abs and PSNR of this backend's output against eager PyTorch's on the "
+              "same input (data range 1 for [0, 1] images and LMI, 2 for the step's x_prev in [-1, 1], "
+              "the reference's range for volumes); `inf` = identical. `n` = timed calls after the "
+              "warm-up.", "", "## Goals", ""]
     for goal in goals(rows):
         verdict = {True: "met", False: "**missed**", None: "not measured"}[goal["met"]]
         lines.append(f"- {goal['goal']}: {verdict} — {goal['measured']}")
+    lines += ["", "## Skipped and failed", "", skipped_table(rows)]
     path.write_text("\n".join(lines) + "\n")
     return path
 

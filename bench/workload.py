@@ -126,6 +126,9 @@ def eager_generator(checkpoint: Path | None = None, manifest_entry: dict | None 
         table = context.new_zeros((unet.config.n_classes, *context.shape[1:]))
         table[torch.tensor([int(d["class_id"]) for d in domains])] = context
         return EagerGenerator(unet, table)
+    if "unet" not in (manifest_entry or {}):
+        raise ValueError("the bundle's models.generator has no 'unet' config (not written by galip-export), "
+                         "so no eager PyTorch model can be built for it")
     config = UNetConfig.from_dict(manifest_entry["unet"])
     torch.manual_seed(seed)
     unet = randomise_(I2IGalipUNet(config), seed + 1)
@@ -142,6 +145,9 @@ def eager_step(checkpoint: Path | None = None, manifest_entry: dict | None = Non
         return DiffusionStep(denoiser).eval()
     from galip.train.midiffusion.conditioning import LMIConfig, LMIDenoiser
     from galip.train.midiffusion.scorenet import ScoreNet, ScoreNetConfig
+    if "net" not in (manifest_entry or {}):
+        raise ValueError("the bundle's diffusion entry has no 'net' config (not written by galip-export), "
+                         "so no eager PyTorch model can be built for it")
     torch.manual_seed(seed)
     net = randomise_(ScoreNet(ScoreNetConfig.from_dict(manifest_entry["net"])), seed + 1)
     return DiffusionStep(LMIDenoiser(net, LMIConfig(**manifest_entry["lmi"])).eval()).eval()

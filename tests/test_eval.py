@@ -70,7 +70,7 @@ def test_ssim_in_unit_interval_and_per_slice_max_normalisation():
 def test_mask_restricts_the_evaluation():
     ref = _reference()
     pred = ref.copy()
-    pred[:4] += 0.3                           # errors only outside the mask below
+    pred[:2] += 0.3                           # errors only outside the mask below
     mask = np.zeros(ref.shape, np.uint8)
     mask[6:, :, :] = 1
     mask[2, 3, :] = 1

@@ -99,12 +99,12 @@ def _attributes(protos) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in protos}
 
 
-def _typed(params: dict, where: str) -> dict:
-    missing = [k for k in LMI_PARAMS if k not in params]
-    if missing:
-        raise BackendError(f"{where} has no {', '.join(missing)} attribute; re-export the bundle")
-    return {"patch": int(params["patch"]), "radius": int(params["radius"]), "bins": int(params["bins"]),
-            "sigma": float(np.float32(params["sigma"])), "normalize": bool(params["normalize"])}
+_CAST = {"patch": int, "radius": int, "bins": int, "sigma": lambda v: float(np.float32(v)), "normalize": bool}
+
+
+def _typed(attributes: dict) -> dict:
+    """The LMI parameters among ``attributes``, typed as ``lmi_numpy`` takes them."""
+    return {k: _CAST[k](attributes[k]) for k in LMI_PARAMS if k in attributes}
 
 
 def lmi_calls(model) -> list[LmiCall]:
@@ -115,7 +115,7 @@ def lmi_calls(model) -> list[LmiCall]:
     with (onnxruntime runs the function body; the kernel would compute something else).
     """
     function = next((f for f in model.functions if (f.domain, f.name) == (LMI_DOMAIN, LMI_OP_TYPE)), None)
-    baked = _attributes(function.attribute_proto) if function is not None else {}
+    baked = _typed(_attributes(function.attribute_proto)) if function is not None else {}
     calls = []
     for index, node in enumerate(model.graph.node):
         if not is_lmi_node(node):
@@ -124,12 +124,13 @@ def lmi_calls(model) -> list[LmiCall]:
         if len(node.input) != 2 or len(node.output) > len(_LMI_OUTPUT_TYPES):
             raise BackendError(f"{label} has inputs {list(node.input)} and outputs {list(node.output)}; "
                                "galip::LMI takes (x, y) and gives (lmi, y_at[, offset_index])")
-        params = _typed({**baked, **_attributes(node.attribute)}, label)
-        if function is not None:
-            function_params = _typed(baked, "the galip::LMI function")
-            if params != function_params:
-                raise BackendError(f"{label} has {params} but its function body computes {function_params}; "
-                                   "re-export the bundle")
+        params = {**baked, **_typed(_attributes(node.attribute))}
+        missing = [k for k in LMI_PARAMS if k not in params]
+        if missing:
+            raise BackendError(f"{label} has no {', '.join(missing)} attribute; re-export the bundle")
+        if any(params[k] != v for k, v in baked.items()):
+            raise BackendError(f"{label} has {params} but its function body computes {baked}; "
+                               "re-export the bundle")
         calls.append(LmiCall(node.name or f"lmi_{index}", node.input[0], node.input[1],
                              tuple(node.output), params))
     return calls
@@ -273,7 +274,9 @@ class SplitLmiRunner(Runner):
         self._stack: contextlib.ExitStack | None = None
 
     def activate_impl(self) -> None:
-        lmi_native._load()   # BackendError (why the kernel cannot build) before any session
+        why = lmi_native.native_unavailable_reason()   # builds the kernel on first use
+        if why is not None:
+            raise BackendError(why)
         split = split_at_lmi(self.model)
         with contextlib.ExitStack() as stack:
             segments = []
