@@ -33,14 +33,6 @@ def fake_lmi(x, y, config):
     return F.avg_pool2d(1.0 - (x - y).abs(), 3, 1, 1, count_include_pad=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and the CI machine is shared: use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(autouse=True)
 def stub_lmi(monkeypatch):

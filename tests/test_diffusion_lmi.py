@@ -12,13 +12,6 @@ from galip.train.midiffusion.conditioning import LMIConfig, LMIDenoiser  # noqa:
 from galip.train.midiffusion.schedule import DDPMSchedule, img2x, q_sample  # noqa: E402
 from galip.train.midiffusion.scorenet import ScoreNet, ScoreNetConfig  # noqa: E402
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 TINY = ScoreNetConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, attention_ds=(2,), groups=4)
 

@@ -27,14 +27,6 @@ from galip.export.generator_graph import (check_graph, export_generator,  # noqa
 from galip.runtime.errors import BackendError  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)                            # 2 shared cores: no oversubscription
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def payload():
     return generator_payload(seed=0)

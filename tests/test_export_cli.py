@@ -19,13 +19,6 @@ from test_export import FakeTRT  # noqa: E402
 SKIP_LINE = "engines skipped: TensorRT not installed: pip install 'galip[gpu]' on a machine with an NVIDIA GPU"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):

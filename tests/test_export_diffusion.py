@@ -24,13 +24,6 @@ from galip.train.lmi import lmi as torch_lmi  # noqa: E402
 from galip.train.midiffusion import samplers  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def model():

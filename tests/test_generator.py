@@ -15,15 +15,6 @@ from galip.train.i2i.losses import (LossWeights, clip_loss, cls_loss, lsgan_disc
                                     lsgan_generator, total_generator_loss)
 from galip.train.i2i.unet import I2IGalipUNet, UNetConfig, count_parameters
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine, two OpenMP threads stall each
-    other behind the other engineers' processes (steps went from 0.4 s to 10 s)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 TINY_UNET = dict(base_channels=8, channel_mult=(1, 2, 2), groups=4, head_channels=8,
                  attention_ds=(2, 4), context_dim=16)

@@ -21,15 +21,6 @@ from galip.train.i2i.model import generator_from_checkpoint
 from galip.train.i2i.trainer import I2ITrainer, TrainConfig, lr_factor, pick_domains
 from galip.train.i2i.unet import UNetConfig
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine, two OpenMP threads stall each
-    other behind the other engineers' processes (steps went from 0.4 s to 10 s)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 DOMAINS = "T1,T2,PD"
 

@@ -75,14 +75,6 @@ def smooth_image(rng, n, h, w, sigma=3.0):
     return ((img - lo) / (hi - lo)).astype(np.float32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors on shared cores: one intra-op thread avoids barrier stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def native():

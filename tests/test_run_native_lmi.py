@@ -39,13 +39,6 @@ pytestmark = pytest.mark.skipif(not lmi_native.native_available(),
 THREADS = 1   # the CPU is shared
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
