@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .harness import Row, first_line, measure
-from .workload import Models, TorchRunner, Volume, eager_generator, model_slices, torch_factory
+from .workload import Models, Volume, eager_generator, model_slices, torch_factory
 
 EAGER = "torch-eager"
 COMPILE = "torch-compile"
@@ -144,10 +144,18 @@ class Backend:
     reference: bool = False
     lmi: str | None = None
     note: str = ""
+    runtime: str | None = None      # the runtime backend name (select_backend's), None for eager
 
     @property
     def available(self) -> bool:
         return self.factory is not None
+
+    def settings_backend(self, device: str) -> tuple[str, str | None]:
+        """(backend, precision) for the runtime pipeline's Settings: this backend's own, or for
+        eager rows (whose runner replaces the pipeline's) the runtime's default on ``device``."""
+        if self.runtime is not None:
+            return self.runtime, self.precision
+        return (ORT_CPU if device == "cpu" else "auto"), None
 
 
 @contextlib.contextmanager
@@ -196,11 +204,11 @@ def runtime_backend(ctx: Context, model: str, requested: str, precision: str,
                                              threads=ctx.threads)
     except GalipError as error:
         return Backend(name, precision, device, reason=str(error), lmi=lmi)
-    placed = getattr(choice, "lmi", None)
+    placed = getattr(choice, "lmi", None) or "onnx"   # a runtime without the switch runs the graph as is
     if lmi is not None and placed != lmi:
-        why = "this runtime has no native-LMI placement" if placed is None else choice.reason
+        why = choice.reason if hasattr(choice, "lmi") else "this runtime has no native-LMI placement"
         return Backend(name, precision, device, reason=f"LMI not placed on {lmi}: {why}", lmi=lmi)
-    return Backend(name, precision, device, factory, lmi=lmi, note=choice.reason)
+    return Backend(name, precision, device, factory, lmi=lmi, note=choice.reason, runtime=requested)
 
 
 def bundle_backends(ctx: Context, model: str, spec: dict) -> list[Backend]:
@@ -260,11 +268,12 @@ def generator_cases(ctx: Context) -> None:
     backends = eager_backends(ctx, _generator_build(ctx), spec["io"]) + bundle_backends(ctx, "generator", spec)
     reference: dict = {}
     for backend in backends:
-        if backend.name == EAGER and backend.reference:
-            _per_call(ctx, backend, feeds, reference, "translated", 1.0, case="generator")
-            compile_rows(ctx, feeds, reference)
-        else:
-            _per_call(ctx, backend, feeds, reference, "translated", 1.0, case="generator")
+        _per_call(ctx, backend, feeds, reference, "translated", 1.0, case="generator")
+        if backend.name == EAGER and backend.precision == "fp32":      # torch.compile right after eager
+            if backend.available:
+                compile_rows(ctx, feeds, reference)
+            else:
+                ctx.add(Row.skipped(backend.reason, case="generator", backend=COMPILE, device=backend.device))
 
 
 def _per_call(ctx: Context, backend: Backend, feeds: dict, reference: dict, output: str,
@@ -365,18 +374,17 @@ def volume_cases(ctx: Context) -> None:
     for spacing in cfg.volumes:
         volume = ctx.volume(spacing)
         case = f"generator volume {spacing:g} mm"
-        base_translator = None
         reference = None
         for backend in eager + runtime:
             fields = dict(case=case, backend=backend.name, precision=backend.precision, device=backend.device,
                           batch=cfg.volume_batch, size=volume.label)
             try:
-                if base_translator is None:
-                    base_translator = prepare(ctx.models.bundle, ctx.models.target,
-                                              Settings(model="generator", backend=ORT_CPU if ctx.device == "cpu" else "auto",
-                                                       batch=cfg.volume_batch, threads=ctx.threads))
+                name, precision = backend.settings_backend(ctx.device)
+                translator = prepare(ctx.models.bundle, ctx.models.target,
+                                     Settings(model="generator", backend=name, precision=precision,
+                                              batch=cfg.volume_batch, threads=ctx.threads))
                 translator = dataclasses.replace(
-                    base_translator, factory=backend.factory,
+                    translator, factory=backend.factory,
                     choice=Choice(backend.name, backend.precision, f"galip-bench: {backend.name}", Path("-")))
                 timing, result = measure(lambda: translator.translate(volume.data, volume.affine, "mri"),
                                          warmup=0, repeats=cfg.volume_repeats, budget_s=cfg.case_budget_s,
@@ -398,4 +406,4 @@ def skip_all(ctx: Context, case: str, error: BaseException) -> None:
     ctx.log(f"{case}: {first_line(error)}")
 
 
-__all__ = ["BenchConfig", "Context", "Backend", "generator_cases", "volume_cases", "TorchRunner"]
+__all__ = ["BenchConfig", "Context", "Backend", "generator_cases", "volume_cases"]

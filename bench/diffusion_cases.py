@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .cases import EAGER, ORT_CPU, ORT_CUDA, Backend, Context, bundle_backends, eager_backends, gpu_reason, lmi_env
+from . import gpu_lmi
 from .harness import Row, measure
 from .workload import Volume, eager_lmi, eager_step, lmi_input, noisy_sample, torch_factory
 
@@ -37,7 +38,7 @@ def lmi_settings(ctx: Context) -> dict:
 def lmi_cases(ctx: Context) -> None:
     import torch
 
-    from galip.runtime.backends.onnxruntime.loader import cuda_providers
+    from galip.runtime.backends.onnxruntime.loader import cuda_providers, provider_really_loads
     from galip.runtime.backends.onnxruntime.runner import onnxrt_factory
     from galip.runtime.lmi_native import lmi_numpy, native_unavailable_reason
     from galip.train.lmi import lmi_dense
@@ -53,34 +54,48 @@ def lmi_cases(ctx: Context) -> None:
         base = dict(case="lmi", batch=1, size=f"{size}x{size}")
         tx, ty = torch.from_numpy(source).to(device), torch.from_numpy(sample).to(device)
         sync = ctx.sync() if device == "cuda" else None
-        calls = []   # (backend, precision, device, fn, repeats, reference, note)
+        calls = []   # (backend, precision, device, fn or skip reason, repeats, reference, note, sync)
         if cfg.baseline:
             calls.append(("authors' algorithm", "fp32", device,
                           lambda: lmi_authors(tx, ty, settings["patch"], settings["radius"], settings["bins"],
                                               settings["sigma"], settings["normalize"])[0],
                           cfg.slow_repeats, False,
-                          "re-implementation: unfold + expand, integer-cast 27-bin dense joints (lmi_baseline.py)"))
-        calls.append(("torch dense (lmi_dense)", "fp32", device,
-                      lambda: lmi_dense(tx, ty, **settings)[0], cfg.slow_repeats, True,
-                      "galip's PyTorch reference of the contract, all offsets, vectorised"))
+                          "re-implementation: unfold + expand, integer-cast 27-bin dense joints (lmi_baseline.py)",
+                          sync))
+        calls.append(("torch dense (lmi_dense)", "fp32", device, lambda: lmi_dense(tx, ty, **settings)[0],
+                      cfg.slow_repeats, True, "galip's PyTorch reference of the contract, all offsets, vectorised",
+                      sync))
         calls.append(("native C++ (lmi_numpy)", "fp32", "cpu",
-                      lambda: lmi_numpy(source, sample, **settings, num_threads=ctx.threads)[0],
-                      cfg.repeats, False, "sparse soft-binning kernel, what lmi() runs on CPU"))
+                      native_unavailable_reason() or
+                      (lambda: lmi_numpy(source, sample, **settings, num_threads=ctx.threads)[0]),
+                      cfg.repeats, False, "sparse soft-binning kernel, what lmi() runs on CPU", None))
+        why_gpu = gpu_lmi.unavailable_reason()
+        if why_gpu is None:
+            try:
+                kernel_call, kernel_sync, kernel_note = gpu_lmi.kernel_lmi(source, sample, settings, ctx.workdir)
+                calls.append(("CUDA kernel (CuPy)", "fp32", "cuda", kernel_call, cfg.repeats, False, kernel_note,
+                              kernel_sync))
+            except Exception as error:     # noqa: BLE001 - NVRTC/nvcc build failure
+                ctx.add(Row.failed(error, **base, backend="CUDA kernel (CuPy)", device="cuda"))
+        else:
+            calls.append(("CUDA kernel (CuPy)", "fp32", "cuda", why_gpu, 0, False, "", None))
         outputs = {}
-        for name, precision, dev, fn, repeats, reference, note in calls:
+        for name, precision, dev, fn, repeats, reference, note, call_sync in calls:
             fields = dict(base, backend=name, precision=precision, device=dev)
-            if name.startswith("native") and native_unavailable_reason():
-                ctx.add(Row.skipped(native_unavailable_reason(), **fields))
+            if isinstance(fn, str):
+                ctx.add(Row.skipped(fn, **fields))
                 continue
             try:
                 timing, out = measure(fn, warmup=0 if repeats == cfg.slow_repeats else cfg.warmup,
-                                      repeats=repeats, budget_s=cfg.case_budget_s,
-                                      sync=sync if dev == "cuda" else None)
+                                      repeats=repeats, budget_s=cfg.case_budget_s, sync=call_sync)
             except Exception as error:     # noqa: BLE001
                 ctx.add(Row.failed(error, **fields))
                 continue
-            out = out.detach().float().cpu().numpy() if hasattr(out, "detach") else np.asarray(out)
-            outputs[name] = out
+            if hasattr(out, "detach"):
+                out = out.detach().float().cpu().numpy()
+            elif hasattr(out, "get"):      # CuPy
+                out = out.get()
+            outputs[name] = np.asarray(out)
             ctx.add(Row.timed(timing, reference=reference, note=note, **fields))
         # the bundle's ONNX function (onnxruntime CPU; CUDA provider on a GPU run when it loads)
         if spec is None:
@@ -92,6 +107,12 @@ def lmi_cases(ctx: Context) -> None:
                 providers.append((ORT_CUDA, cuda_providers()))
             for name, provider_list in providers:
                 fields = dict(base, backend=name, precision="fp32", device="cpu" if name == ORT_CPU else "cuda")
+                if name == ORT_CUDA:
+                    kept, in_use = provider_really_loads("CUDAExecutionProvider")
+                    if not kept:
+                        ctx.add(Row.skipped(f"CUDA provider does not load (a probe session ran on "
+                                            f"{', '.join(in_use) or 'nothing'})", **fields))
+                        continue
                 try:
                     runner = onnxrt_factory(path, provider_list, threads=ctx.threads, name=name)().activate()
                 except Exception as error:     # noqa: BLE001 - e.g. CUDA provider does not load
@@ -175,7 +196,6 @@ def _slab(volume: Volume, axis: int) -> tuple[np.ndarray, np.ndarray]:
 
 def ddim_cases(ctx: Context, step_ms: dict[tuple[str, str], float]) -> None:
     """DDIM-K (every backend) and DDIM-50 (fastest, or all without --quick) on one slice."""
-    from galip.runtime.backends.onnxruntime.runner import onnxrt_factory
     from galip.runtime.backends.select import Choice
     from galip.runtime.pipeline import Settings, prepare
     spec = ctx.models.diffusion
@@ -197,11 +217,11 @@ def ddim_cases(ctx: Context, step_ms: dict[tuple[str, str], float]) -> None:
         fields = dict(case=case, backend=backend.name, precision=backend.precision, device=backend.device,
                       batch=1, size=label)
         try:
+            name, precision = backend.settings_backend(ctx.device)
             with lmi_env(backend.lmi):   # the runtime's lmi.onnx runner follows the step's LMI placement
                 translator = prepare(ctx.models.bundle, ctx.models.target,
-                                     Settings(model="diffusion", backend=ORT_CPU if ctx.device == "cpu" else "auto",
-                                              steps=steps, sampler="ddim", batch=1, seed=cfg.seed,
-                                              threads=ctx.threads))
+                                     Settings(model="diffusion", backend=name, precision=precision, steps=steps,
+                                              sampler="ddim", batch=1, seed=cfg.seed, threads=ctx.threads))
             lmi_factory = lmi_eager if backend.name == EAGER else translator.lmi_factory
             translator = dataclasses.replace(
                 translator, factory=backend.factory, lmi_factory=lmi_factory,

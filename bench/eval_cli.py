@@ -86,7 +86,14 @@ def _fmt(value: float, std: float, digits: int) -> str:
     return f"{value:.{digits}f} ± {std:.{digits}f}{capped}"
 
 
-@app.command(help=__doc__.split("\n\n")[1].replace("\n", " "))
+HELP = ("The papers' metric of a translated volume against its reference: each slice along --axis divided "
+        "by its own max; PSNR with data range 1 (capped at 100 dB: identical volumes score 100); SSIM with "
+        "Gaussian weights, sigma 1.5, use_sample_covariance False, data range 1; mean over the slices whose "
+        "reference is not empty. PRED and REF may both be folders (files paired by name). "
+        "Example: galip-eval out/sub-000_T2_galip.nii.gz data/sub-000/sub-000_T2w.nii.gz --mask data/sub-000/sub-000_mask.nii.gz")
+
+
+@app.command(help=HELP)
 def main(
     pred: Annotated[Path, typer.Argument(help="Translated volume (NIfTI), or a folder of them.")],
     ref: Annotated[Path, typer.Argument(help="Reference volume on the same grid, or a folder paired by name.")],

@@ -113,10 +113,6 @@ class Row:
         return cls(status="failed", reason=first_line(error), **fields)
 
     @property
-    def group(self) -> tuple:
-        return (self.case, self.batch, self.size, self.device if self.device != "cpu" else "cpu")
-
-    @property
     def per_item_ms(self) -> float | None:
         if self.median_ms is None or not self.batch:
             return None

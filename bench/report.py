@@ -150,7 +150,7 @@ def skipped_table(rows: list[Row]) -> str:
 
 
 def write_markdown(path: Path, rows: list[Row], machine: dict, extra: dict) -> Path:
-    lines = [f"# galip-bench results", "",
+    lines = ["# galip-bench results", "",
              f"`{extra.get('command', 'galip-bench')}` — {extra.get('created', '')}, "
              f"total wall time {extra.get('wall_s', 0):.0f} s", "",
              f"Machine: {describe(machine)}.", ""]
@@ -180,11 +180,16 @@ def write_png(path: Path, rows: list[Row], title: str = "galip-bench: speed-up v
     import matplotlib.pyplot as plt
 
     bars = [r for r in rows if r.speedup and not r.reference]
-    labels = [f"{r.case} | {r.backend} {r.precision} | b{r.batch} {r.size}".replace(" | b None ", " | ")
-              for r in bars]
+    labels = []
+    for r in bars:
+        size = r.size.split(" (")[0]
+        label = f"{r.case.replace(' (estimated)', ' (est.)')} | {r.backend} {r.precision} | b{r.batch} {size}"
+        if r.extra.get("speedup_vs_authors") and r.backend != "authors' algorithm":
+            label += f" [{r.extra['speedup_vs_authors']:.0f}x authors]"
+        labels.append(label)
     values = [r.speedup for r in bars]
     colors = ["#bbbbbb" if r.status == "estimated" else ("#2a9d8f" if r.speedup >= 1 else "#e76f51") for r in bars]
-    fig, ax = plt.subplots(figsize=(10, 0.32 * max(4, len(bars)) + 1.2))
+    fig, ax = plt.subplots(figsize=(12, 0.32 * max(4, len(bars)) + 1.4))
     if bars:
         ax.barh(range(len(bars)), values, color=colors)
         ax.set_yticks(range(len(bars)), labels, fontsize=7)
@@ -198,6 +203,6 @@ def write_png(path: Path, rows: list[Row], title: str = "galip-bench: speed-up v
     ax.set_xlabel("speed-up vs eager PyTorch fp32 (log scale; grey = estimated)")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

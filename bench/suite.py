@@ -42,7 +42,6 @@ def run_bench(config: BenchConfig, out: Path, log: Callable[[str], None] = print
     """Measure everything ``config`` asks for and write the three result files into ``out``."""
     started = time.perf_counter()
     config.threads = config.threads or usable_cores()
-    out.mkdir(parents=True, exist_ok=True)
     machine = machine_info(config.threads)
     with tempfile.TemporaryDirectory(prefix="galip-bench-") as tmp, _threads(config.threads):
         workdir = Path(tmp)
@@ -50,7 +49,7 @@ def run_bench(config: BenchConfig, out: Path, log: Callable[[str], None] = print
         if config.bundle is not None:
             models = user_models(config.bundle, config.target)
             log(f"bundle {config.bundle}: eager rows use its architectures with random weights "
-                "(agreement columns then compare different weights)")
+                "(so model outputs are not compared; LMI agreement is)")
         else:
             fp16 = config.fp16 if config.fp16 is not None else config.device == "cuda"
             models = build_models(workdir / "models", unet=config.unet, net=config.net,
@@ -68,6 +67,11 @@ def run_bench(config: BenchConfig, out: Path, log: Callable[[str], None] = print
             ddim_cases(ctx, step_cases(ctx))
         except Exception as error:     # noqa: BLE001
             skip_all(ctx, "diffusion", error)
+    if config.bundle is not None:   # eager weights are random: only the LMI's agreement means something
+        for row in ctx.rows:
+            if row.case != "lmi" and row.max_abs is not None:
+                row.max_abs = row.psnr = None
+                row.extra["agreement"] = "not computed: --bundle without checkpoints (random eager weights)"
     report.add_speedups(ctx.rows)
     wall = time.perf_counter() - started
     extra = {
@@ -77,6 +81,7 @@ def run_bench(config: BenchConfig, out: Path, log: Callable[[str], None] = print
         "export": {k: (round(v, 1) if isinstance(v, float) else v) for k, v in models.export_seconds.items()},
         "load_average_end": load_average(),
     }
+    out.mkdir(parents=True, exist_ok=True)
     paths = {
         "results.json": report.write_json(out / "results.json", ctx.rows, machine, config.to_json(), extra),
         "results.md": report.write_markdown(out / "results.md", ctx.rows, machine, extra),
