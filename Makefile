@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --quiet --disable-pip-version-check
 DEMO   := demo_out
 
-.PHONY: test demo bench gpu-check clean
+.PHONY: test demo demo-bundle bench gpu-check clean
 
 # Each stamp records which extras are installed; it is redone when packaging changes.
 $(VENV)/bin/python:
@@ -32,6 +32,10 @@ demo: $(VENV)/.stamp-demo
 	else \
 		echo "demo: sample volume written to $(DEMO)/data; no demo bundle is shipped yet, so no translation (train with galip-train, export with galip-export, then galip-run --bundle DIR)"; \
 	fi
+
+# Re-makes the shipped demo bundle (small clip-free generator; ~1 h on 2 cores, resumable).
+demo-bundle: $(VENV)/.stamp-test
+	$(PY) -m galip.export.demo_bundle --work $(DEMO)/bundle_work --bundle runtime/bundles/demo
 
 bench: $(VENV)/.stamp-test
 	$(VENV)/bin/galip-bench --quick --out bench/results

@@ -17,7 +17,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from galip.runtime.cli_support import atomic_path, user_errors
+from galip.runtime.atomic import atomic_path
+from galip.runtime.cli_support import user_errors
 from galip.runtime.errors import InputError, OutputError
 
 from .metrics import PSNR_CAP, VolumeScore, evaluate

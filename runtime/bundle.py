@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from .cli_support import atomic_path
+from .atomic import atomic_path
 from .domains import Domain, get_domain
 from .errors import BackendError, BundleError, ConfigError
 

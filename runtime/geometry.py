@@ -53,7 +53,7 @@ def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.n
             f"expected an affine with three independent voxel axes, found a degenerate one "
             f"(columns {np.round(affine[:3, :3], 4).tolist()}); fix the file's qform/sform"
         )
-    data_c = np.ascontiguousarray(orientations.apply_orientation(data, ornt)).copy()
+    data_c = np.array(orientations.apply_orientation(data, ornt), order="C", copy=True)
     affine_c = affine @ orientations.inv_ornt_aff(ornt, data.shape[:3])
     return data_c, affine_c, ornt
 
@@ -78,7 +78,7 @@ def from_canonical(data_c: np.ndarray, ornt: np.ndarray) -> np.ndarray:
     inverse = np.empty_like(ornt, dtype=np.float64)
     for axis, (target, flip) in enumerate(ornt):
         inverse[int(target)] = (axis, flip)
-    return np.ascontiguousarray(orientations.apply_orientation(data_c, inverse)).copy()
+    return np.array(orientations.apply_orientation(data_c, inverse), order="C", copy=True)
 
 
 # --- slicing ----------------------------------------------------------------------------
@@ -98,7 +98,7 @@ def volume2slices(data: np.ndarray, axis: int) -> np.ndarray:
     axis = _check_axis(axis)
     if data.ndim != 3:
         raise ValueError(f"expected a 3-D volume, got shape {data.shape}")
-    return np.ascontiguousarray(np.moveaxis(data, axis, 0)).copy()
+    return np.array(np.moveaxis(data, axis, 0), order="C", copy=True)
 
 
 def slices2volume(stack: np.ndarray, axis: int) -> np.ndarray:
@@ -106,7 +106,7 @@ def slices2volume(stack: np.ndarray, axis: int) -> np.ndarray:
     axis = _check_axis(axis)
     if stack.ndim != 3:
         raise ValueError(f"expected an (n, H, W) stack, got shape {stack.shape}")
-    return np.ascontiguousarray(np.moveaxis(stack, 0, axis)).copy()
+    return np.array(np.moveaxis(stack, 0, axis), order="C", copy=True)
 
 
 def inplane_spacing(affine: np.ndarray, axis: int) -> tuple[float, float]:

@@ -229,7 +229,6 @@ class Translator:
                 out[start:stop] = plan.restore(np.clip(y[:, 0], 0.0, 1.0), target_map)
                 on_slices(stop, n)
         seconds = time.perf_counter() - started
-        del raw
         return Result(slices_to_volume(out, plan), plan, target_map, self.choice, seconds, self.table)
 
     # -- model calls ---------------------------------------------------------------------
@@ -252,10 +251,13 @@ class Translator:
         def draw() -> np.ndarray:
             return np.stack([rng.standard_normal(source.shape[1:], dtype=np.float32) for rng in rngs])
 
+        no_noise = np.zeros_like(source)
+
         def updates() -> Iterator[dict[str, np.ndarray]]:
             on_step(0, len(table))
             for index, row in enumerate(table.feeds()):
-                row["noise"] = draw()
+                # σ = 0 (every DDIM-η=0 step, the last DDPM step) ignores z: draw nothing.
+                row["noise"] = draw() if float(row["sigma"].reshape(-1)[0]) != 0.0 else no_noise
                 yield row
                 on_step(index + 1, len(table))   # resumed once the step has run
 
@@ -276,8 +278,9 @@ def _output(outputs: dict[str, np.ndarray], name: str) -> np.ndarray:
 
 def _lmi_factory(bundle: Bundle, spec: dict, choice: Choice, threads: int | None) -> RunnerFactory:
     """Runner over the bundle's ``lmi.onnx``: onnxruntime (CUDA when the step runs there), or
-    the native CPU kernel when the step's LMI runs there (``choice.lmi == "native"``; the
-    parameters are read from lmi.onnx's node, no onnxruntime session is made)."""
+    the native CPU kernel when the step's LMI runs there (``choice.lmi == "native"``) or the
+    step runs on TensorRT (LMI(source, source) is once per batch; the host kernel beats the
+    ONNX function body on the CPU). The parameters are read from lmi.onnx's node."""
     from .backends.onnxruntime.loader import cuda_providers
     from .backends.onnxruntime.runner import onnxrt_factory
     entry = spec.get("lmi_graph")
@@ -285,7 +288,8 @@ def _lmi_factory(bundle: Bundle, spec: dict, choice: Choice, threads: int | None
         raise BundleError(f"diffusion model: lmi_graph should be {{'file': 'lmi.onnx'}}, found {entry!r}; "
                           "re-export the bundle")
     path = bundle.path(entry["file"])
-    if choice.lmi == "native":
+    from . import lmi_native
+    if choice.lmi == "native" or (choice.name == "tensorrt" and lmi_native.native_unavailable_reason() is None):
         from .backends.onnxruntime.split_lmi import split_lmi_factory
         return split_lmi_factory(path, threads=threads, precision="fp32", name="onnxruntime-cpu")
     providers = cuda_providers() if choice.name == "onnxruntime-cuda" else ["CPUExecutionProvider"]
