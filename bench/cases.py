@@ -24,7 +24,6 @@ from .workload import Models, Volume, eager_generator, model_slices, torch_facto
 EAGER = "torch-eager"
 COMPILE = "torch-compile"
 ORT_CPU, ORT_CUDA, TRT = "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"
-LMI_ENV = "GALIP_LMI"            # galip.runtime.backends.select: where onnxruntime-cpu runs the LMI
 LMI_LABELS = {"onnx": "LMI in graph", "native": "native LMI"}
 
 
@@ -133,7 +132,8 @@ class Backend:
 
     ``lmi``: for a diffusion step on onnxruntime-cpu, where the runtime runs its LMI
     (``onnx``: the graph's function body; ``native``: the native kernel, split runner);
-    :func:`lmi_env` sets ``$GALIP_LMI`` to it while the runtime builds runners.
+    passed to ``select_backend(lmi=...)``, and through :func:`lmi_env` to the pipeline's
+    ``prepare`` (its Settings have no LMI field, so ``$GALIP_LMI`` is the only way in).
     """
 
     name: str
@@ -161,6 +161,7 @@ class Backend:
 @contextlib.contextmanager
 def lmi_env(mode: str | None) -> Iterator[None]:
     """``$GALIP_LMI`` = ``mode`` inside the block (the runtime's LMI placement switch)."""
+    from galip.runtime.backends.select import LMI_ENV
     if mode is None:
         yield
         return
@@ -199,15 +200,10 @@ def runtime_backend(ctx: Context, model: str, requested: str, precision: str,
     domain = ctx.models.target if model == "diffusion" else None
     name = requested if lmi is None else f"{requested} ({LMI_LABELS[lmi]})"
     try:
-        with lmi_env(lmi):
-            factory, choice = select_backend(ctx.models.bundle, model, requested, precision, domain=domain,
-                                             threads=ctx.threads)
-    except GalipError as error:
+        factory, choice = select_backend(ctx.models.bundle, model, requested, precision, domain=domain,
+                                         threads=ctx.threads, lmi=lmi)
+    except GalipError as error:     # e.g. lmi="native" where the native kernel cannot run
         return Backend(name, precision, device, reason=str(error), lmi=lmi)
-    placed = getattr(choice, "lmi", None) or "onnx"   # a runtime without the switch runs the graph as is
-    if lmi is not None and placed != lmi:
-        why = choice.reason if hasattr(choice, "lmi") else "this runtime has no native-LMI placement"
-        return Backend(name, precision, device, reason=f"LMI not placed on {lmi}: {why}", lmi=lmi)
     return Backend(name, precision, device, factory, lmi=lmi, note=choice.reason, runtime=requested)
 
 

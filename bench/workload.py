@@ -78,14 +78,14 @@ def make_diffusion_checkpoint(path: Path, net: dict | None = None, *, timesteps:
     from galip.train.midiffusion.conditioning import LMIConfig
     from galip.train.midiffusion.schedule import DATA_RANGE, DDPMSchedule
     from galip.train.midiffusion.scorenet import ScoreNet, ScoreNetConfig
-    from galip.train.midiffusion.trainer import DiffusionTrainConfig
+    from galip.train.midiffusion.trainer import PAYLOAD_FORMAT, PAYLOAD_VERSION, DiffusionTrainConfig
     from galip.train.slices import preprocess_config
 
     torch.manual_seed(seed)
     net_config = ScoreNetConfig(**(net or {}))
     model = randomise_(ScoreNet(net_config), seed + 1)
     payload = {
-        "format": "galip-midiffusion", "version": 1, "step": 0, "total_steps": 0,
+        "format": PAYLOAD_FORMAT, "version": PAYLOAD_VERSION, "step": 0, "total_steps": 0,
         "model": model.state_dict(), "ema": {"decay": 0.9999, "module": model.state_dict()},
         "config": {"train": asdict(DiffusionTrainConfig(target=target, size=size)),
                    "net": net_config.to_dict(), "schedule": DDPMSchedule(num_timesteps=timesteps).to_dict(),
@@ -138,7 +138,8 @@ def eager_generator(checkpoint: Path | None = None, manifest_entry: dict | None 
 def eager_step(checkpoint: Path | None = None, manifest_entry: dict | None = None, seed: int = 0) -> nn.Module:
     """The diffusion step graph's module (:class:`galip.export.diffusion_graph.DiffusionStep`)
     in eager PyTorch; its LMI is ``galip.train.lmi.lmi`` (native C++ kernel on CPU)."""
-    from galip.export.diffusion_graph import DiffusionStep, denoiser_from_payload
+    from galip.export.diffusion_graph import DiffusionStep
+    from galip.train.midiffusion.trainer import denoiser_from_payload
     if checkpoint is not None:
         from galip.train.checkpoint import load_checkpoint
         denoiser, _, _ = denoiser_from_payload(load_checkpoint(checkpoint))

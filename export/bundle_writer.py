@@ -28,9 +28,6 @@ from galip.runtime.bundle import MANIFEST_NAME, load_bundle, write_manifest
 from galip.runtime.errors import ConfigError
 from galip.runtime.preprocess import PreprocessConfig
 
-GENERATOR_FORMAT = "galip-i2i-generator"
-DIFFUSION_FORMAT = "galip-midiffusion"
-KINDS = {GENERATOR_FORMAT: "generator", DIFFUSION_FORMAT: "diffusion"}
 DOMAIN_KEYS = ("caption", "class_id", "kind", "suffix")
 MIN_OPSET, MAX_OPSET = 18, 20       # LayerNormalization et al.; torch.onnx TorchScript exporter max
 
@@ -96,12 +93,21 @@ class ExportResult:
 
 
 # ----------------------------------------------------------------------------- manifest pieces
+def checkpoint_kinds() -> dict[str, str]:
+    """{payload format: model kind} of the checkpoints galip-train writes (the trainers'
+    constants; imported here, not at module top, so the CLI checks its arguments before torch)."""
+    from galip.train.i2i.trainer import PAYLOAD_FORMAT as GENERATOR_FORMAT
+    from galip.train.midiffusion.trainer import PAYLOAD_FORMAT as DIFFUSION_FORMAT
+    return {GENERATOR_FORMAT: "generator", DIFFUSION_FORMAT: "diffusion"}
+
+
 def checkpoint_kind(payload: dict, source: Path | str = "checkpoint") -> str:
     """``"generator"`` or ``"diffusion"`` from the payload's ``format``; ConfigError otherwise."""
-    kind = KINDS.get(payload.get("format"))
+    kinds = checkpoint_kinds()
+    kind = kinds.get(payload.get("format"))
     if kind is None:
         raise ConfigError(f"{source} holds a {payload.get('format', 'unknown')!r} checkpoint; galip-export "
-                          f"reads {' or '.join(repr(k) for k in KINDS)} (written by galip-train)")
+                          f"reads {' or '.join(repr(k) for k in kinds)} (written by galip-train)")
     return kind
 
 
@@ -267,8 +273,9 @@ def _export_diffusion(payload: dict, root: Path, manifest: dict, options: Export
     from galip.export import fp16 as fp16_mod
     from galip.export import diffusion_graph as dg
     from galip.export.lmi_onnx import DOMAIN, OP_TYPE
+    from galip.train.midiffusion.trainer import denoiser_from_payload
 
-    denoiser, schedule, info = dg.denoiser_from_payload(payload)
+    denoiser, schedule, info = denoiser_from_payload(payload)
     target = info["target"]["name"]
     result = ExportResult("diffusion", f"models.diffusion.{target}")
     manifest["preprocess"] = merge_preprocess(manifest.get("preprocess"), info.get("preprocess"),
@@ -291,7 +298,7 @@ def _export_diffusion(payload: dict, root: Path, manifest: dict, options: Export
         _write(dg.export_lmi(lmi, opset=options.opset), root, lmi_name, result)
     entry = {
         "graphs": graphs, "lmi_graph": {"file": lmi_name, "engines": []}, "engines": [],
-        "schedule": dg.schedule_entry(schedule), "lmi": lmi, "sampler": dg.sampler_entry(schedule),
+        "schedule": schedule.noise_schedule.to_manifest(), "lmi": lmi, "sampler": dg.sampler_entry(schedule),
         "data_range": dg.data_range_entry(info),
         "conditioning": {"xt_map": denoiser.lmi_config.xt_map, "clip_x0": True},
         "io": {"inputs": dict(dg.INPUTS), "outputs": dict(dg.OUTPUTS)}, "lmi_io": dict(dg.LMI_IO),

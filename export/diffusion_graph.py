@@ -38,16 +38,12 @@ from torch import nn
 
 from galip.export import lmi_onnx
 from galip.export.generator_graph import DEFAULT_OPSET, check_graph, torch_to_onnx
-from galip.runtime.errors import ConfigError
 from galip.train.midiffusion import conditioning
 from galip.train.midiffusion.conditioning import LMIConfig, LMIDenoiser
 from galip.train.midiffusion import schedule as _schedule
 from galip.train.midiffusion.samplers import predict_x0
 from galip.train.midiffusion.schedule import DATA_RANGE, DDPMSchedule
-from galip.train.midiffusion.scorenet import ScoreNet, ScoreNetConfig
 
-DIFFUSION_FORMAT = "galip-midiffusion"
-DIFFUSION_VERSION = 1
 IMAGE_INPUTS = ("x_t", "source", "lmi_source")
 SCALAR_INPUTS = ("timestep", "alpha_bar_t", "alpha_bar_prev", "sigma")
 INPUTS = {**{n: "float32[N,1,H,W]" for n in IMAGE_INPUTS},
@@ -110,23 +106,6 @@ class DiffusionStep(nn.Module):
         return ab_prev.sqrt() * x0 + direction + sigma * noise, x0
 
 
-def denoiser_from_payload(payload: dict, *, ema: bool = True) -> tuple[LMIDenoiser, DDPMSchedule, dict]:
-    """(ε-model in eval mode, schedule, payload info) of a ``galip-train diffusion`` checkpoint.
-
-    The same reconstruction as ``galip.train.midiffusion.trainer.load_denoiser``, from an
-    already loaded payload. ``info``: config, target, preprocess, step.
-    """
-    if payload.get("format") != DIFFUSION_FORMAT or payload.get("version") != DIFFUSION_VERSION:
-        raise ConfigError(f"checkpoint format {payload.get('format')!r} version {payload.get('version')} "
-                          f"is not {DIFFUSION_FORMAT!r} version {DIFFUSION_VERSION}")
-    config = payload["config"]
-    net = ScoreNet(ScoreNetConfig.from_dict(config["net"]))
-    net.load_state_dict(payload["ema"]["module"] if ema else payload["model"])
-    denoiser = LMIDenoiser(net, LMIConfig.from_dict(config["lmi"])).eval()
-    info = {key: payload.get(key) for key in ("config", "target", "preprocess", "step")}
-    return denoiser, DDPMSchedule.from_dict(config["schedule"]), info
-
-
 def lmi_settings(config: LMIConfig) -> dict:
     """The manifest's ``lmi`` entry (checked by lmi_onnx.lmi_params)."""
     return lmi_onnx.lmi_params(**config.lmi_kwargs())
@@ -185,12 +164,6 @@ def export_lmi(params: dict, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """The checked standalone ``lmi.onnx`` (x, y → lmi, y_at) for LMI(source, source)."""
     model = lmi_onnx.lmi_model(**params, opset=opset)
     return check_graph(model, allowed_custom=[(lmi_onnx.DOMAIN, lmi_onnx.OP_TYPE)])
-
-
-def schedule_entry(schedule: DDPMSchedule) -> dict:
-    """The manifest's ``schedule`` entry."""
-    return {"kind": "ddpm_linear", "beta_start": schedule.beta_start, "beta_end": schedule.beta_end,
-            "timesteps": schedule.num_timesteps}
 
 
 def sampler_entry(schedule: DDPMSchedule, steps: int = 50) -> dict:

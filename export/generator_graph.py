@@ -40,12 +40,12 @@ from torch import nn
 from galip.runtime.atomic import atomic_path
 from galip.runtime.errors import ConfigError
 from galip.train.i2i.model import generator_from_checkpoint
+from galip.train.i2i.trainer import PAYLOAD_FORMAT as GENERATOR_FORMAT
 from galip.train.i2i.unet import Attention, I2IGalipUNet, ResBlock, SpatialTransformer
 
 DEFAULT_OPSET = 18
 INPUTS = {"image": "float32[N,1,H,W]", "domain": "int64[N]"}
 OUTPUTS = {"translated": "float32[N,1,H,W]"}
-GENERATOR_FORMAT = "galip-i2i-generator"
 
 
 # ----------------------------------------------------------------------------- the wrapper

@@ -6,8 +6,10 @@ The diffusion step graph (bundle contract) does one generalised DDIM step (Song 
     x̂_0    = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t
     x_prev = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ²) ε + σ z
 
-and is fed one row ``(timestep, ᾱ_t, ᾱ_prev, σ)`` of the table made here, once per run,
-from the manifest's ``schedule`` and the sampler settings:
+(x̂_0 clipped to the data range, ε recomputed from it, when the manifest's
+``conditioning.clip_x0``; docs/contracts.md) and is fed one row ``(timestep, ᾱ_t, ᾱ_prev, σ)``
+of the table made here, once per run, from the manifest's ``schedule`` and the sampler
+settings:
 
 * ``ddim`` with any number of steps and ``eta``: σ(η) = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev)
   (Eq. 16); η = 0 is deterministic.
@@ -33,11 +35,17 @@ SPACINGS = ("linspace", "trailing")
 #: The one default shared by training (galip.train.midiffusion) and the runtime, so eager
 #: PyTorch and a bundle pick the same timesteps for the same step count.
 DEFAULT_SPACING = "trailing"
+SCHEDULE_KIND = "ddpm_linear"   # the manifest's schedule ``kind`` (the only one there is)
 
 
 @dataclass(frozen=True)
 class NoiseSchedule:
-    """DDPM linear β_t from ``beta_start`` to ``beta_end`` over ``timesteps`` (Ho et al. §4)."""
+    """DDPM linear β_t from ``beta_start`` to ``beta_end`` over ``timesteps`` (Ho et al. §4).
+
+    The one definition of β and ᾱ: training (``galip.train.midiffusion.schedule.DDPMSchedule``)
+    reads its tables from here, export writes :meth:`to_manifest`, the runtime reads
+    :meth:`from_manifest`.
+    """
 
     beta_start: float = 1e-4
     beta_end: float = 0.02
@@ -60,12 +68,17 @@ class NoiseSchedule:
         """ᾱ_t = Π_{s≤t} (1 − β_s) (Ho et al. Eq. 4), float64 (T,)."""
         return np.cumprod(1.0 - self.betas)
 
+    def to_manifest(self) -> dict:
+        """The manifest ``schedule`` entry ``{kind: "ddpm_linear", beta_start, beta_end, timesteps}``."""
+        return {"kind": SCHEDULE_KIND, "beta_start": float(self.beta_start), "beta_end": float(self.beta_end),
+                "timesteps": int(self.timesteps)}
+
     @classmethod
     def from_manifest(cls, schedule: Mapping) -> "NoiseSchedule":
-        """From a manifest ``schedule`` entry ``{kind: "ddpm_linear", beta_start, beta_end, timesteps}``."""
-        if not isinstance(schedule, Mapping) or schedule.get("kind", "ddpm_linear") != "ddpm_linear":
+        """From a manifest ``schedule`` entry (:meth:`to_manifest`)."""
+        if not isinstance(schedule, Mapping) or schedule.get("kind", SCHEDULE_KIND) != SCHEDULE_KIND:
             found = schedule.get("kind") if isinstance(schedule, Mapping) else schedule
-            raise BundleError(f"diffusion schedule: expected kind 'ddpm_linear', found {found!r}; "
+            raise BundleError(f"diffusion schedule: expected kind {SCHEDULE_KIND!r}, found {found!r}; "
                               "upgrade galip or re-export the bundle")
         try:
             return cls(float(schedule["beta_start"]), float(schedule["beta_end"]), int(schedule["timesteps"]))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import warnings
 
 import numpy as np
@@ -17,7 +19,9 @@ import torch.nn.functional as F
 import typer
 from typer.testing import CliRunner
 
+from galip.train.checkpoint import save_checkpoint
 from galip.train.midiffusion import conditioning, samplers
+from galip.train.midiffusion import trainer as trainer_module
 from galip.train.midiffusion.cli import diffusion
 from galip.train.midiffusion.conditioning import LMIConfig, LMIDenoiser
 from galip.train.midiffusion.schedule import DDPMSchedule, ddim_timesteps, q_sample
@@ -310,6 +314,22 @@ def test_resume_refuses_contradicting_settings(tmp_path, slices):
         train_diffusion(tmp_path, {"steps": 2}, **kwargs)
 
 
+def test_first_ctrl_c_finishes_the_step_and_saves(tmp_path, slices, monkeypatch):
+    original, calls = trainer_module.training_loss, []
+
+    def training_loss(*args):                              # Ctrl-C during the second step
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args)
+
+    monkeypatch.setattr(trainer_module, "training_loss", training_loss)
+    result = train_diffusion(tmp_path, {"steps": 4, "size": 16, "batch": 2}, slices=slices,
+                             net_config=TINY, schedule=SHORT, progress=False)
+    assert result["interrupted"] and result["step"] == 2 and len(calls) == 2
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
 # ---------------------------------------------------------------- CLI
 @pytest.fixture
 def cli():
@@ -352,3 +372,11 @@ def test_cli_refuses_to_overwrite_a_checkpoint(cli, data_dir, tmp_path):
     result = cli("--data", data_dir, "--out", tmp_path / "out", "--target", "t2w")
     assert result.exit_code == 2 and "--resume" in result.output
 
+
+def test_cli_resume_from_a_generator_checkpoint_exits_2_with_one_line(cli, data_dir, tmp_path):
+    save_checkpoint(tmp_path / "out" / "checkpoint.pt", {"format": "galip-i2i-generator", "version": 1,
+                                                         "step": 1, "train_config": {"size": 32}})
+    result = cli("--data", data_dir, "--out", tmp_path / "out", "--target", "T2", "--resume")
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "'galip-i2i-generator' checkpoint" in lines[0], result.output

@@ -18,7 +18,8 @@ from helpers_export import diffusion_payload, ort_session, phantom_slices
 pytest.importorskip("onnxruntime")
 
 from galip.export import lmi_onnx, parity  # noqa: E402
-from galip.export import diffusion_graph as dg  # noqa: E402
+from galip.export import diffusion_graph as dg
+from galip.train.midiffusion.trainer import denoiser_from_payload  # noqa: E402
 from galip.export.fp16 import io_types, to_fp16  # noqa: E402
 from galip.train.lmi import lmi as torch_lmi  # noqa: E402
 from galip.train.midiffusion import samplers  # noqa: E402
@@ -27,7 +28,7 @@ from galip.train.midiffusion import samplers  # noqa: E402
 
 @pytest.fixture(scope="module")
 def model():
-    denoiser, schedule, info = dg.denoiser_from_payload(diffusion_payload(seed=1))
+    denoiser, schedule, info = denoiser_from_payload(diffusion_payload(seed=1))
     return denoiser, schedule, info
 
 

@@ -13,13 +13,16 @@ import typer
 from typer.testing import CliRunner
 
 from galip.runtime.domains import parse_domains
-from galip.train.checkpoint import load_checkpoint
+from galip.runtime.errors import ConfigError
+from galip.train.checkpoint import load_checkpoint, save_checkpoint
 from galip.train.i2i import loop
+from galip.train.i2i import trainer as trainer_module
 from galip.train.i2i.backbone import TinyViTConfig
 from galip.train.i2i.cli import generator
 from galip.train.i2i.model import generator_from_checkpoint
 from galip.train.i2i.trainer import I2ITrainer, TrainConfig, lr_factor, pick_domains
 from galip.train.i2i.unet import UNetConfig
+from galip.train.interrupt import deferred_interrupt
 
 
 DOMAINS = "T1,T2,PD"
@@ -221,3 +224,77 @@ def test_resume_with_a_different_setting_is_refused(data_dir, tmp_path):
         loop.train_generator(tmp_path, data_dir, None, {"steps": 7}, resume=True, progress=False)
     with pytest.raises(ConfigError, match="exists; pass --resume"):
         loop.train_generator(tmp_path, data_dir, "T1,T2", {}, progress=False)
+
+
+def one_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+# ------------------------------------------------------------------ non-finite losses
+def test_non_finite_loss_raises_before_the_update(monkeypatch):
+    def weights(module):        # parameters only: spectral norm's power iteration moves its buffers
+        return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+    trainer = I2ITrainer(tiny_config("none"), parse_domains(DOMAINS))
+    g0, ema0, d0 = weights(trainer.generator), weights(trainer.ema.module), weights(trainer.discriminator)
+    x = torch.rand(2, 1, 32, 32)
+    with pytest.raises(ConfigError, match="non-finite G loss at step 1"):
+        trainer.train_step(x * float("nan"), x, 0, 1)
+    assert trainer.step == 0 and trainer.opt_g.state == {} and trainer.opt_d.state == {}
+    for before, module in ((g0, trainer.generator), (ema0, trainer.ema.module), (d0, trainer.discriminator)):
+        assert all(torch.equal(before[k], v) for k, v in weights(module).items())
+    # a bad discriminator loss stops before the discriminator's update
+    monkeypatch.setattr(trainer_module, "lsgan_discriminator", lambda real, fake: real.sum() * float("inf"))
+    with pytest.raises(ConfigError, match="non-finite D loss at step 1"):
+        trainer.train_step(x, x, 0, 1)
+    assert trainer.step == 0 and trainer.opt_d.state == {}
+    assert all(torch.equal(d0[k], v) for k, v in weights(trainer.discriminator).items())
+
+
+def test_nan_loss_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch, cli):
+    original = I2ITrainer.train_step
+
+    def poisoned(self, x_a, x_b, a, b):                   # the third step sees a NaN slice
+        if self.step == 2:
+            x_a = x_a * float("nan")
+        return original(self, x_a, x_b, a, b)
+
+    monkeypatch.setattr(I2ITrainer, "train_step", poisoned)
+    with pytest.raises(ConfigError, match="non-finite G loss at step 3"):
+        loop.train_generator(tmp_path, data_dir, DOMAINS, {"backbone": "none"}, save_every=2,
+                             progress=False, trainer_config=tiny_config("none"))
+    checkpoint = tmp_path / "checkpoint.pt"
+    saved = load_checkpoint(checkpoint)
+    assert saved["step"] == 2
+    for key in ("generator", "discriminator"):
+        assert all(torch.isfinite(v).all() for v in saved[key].values() if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in saved["generator_ema"]["module"].values()
+               if v.is_floating_point())
+
+    data = checkpoint.read_bytes()
+    result = cli("--data", data_dir, "--out", tmp_path, "--resume")
+    assert result.exit_code == 2 and "non-finite G loss at step 3" in one_line(result)
+    assert checkpoint.read_bytes() == data                # the CLI did not overwrite it either
+
+
+# ------------------------------------------------------------------ resume from another model
+def test_resume_from_a_diffusion_checkpoint_exits_2_with_one_line(cli, data_dir, tmp_path):
+    save_checkpoint(tmp_path / "checkpoint.pt", {"format": "galip-midiffusion", "version": 1, "step": 1,
+                                                 "config": {"train": {"target": "T2"}}})
+    result = cli("--data", data_dir, "--out", tmp_path, "--resume")
+    assert result.exit_code == 2
+    assert "'galip-midiffusion' checkpoint" in one_line(result) and "galip-i2i-generator" in one_line(result)
+
+
+# ------------------------------------------------------------------ Ctrl-C
+def test_first_ctrl_c_sets_the_flag_and_the_second_interrupts():
+    previous = signal.getsignal(signal.SIGINT)
+    with deferred_interrupt() as stop:
+        assert not stop.is_set()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is previous

@@ -22,7 +22,8 @@ from fixtures_bundle import LMI as SMALL_LMI, lps_affine, phantom_volume, write_
 from helpers_export import diffusion_payload, phantom_slices, save_payload  # noqa: E402
 
 from galip.export import lmi_onnx  # noqa: E402
-from galip.export import diffusion_graph as dg  # noqa: E402
+from galip.export import diffusion_graph as dg
+from galip.train.midiffusion.trainer import denoiser_from_payload  # noqa: E402
 from galip.export.bundle_writer import ExportOptions, export_checkpoint  # noqa: E402
 from galip.runtime import lmi_native  # noqa: E402
 from galip.runtime import schedule as S  # noqa: E402
@@ -44,7 +45,7 @@ THREADS = 1   # the CPU is shared
 def exported(tmp_path_factory):
     """(step graph path, lmi.onnx path, schedule) of a tiny random score net."""
     root = tmp_path_factory.mktemp("graphs")
-    denoiser, schedule, _ = dg.denoiser_from_payload(diffusion_payload(seed=1))
+    denoiser, schedule, _ = denoiser_from_payload(diffusion_payload(seed=1))
     onnx.save(dg.export_step(denoiser, opset=18), root / "step.onnx")
     onnx.save(dg.export_lmi(dg.lmi_settings(denoiser.lmi_config), opset=18), root / "lmi.onnx")
     return root / "step.onnx", root / "lmi.onnx", schedule

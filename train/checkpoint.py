@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from galip.runtime.cli_support import atomic_path
+from galip.runtime.atomic import atomic_path
 from galip.runtime.errors import ConfigError
 
 

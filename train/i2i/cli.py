@@ -43,10 +43,9 @@ def generator(
     """Train the I2I-Galip generator (cycle-consistent LSGAN with CLIP-feature discriminators)."""
     console = Console(stderr=True)
     with user_errors():
-        from .loop import check_arguments, train_generator
+        from .loop import train_generator          # checks the arguments before torch loads
         given = {"steps": steps, "size": size, "batch": batch, "seed": seed,
                  "backbone": None if backbone is None else backbone.value}
-        check_arguments(data, domains, given, out, resume)   # before torch loads
         result = train_generator(out, data, domains, given, save_every=save_every, resume=resume,
                                  progress=is_interactive())
     losses = " ".join(f"{k} {v:.4g}" for k, v in result["losses"].items())

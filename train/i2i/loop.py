@@ -9,22 +9,17 @@ sampler (SliceSampler state), preprocess (slice preprocessing config) and data_d
 from __future__ import annotations
 
 import copy
-import signal
-import threading
 from pathlib import Path
 
 from galip.runtime.domains import Domain, parse_domains
 from galip.runtime.errors import ConfigError
+from galip.train.run_folder import check_run_folder
 
-CHECKPOINT_NAME = "checkpoint.pt"
 
-
-def check_arguments(data_dir: Path, domains: str | None, given: dict, out: Path, resume: bool) -> None:
-    """Cheap checks before torch loads: one-line ConfigError for each mistake."""
-    if not Path(data_dir).is_dir():
-        raise ConfigError(f"data folder {data_dir} does not exist; write one with galip-data --out {data_dir}")
-    if not (Path(data_dir) / "index.json").is_file():
-        raise ConfigError(f"{data_dir} has no index.json; expected a folder written by galip-data")
+def check_arguments(data_dir: Path, domains: str | None, given: dict, out: Path, resume: bool) -> Path:
+    """Cheap checks before torch loads (one-line ConfigError for each mistake); returns
+    ``out/checkpoint.pt``."""
+    checkpoint = check_run_folder(data_dir, out, resume)
     if domains is not None:
         parsed = parse_domains(domains)
         if len(parsed) < 2:
@@ -34,15 +29,12 @@ def check_arguments(data_dir: Path, domains: str | None, given: dict, out: Path,
     size = given.get("size")
     if size is not None and (size < 32 or size % 32):
         raise ConfigError(f"--size {size} is not a positive multiple of 32 (the U-Net halves 5 times)")
-    checkpoint = Path(out) / CHECKPOINT_NAME
-    if resume and not checkpoint.is_file():
-        raise ConfigError(f"--resume: {checkpoint} does not exist; start without --resume")
-    if not resume and checkpoint.exists():
-        raise ConfigError(f"{checkpoint} exists; pass --resume to continue it or choose another --out")
+    return checkpoint
 
 
 def _resumed_settings(payload: dict, domains: str | None, given: dict) -> tuple[list[Domain], dict]:
-    """Domains and settings of the checkpoint; an explicit option that differs is an error."""
+    """Domains and settings of the checkpoint (its format already checked); an explicit
+    option that differs is an error."""
     saved = payload["train_config"]
     saved_domains = [Domain(**d) for d in payload["domains"]]
     if domains is not None and [d.name for d in parse_domains(domains)] != [d.name for d in saved_domains]:
@@ -55,27 +47,6 @@ def _resumed_settings(payload: dict, domains: str | None, given: dict) -> tuple[
     return saved_domains, saved
 
 
-class _StopFlag:
-    """First Ctrl-C: finish the current step, save, stop. Second: interrupt at once."""
-
-    def __init__(self):
-        self.stop = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():   # signals live in the main thread
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.stop = True
-        signal.signal(signal.SIGINT, self._previous)
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
 def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict, *, save_every: int = 1000,
                     resume: bool = False, progress: bool = True, trainer_config=None) -> dict:
     """Train (or continue) an I2I-Galip generator; returns step, losses, checkpoint, interrupted.
@@ -85,16 +56,17 @@ def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict,
     network shapes for tests; the CLI leaves it None.
     """
     out, data_dir = Path(out), Path(data_dir)
-    check_arguments(data_dir, domains, given, out, resume)
+    checkpoint = check_arguments(data_dir, domains, given, out, resume)   # before torch loads
     from galip.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+    from galip.train.interrupt import deferred_interrupt
     from galip.train.progress import TrainingProgress
     from galip.train.slices import SliceSampler, load_training_slices, preprocess_config
 
-    from .trainer import I2ITrainer, TrainConfig
+    from .trainer import I2ITrainer, TrainConfig, check_format
 
-    checkpoint = out / CHECKPOINT_NAME
     payload = load_checkpoint(checkpoint) if resume else None
     if payload is not None:
+        check_format(payload, checkpoint)              # before reading any key of it
         domain_list, saved = _resumed_settings(payload, domains, given)
         config = TrainConfig.from_dict(saved)
     else:
@@ -120,13 +92,12 @@ def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict,
 
     losses: dict[str, float] = {}
     total = trainer.config.steps
-    with _StopFlag() as flag, TrainingProgress(total, trainer.step, "generator", disable=not progress) as bar:
-        while trainer.step < total and not flag.stop:
+    # a non-finite loss raises inside the step, before the update and without a save here,
+    # so the last checkpoint on disk keeps its good weights
+    with deferred_interrupt() as stop, \
+            TrainingProgress(total, trainer.step, "generator", disable=not progress) as bar:
+        while trainer.step < total and not stop.is_set():
             losses = trainer.step_from(sampler)
-            if not all(map(_finite, losses.values())):
-                save()
-                raise ConfigError(f"non-finite loss at step {trainer.step} ({losses}); "
-                                  "lower the learning rate or check the data")
             bar.update(trainer.step, losses)
             if trainer.step % save_every == 0:
                 save()
@@ -134,6 +105,3 @@ def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict,
     return {"step": trainer.step, "losses": losses, "checkpoint": checkpoint,
             "interrupted": trainer.step < total}
 
-
-def _finite(value: float) -> bool:
-    return value == value and abs(value) != float("inf")

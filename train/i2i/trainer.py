@@ -9,7 +9,9 @@ resume + N/2.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -139,7 +141,8 @@ class I2ITrainer:
     def train_step(self, x_a: torch.Tensor, x_b: torch.Tensor, a: int, b: int) -> dict[str, float]:
         """One G and one D update on unpaired batches x_a (domain a) and x_b (domain b).
 
-        x_a, x_b: (N, 1, H, W) float32 in [0, 1]. Returns the loss values as floats.
+        x_a, x_b: (N, 1, H, W) float32 in [0, 1]. Returns the loss values as floats. A
+        non-finite G or D loss raises ConfigError before that network's optimiser step.
         """
         G, D, w = self.generator, self.discriminator, self.config.weights
         n = x_a.shape[0]
@@ -172,6 +175,7 @@ class I2ITrainer:
             terms["clip"] = clip_loss(emb_fa, e_a) + clip_loss(emb_fb, e_b)
             terms["cls"] = cls_loss(cls_ra, cls_fa) + cls_loss(cls_rb, cls_fb)
         loss_g = total_generator_loss(terms, w)
+        g_value = _finite_or_raise("G", loss_g, self.step)     # before any weight changes
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()
@@ -182,6 +186,7 @@ class I2ITrainer:
         D.requires_grad_(True)
         loss_d = (lsgan_discriminator(D(real_in_a, a, e_a), D(_detach(fake_in_a), a, e_a))
                   + lsgan_discriminator(D(real_in_b, b, e_b), D(_detach(fake_in_b), b, e_b)))
+        d_value = _finite_or_raise("D", loss_d, self.step)
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         self.opt_d.step()
@@ -189,7 +194,7 @@ class I2ITrainer:
         self.sched_g.step(); self.sched_d.step()
         self.step += 1
         out = {name: float(value.detach()) for name, value in terms.items()}
-        out.update(G=float(loss_g.detach()), D=float(loss_d.detach()))
+        out.update(G=g_value, D=d_value)
         return out
 
     def step_from(self, sampler) -> dict[str, float]:
@@ -220,14 +225,30 @@ class I2ITrainer:
 
     def load_state_dict(self, payload: dict) -> None:
         """Restore weights, EMA, optimisers, schedules and the step from a payload."""
-        if payload.get("format") != PAYLOAD_FORMAT:
-            raise ConfigError(f"checkpoint format {payload.get('format')!r} is not {PAYLOAD_FORMAT!r}")
+        check_format(payload)
         self.generator.load_state_dict(payload["generator"])
         self.ema.load_state_dict(payload["generator_ema"])
         self.discriminator.load_state_dict(payload["discriminator"])
         self.opt_g.load_state_dict(payload["opt_g"]); self.opt_d.load_state_dict(payload["opt_d"])
         self.sched_g.load_state_dict(payload["sched_g"]); self.sched_d.load_state_dict(payload["sched_d"])
         self.step = int(payload["step"])
+
+
+def check_format(payload: dict, source: str | Path = "checkpoint") -> None:
+    """One-line ConfigError unless ``payload`` is a generator checkpoint of this version."""
+    if payload.get("format") != PAYLOAD_FORMAT or payload.get("version") != PAYLOAD_VERSION:
+        raise ConfigError(f"{source} holds a {payload.get('format', 'unknown')!r} checkpoint (version "
+                          f"{payload.get('version')}), expected {PAYLOAD_FORMAT!r} version {PAYLOAD_VERSION}; "
+                          "resume it with the command that wrote it or train into another --out")
+
+
+def _finite_or_raise(name: str, loss: torch.Tensor, step: int) -> float:
+    """``loss`` as a float; a one-line ConfigError if it is NaN or infinite."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise ConfigError(f"non-finite {name} loss at step {step + 1} ({value}); lower the learning "
+                          "rate or check the data (the last checkpoint is kept)")
+    return value
 
 
 def _detach(inputs):

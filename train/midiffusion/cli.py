@@ -16,27 +16,19 @@ from rich.console import Console
 from galip.runtime.cli_support import is_interactive, user_errors
 from galip.runtime.domains import get_domain
 from galip.runtime.errors import ConfigError
+from galip.train.run_folder import check_run_folder
 
-CHECKPOINT_NAME = "checkpoint.pt"
 SIZE_MULTIPLE = 8     # the reference score network halves 3 times
 
 
 def check_arguments(data_dir: Path, target: str, given: dict, out: Path, resume: bool) -> None:
     """Cheap checks before torch loads: one-line ConfigError for each mistake."""
     get_domain(target)
-    if not Path(data_dir).is_dir():
-        raise ConfigError(f"data folder {data_dir} does not exist; write one with galip-data --out {data_dir}")
-    if not (Path(data_dir) / "index.json").is_file():
-        raise ConfigError(f"{data_dir} has no index.json; expected a folder written by galip-data")
+    check_run_folder(data_dir, out, resume)
     size = given.get("size")
     if size is not None and (size < SIZE_MULTIPLE or size % SIZE_MULTIPLE):
         raise ConfigError(f"--size {size} is not a positive multiple of {SIZE_MULTIPLE} "
                           "(the score network halves 3 times)")
-    checkpoint = Path(out) / CHECKPOINT_NAME
-    if resume and not checkpoint.is_file():
-        raise ConfigError(f"--resume: {checkpoint} does not exist; start without --resume")
-    if not resume and checkpoint.exists():
-        raise ConfigError(f"{checkpoint} exists; pass --resume to continue it or choose another --out")
 
 
 def diffusion(

@@ -23,7 +23,7 @@ from typing import Callable, Literal, Protocol
 import numpy as np
 import torch
 
-from .schedule import DEFAULT_SPACING, DDPMSchedule, Spacing, ddim_timesteps, x2img
+from .schedule import DATA_RANGE, DEFAULT_SPACING, DDPMSchedule, Spacing, ddim_timesteps, x2img
 
 
 class EpsModel(Protocol):
@@ -54,15 +54,12 @@ def _alpha_bars(alpha_bar: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor):
 
 def predict_x0(eps: torch.Tensor, x_t: torch.Tensor, ab_t: torch.Tensor, clip_x0: bool):
     """x̂_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t (Ho et al. Eq. 15); with clipping, ε is recomputed
-    from the clipped x̂_0 (diffusers ``use_clipped_model_output``)."""
+    from the clipped x̂_0 (diffusers ``use_clipped_model_output``). Clipped to ``DATA_RANGE``."""
     x0 = (x_t - (1.0 - ab_t).sqrt() * eps) / ab_t.sqrt()
     if clip_x0:
-        x0 = x0.clamp(-1.0, 1.0)
+        x0 = x0.clamp(*DATA_RANGE)
         eps = (x_t - ab_t.sqrt() * x0) / (1.0 - ab_t).sqrt()
     return x0, eps
-
-
-_predict_x0 = predict_x0     # old name, still imported by export/diffusion_graph.py
 
 
 def ddpm_update(eps: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,

@@ -12,14 +12,19 @@ import torch
 
 from galip.runtime import schedule as runtime_schedule
 from galip.runtime.errors import ConfigError
-from galip.runtime.schedule import DEFAULT_SPACING, Spacing  # noqa: F401  (re-exported)
+from galip.runtime.schedule import DEFAULT_SPACING, NoiseSchedule, Spacing  # noqa: F401  (re-exported)
 
 DATA_RANGE = (-1.0, 1.0)   # model space of x_0; images live in [0, 1]
 
 
 @dataclass(frozen=True)
 class DDPMSchedule:
-    """Linear β_t from ``beta_start`` to ``beta_end`` over T steps, ε-prediction."""
+    """Linear β_t from ``beta_start`` to ``beta_end`` over T steps, ε-prediction.
+
+    The training-side config (its field names are the checkpoint's); β and ᾱ come from the
+    runtime's :class:`~galip.runtime.schedule.NoiseSchedule`, the one definition of the
+    schedule that export writes to the manifest and the runtime samples with.
+    """
 
     num_timesteps: int = 1000
     beta_start: float = 1e-4
@@ -28,23 +33,26 @@ class DDPMSchedule:
     prediction_type: Literal["epsilon"] = "epsilon"
 
     def __post_init__(self):
-        if self.num_timesteps < 1:
-            raise ConfigError(f"num_timesteps must be at least 1, got {self.num_timesteps}")
-        if not 0.0 < self.beta_start <= self.beta_end < 1.0:
-            raise ConfigError(f"expected 0 < beta_start <= beta_end < 1, got {self.beta_start}, {self.beta_end}")
         if self.beta_schedule != "linear" or self.prediction_type != "epsilon":
             raise ConfigError(f"only a linear β schedule with ε-prediction is implemented, got "
                               f"{self.beta_schedule!r}/{self.prediction_type!r}")
+        self.noise_schedule      # noqa: B018 - NoiseSchedule checks timesteps and βs (ConfigError)
+
+    @property
+    def noise_schedule(self) -> NoiseSchedule:
+        """The runtime's numpy schedule with the same β_1 … β_T (its manifest form: ``to_manifest()``)."""
+        return NoiseSchedule(self.beta_start, self.beta_end, self.num_timesteps)
 
     @property
     def betas(self) -> torch.Tensor:
         """β_t, t = 0 … T−1, float64 (T,)."""
-        return torch.linspace(self.beta_start, self.beta_end, self.num_timesteps, dtype=torch.float64)
+        return torch.from_numpy(self.noise_schedule.betas)
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
-        """ᾱ_t = Π_{s≤t} (1 − β_s) (Ho et al. Eq. 4), float32 (T,): the table every step reads."""
-        return torch.cumprod(1.0 - self.betas, dim=0).float()
+        """ᾱ_t = Π_{s≤t} (1 − β_s) (Ho et al. Eq. 4), float32 (T,): the table every step reads
+        (the runtime's float64 ᾱ rounded once)."""
+        return torch.from_numpy(self.noise_schedule.alpha_bars).float()
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -8,12 +8,8 @@ end and on Ctrl-C, holding everything needed to continue bit-for-bit.
 """
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -24,13 +20,14 @@ from galip.runtime.errors import ConfigError
 
 from ..checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from ..ema import EMA
+from ..interrupt import deferred_interrupt
 from ..progress import TrainingProgress
+from ..run_folder import check_run_folder
 from ..slices import SliceSampler, load_training_slices, preprocess_config
 from .conditioning import LMIConfig, LMIDenoiser
 from .schedule import DATA_RANGE, DDPMSchedule, img2x, q_sample
 from .scorenet import ScoreNet, ScoreNetConfig
 
-CHECKPOINT_NAME = "checkpoint.pt"
 PAYLOAD_FORMAT = "galip-midiffusion"
 PAYLOAD_VERSION = 1
 
@@ -118,15 +115,11 @@ def train_diffusion(out_dir: str | Path, given: dict, *, data_dir: str | Path | 
     run; a resumed run takes them from its checkpoint.
     """
     out_dir = Path(out_dir)
-    path = out_dir / CHECKPOINT_NAME
+    path = check_run_folder(data_dir if slices is None else None, out_dir, resume)
     payload = None
     if resume:
-        if not path.is_file():
-            raise ConfigError(f"--resume given but {path} does not exist; drop --resume to start a new run")
         payload = load_checkpoint(path)
-        _check_format(payload, path)
-    elif path.exists():
-        raise ConfigError(f"{path} already exists; pass --resume to continue it or choose another --out")
+        _check_format(payload, path)                # before reading any key of it
     config = resolve_config(given, payload["config"]["train"] if payload else None)
     if payload:
         net_config = ScoreNetConfig.from_dict(payload["config"]["net"])
@@ -180,7 +173,7 @@ def train_diffusion(out_dir: str | Path, given: dict, *, data_dir: str | Path | 
 
     # 2. the loop; Ctrl-C is deferred to the end of the current step, then saved
     loss_value, interrupted = float("nan"), False
-    with _deferred_interrupt() as stop, \
+    with deferred_interrupt() as stop, \
             TrainingProgress(config.steps, step, f"diffusion {domain.name}", disable=not progress) as bar:
         while step < config.steps:
             x0_img = torch.from_numpy(sampler.sample(domain.name)).to(device)
@@ -204,26 +197,6 @@ def train_diffusion(out_dir: str | Path, given: dict, *, data_dir: str | Path | 
                 save()
     save()
     return {"step": step, "loss": loss_value, "interrupted": interrupted, "checkpoint": path}
-
-
-@contextlib.contextmanager
-def _deferred_interrupt() -> Iterator[threading.Event]:
-    """Turn the first SIGINT into a flag the loop reads between steps (a second one aborts)."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def handler(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def load_denoiser(path: str | Path, *, ema: bool = True,
