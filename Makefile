@@ -16,7 +16,7 @@ $(VENV)/.stamp-test: pyproject.toml setup.py | $(VENV)/bin/python
 	@touch $@
 
 $(VENV)/.stamp-demo: pyproject.toml setup.py | $(VENV)/bin/python
-	$(PIP) install -e '.[cpu,data]'
+	$(PIP) install -e '.[cpu,data,preview]'
 	@touch $@
 
 test: $(VENV)/.stamp-test
