@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from galip.runtime.backends.base import Runner, TensorMeta
+from galip.train.slices import centre_fit
 
 GENERATOR_DOMAINS = "T1,T2,PD"
 SOURCE_CONTRAST = "T1w"
@@ -257,19 +258,8 @@ def model_slices(volume: Volume, preprocess: dict, n: int, size: int | None = No
     picked = [raw[(start + i) % len(raw)] for i in range(n)]
     slices = plan.prepare(np.stack(picked))
     if size is not None:
-        slices = _centre(slices, size)
+        slices = centre_fit(slices, size)
     return np.ascontiguousarray(slices[:, None], dtype=np.float32)
-
-
-def _centre(stack: np.ndarray, size: int) -> np.ndarray:
-    """Centre crop or zero-pad (b, H, W) to (b, size, size)."""
-    out = np.zeros((len(stack), size, size), np.float32)
-    h, w = stack.shape[1:]
-    ch, cw = min(h, size), min(w, size)
-    sy, sx = (h - ch) // 2, (w - cw) // 2
-    dy, dx = (size - ch) // 2, (size - cw) // 2
-    out[:, dy:dy + ch, dx:dx + cw] = stack[:, sy:sy + ch, sx:sx + cw]
-    return out
 
 
 def noisy_sample(source: np.ndarray, alpha_bar: float = 0.5, seed: int = 0) -> np.ndarray:

@@ -28,6 +28,7 @@ from importlib import resources
 from pathlib import Path
 
 from galip.runtime.errors import BackendError
+from galip.runtime.lmi_native import cache_dir
 
 __all__ = ["HEADER", "KERNEL", "BLOCK", "compile_lmi_ptx", "header_path",
            "nvcc_available", "nvcc_path", "ptx_entry_points", "ptx_kernel_params",
@@ -78,11 +79,6 @@ def _nvcc_version(nvcc: str) -> str:
     return proc.stdout.strip()
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("GALIP_CACHE")
-    return Path(root) / "kernels" if root else Path.home() / ".cache" / "galip" / "kernels"
-
-
 def compile_lmi_ptx(out_dir: str | Path | None = None, arch: str | None = DEFAULT_ARCH) -> Path:
     """Compile lmi.cuh to PTX (entry point :data:`KERNEL`); returns the cached ``.ptx`` path.
 
@@ -104,7 +100,7 @@ def compile_lmi_ptx(out_dir: str | Path | None = None, arch: str | None = DEFAUL
     for part in (header.read_bytes(), _WRAPPER.encode(), " ".join(flags).encode(),
                  _nvcc_version(nvcc).encode()):
         digest.update(hashlib.sha256(part).digest())
-    out_dir = Path(out_dir) if out_dir is not None else _cache_dir()
+    out_dir = Path(out_dir) if out_dir is not None else cache_dir()
     target = out_dir / f"lmi-{arch or 'default'}-{digest.hexdigest()[:20]}.ptx"
     if target.is_file():
         return target

@@ -45,6 +45,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from galip.runtime.errors import ConfigError
+from galip.runtime.lmi_native import TIE_TOL  # the kernel's tie rule, one value for all implementations
 
 DOMAIN = "galip"                 # ONNX domain of the function and the node
 OP_TYPE = "LMI"                  # == TensorRT plugin name ("galip::LMI")
@@ -54,7 +55,6 @@ MIN_OPSET = 13                   # Softmax over one axis; Unsqueeze axes as an i
 MIN_IR_VERSION = 9               # FunctionProto.attribute_proto (attribute defaults)
 LMI_DEFAULTS = {"patch": 3, "radius": 1, "bins": 27, "sigma": 8 / 255, "normalize": True}
 OUTPUTS = ("lmi", "y_at", "offset_index")   # float32, float32, int32; all (N, 1, H, W)
-TIE_TOL = 1e-6                   # MI values this close are a tie (GALIP_LMI_TIE_TOL, lmi.cuh)
 _INT64_MAX = np.iinfo(np.int64).max
 
 

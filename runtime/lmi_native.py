@@ -31,7 +31,7 @@ import numpy as np
 from .errors import BackendError, ConfigError
 
 __all__ = ["lmi_numpy", "native_available", "check_lmi_args", "support_radius", "needs_float64",
-           "native_unavailable_reason", "library_path", "TIE_TOL"]
+           "native_unavailable_reason", "library_path", "cache_dir", "TIE_TOL"]
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 SOURCES = ("lmi.cuh", "lmi_host.cpp")
@@ -111,7 +111,8 @@ def _cpu_tag() -> str:
     return f"{platform.machine()} {platform.processor()} {flags}"
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """Per-user folder of compiled kernels (``$GALIP_CACHE/kernels`` or ``~/.cache/galip/kernels``)."""
     root = os.environ.get("GALIP_CACHE")
     return Path(root) / "kernels" if root else Path.home() / ".cache" / "galip" / "kernels"
 
@@ -123,7 +124,7 @@ def library_path() -> Path:
         digest.update((KERNEL_DIR / name).read_bytes())
     digest.update(" ".join(_compiler() + list(FLAGS)).encode())
     digest.update(_cpu_tag().encode())
-    return _cache_dir() / f"lmi_host-{digest.hexdigest()[:20]}.so"
+    return cache_dir() / f"lmi_host-{digest.hexdigest()[:20]}.so"
 
 
 def _build(target: Path) -> None:

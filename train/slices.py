@@ -67,7 +67,7 @@ def volume_slices(path: str | Path, domain: Domain, config: dict) -> np.ndarray:
     """All slices of one volume with enough foreground: (n, size, size) float32 in [0, 1]."""
     volume = load_volume(path)
     plan, raw = plan_volume(volume.data, volume.affine, domain.kind, PreprocessConfig.from_dict(config))
-    stack = _centre_fit(plan.prepare(raw), config["size"])
+    stack = centre_fit(plan.prepare(raw), config["size"])
     foreground = (stack > 0.05).mean(axis=(1, 2))
     return np.ascontiguousarray(stack[foreground >= config["min_foreground"]], dtype=np.float32)
 
@@ -129,7 +129,7 @@ class SliceSampler:
             self._rngs[name].bit_generator.state = json.loads(encoded)
 
 
-def _centre_fit(stack: np.ndarray, size: int) -> np.ndarray:
+def centre_fit(stack: np.ndarray, size: int) -> np.ndarray:
     """Centre-crop or zero-pad the last two axes of ``stack`` to ``size`` × ``size``."""
     out = np.zeros((stack.shape[0], size, size), dtype=stack.dtype)
     src, dst = [], []
