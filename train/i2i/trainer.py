@@ -50,10 +50,13 @@ class TrainConfig:
     tiny: TinyViTConfig = field(default_factory=TinyViTConfig)
     context_tokens: int = 8          # clip-free: learned tokens per domain
     conv_channels: int = 64          # clip-free: width of the PatchGAN heads
+    crop: int = 0                    # random crop x crop windows of the slices (0: whole slices)
+    min_foreground: float = 0.05     # drop slices with less foreground (0: every slice, empty ones too)
+    axes: tuple[int, ...] = (2,)     # slicing axes the training slices are taken along
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["betas"] = list(self.betas)
+        d["betas"], d["axes"] = list(self.betas), list(self.axes)
         d["unet"], d["tiny"] = self.unet.to_dict(), self.tiny.to_dict()
         return d
 
@@ -61,6 +64,7 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         d = dict(d)
         d["betas"] = tuple(d["betas"])
+        d["axes"] = tuple(d.get("axes", (2,)))
         d["weights"] = LossWeights(**d["weights"])
         d["unet"] = UNetConfig.from_dict(d["unet"])
         tiny = dict(d["tiny"])
