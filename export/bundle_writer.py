@@ -246,6 +246,8 @@ def _export_generator(payload: dict, root: Path, manifest: dict, options: Export
             graphs["fp16"] = {"file": _write(half, root, "generator_fp16.onnx", result)}
     entry = {
         "domains": [d["name"] for d in domains], "graphs": graphs, "engines": [],
+        # what the generator saw as input: the runtime refuses other source kinds
+        "source_kinds": sorted({d["kind"] for d in domains}),
         "io": {"inputs": dict(INPUTS), "outputs": dict(OUTPUTS)},
         "unet": unet_config.to_dict(), "trained_steps": int(payload.get("step", 0)),
         "trained_size": (payload.get("preprocess") or {}).get("size"),

@@ -23,7 +23,7 @@ from galip.runtime.bundle import write_manifest
 
 DEMO_DATA = dict(subjects=12, seed=1, spacing=2.0, noise=0.02)
 DEMO_DOMAINS = "T1,T2,PD"
-DEMO_STEPS = 5000
+DEMO_STEPS = 3600
 
 
 def demo_config(steps: int = DEMO_STEPS):
