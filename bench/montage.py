@@ -41,7 +41,7 @@ def write_montage(path: Path, views: dict[str, dict[str, list[np.ndarray]]], bes
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if p == 0:
-                    ax.set_title(column if c < len(COLUMNS) else f"best: {column}", fontsize=7, loc="left")
+                    ax.set_title(column if c < len(COLUMNS) else f"best (PSNR): {column}", fontsize=7, loc="left")
             if c == 0:
                 axes[r, 0].set_ylabel(direction.replace("->", "→"), fontsize=9)
     fig.suptitle(f"{title}  (axial | sagittal per column; grey 0 to brain 99th percentile)", fontsize=9)

@@ -241,6 +241,9 @@ def run_quality(request: QualityRequest, log: Log = lambda line: None) -> tuple[
         raise ConfigError("pass the model with --model, not --run-option model=...")
     settings = pipeline.Settings(**{**request.options.settings, "model": request.model})
     data = request.data
+    if request.subjects < 2:
+        raise ConfigError(f"--subjects must be at least 2 (histogram matching takes another subject's target), "
+                          f"got {request.subjects}")
     if data is None:
         from galip.train.data_cli import write_dataset
         data = request.out / "data"

@@ -75,7 +75,7 @@ def markdown(report: dict) -> str:
         "PSNR dB / SSIM with the papers' metric, mean over subjects; baselines scored the same way. "
         f"{MET} met, {MISSED} missed (goals below).", "",
         "| direction | model (brain) | whole volume | identity | hist. match | hist. match (neg.) "
-        "| over best baseline | separation r: output (truth) | hallucination | stripe score (slices) | goals met |",
+        "| over best baseline | separation r: output (truth) | hallucination | stripe score (stripe slices, all subjects) | goals met |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, d in report["directions"].items():
