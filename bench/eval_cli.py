@@ -156,7 +156,6 @@ def main(
                 raise OutputError(f"cannot write --json {json_out}: {error.strerror or error}") from None
 
 
-
 QUALITY_HELP = (
     "Score a bundle on held-out phantoms: write galip-data subjects with a seed training never used "
     f"(default {HELD_OUT_SEED}; the demo bundle trains on seed 1), translate every ordered pair of the "

@@ -15,6 +15,8 @@ training-free baselines.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from galip.runtime.bundle import Bundle
-from galip.runtime.errors import ConfigError, OutputError
+from galip.runtime.errors import ConfigError
 
 from . import artifacts
 from .baselines import BASELINES
@@ -255,7 +257,7 @@ def run_quality(request: QualityRequest, log: Log = lambda line: None) -> tuple[
     subjects = load_subjects(data, names, request.subjects, axis_world, request.slices)
     present = set.intersection(*(set(s.images) for s in subjects))
     pairs = plan_directions(bundle, request.model, present)
-    translators = {t: pipeline.prepare(bundle, t, settings, **request.options.prepare) for t in {t for _, t in pairs}}
+    translators = {t: pipeline.prepare(bundle, t, settings, **request.options.prepare) for t in dict.fromkeys(t for _, t in pairs)}
     axis = voxel_axis(subjects[0].affine, axis_world)
     per_direction: dict[tuple[str, str], list[dict]] = {pair: [] for pair in pairs}
     seconds: dict[tuple[str, str], float] = dict.fromkeys(pairs, 0.0)
@@ -280,17 +282,27 @@ def run_quality(request: QualityRequest, log: Log = lambda line: None) -> tuple[
         "command": request.command,
         "bundle": {"path": str(bundle.root), "name": pipeline.bundle_name(bundle), "model": request.model,
                    "trained_steps": bundle.manifest["models"][request.model].get("trained_steps")},
-        "data": {"folder": str(data), "generated": request.data is None, "seed": request.seed if request.data is None else None,
-                 "spacing_mm": request.spacing if request.data is None else None,
+        "data": {"folder": str(data), "generated": request.data is None, **_data_settings(request, data),
                  "subjects": [s.id for s in subjects], "slices": list(request.slices) if request.slices else None,
                  "head_masks": all(s.head is not None for s in subjects)},
-        "runtime": {"settings": {k: v for k, v in vars(settings).items()}, "options": request.options.to_json(),
+        "runtime": {"settings": dataclasses.asdict(settings), "options": request.options.to_json(),
                     "backend": choice.reason},
         "definitions": definitions(),
         "directions": directions,
         "wall_s": time.perf_counter() - started,
     }
     return report, views
+
+
+def _data_settings(request: QualityRequest, data: Path) -> dict:
+    """Seed and spacing of the data: the request's when generated, else galip-data's index.json (or None)."""
+    if request.data is None:
+        return {"seed": request.seed, "spacing_mm": request.spacing}
+    try:
+        index = json.loads((data / "index.json").read_text())
+        return {"seed": index.get("seed"), "spacing_mm": index.get("spacing_mm")}
+    except (OSError, ValueError, AttributeError):
+        return {"seed": None, "spacing_mm": None}
 
 
 def definitions() -> dict:
@@ -314,12 +326,7 @@ def definitions() -> dict:
 
 
 def check_out(out: Path, overwrite: bool) -> None:
-    """OutputError unless ``out`` is a new or empty folder (or ``overwrite``)."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} is a file; expected a new or empty folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"--out {out} is not empty; pass --overwrite or choose a new folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(f"cannot create --out {out}: {error.strerror or error}") from None
+    """OutputError unless ``out`` is a new or empty folder (or ``overwrite``); creates it.
+    galip-data's rule for its --out, shared (``out`` holds no index.json of its own)."""
+    from galip.train.data_cli import prepare_out
+    prepare_out(out, overwrite)

@@ -66,7 +66,8 @@ def markdown(report: dict) -> str:
     bundle, data = report["bundle"], report["data"]
     steps = f", {bundle['trained_steps']} training steps" if bundle.get("trained_steps") else ""
     held_out = (f"{len(data['subjects'])} held-out phantoms written with seed {data['seed']} at {data['spacing_mm']:g} mm"
-                if data["generated"] else f"{len(data['subjects'])} subjects from {data['folder']}")
+                if data["generated"] else f"{len(data['subjects'])} subjects from {data['folder']} (galip-data seed "
+                f"{data['seed']})")
     lines = [
         f"# Translation quality: bundle {bundle['name']} ({bundle['model']}{steps})", "",
         f"Command: `{report['command']}`  ",
@@ -119,6 +120,6 @@ def write_outputs(report: dict, views: dict, out: Path) -> dict[str, Path]:
     best = {name: d["best_baseline"]["psnr"]["name"] for name, d in report["directions"].items()}
     write_montage(paths["montage"], views, best, title=f"{report['bundle']['name']} {report['bundle']['model']}: "
                   f"{report['data']['subjects'][0]}")
-    _write_text(paths["json"], json.dumps(report, indent=2) + "\n")
+    _write_text(paths["json"], json.dumps(report, indent=2, default=str) + "\n")
     _write_text(paths["markdown"], markdown(report))
     return paths

@@ -79,7 +79,7 @@ def test_the_diffusion_model_is_scored_on_a_slice_range(tiny, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "diff" / "quality.json").read_text())
     assert set(report["directions"]) == {"T1->T2", "PD->T2"}  # the one diffusion target
-    assert report["data"]["slices"] == [10, 13] and not report["data"]["generated"]
+    assert report["data"]["slices"] == [10, 13] and not report["data"]["generated"] and report["data"]["seed"] == 5
     d = report["directions"]["T1->T2"]
     assert d["separation"] == {} and d["goals"]["separation"]["met"] is None
     assert np.isfinite(d["model"]["brain"]["psnr"]) and d["stripes"]["ratios"][2] > 0
