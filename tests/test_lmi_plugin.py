@@ -169,16 +169,34 @@ class _Expr(int):
     """Stand-in for a TensorRT symbolic shape expression (concrete here)."""
 
 
+SERIALIZABLE_DTYPES = (np.int8, np.int16, np.int32, np.int64, np.float16, np.float32, np.float64,
+                       np.bool_)
+FIELD_DTYPES = {int: np.int32, float: np.float32}     # builtin attribute → PluginField dtype
+
+
+def _ndarray_dtype(annotation):
+    """The dtype of a ``numpy.typing.NDArray[dtype]`` annotation, else None."""
+    if typing.get_origin(annotation) is not np.ndarray:
+        return None
+    return typing.get_args(typing.get_args(annotation)[1])[0]
+
+
 def _fake_tensorrt():
     """``tensorrt`` + ``tensorrt.plugin`` with the decorators and classes the plugin uses.
 
-    The decorators check what the real ones validate (tensorrt/plugin/_validate.py): live
-    class annotations, no defaults, TensorDescs first, the aot_impl argument schema.
+    As strict as the real package (tensorrt/plugin/_validate.py, _lib.py of 10.9-11.1) where it
+    matters: live class annotations, no defaults, TensorDescs first, attributes typed as a
+    serializable builtin or ``NDArray[dtype]``; ``create_plugin`` receives every attribute as
+    the one-element PluginField array the ONNX parser passes and converts a builtin-typed one
+    with ``int(array)`` / ``float(array)``, which fails as on NumPy >= 2.4 whatever NumPy runs
+    here; ``trtp.op`` wants an ndarray of the declared dtype for an NDArray attribute and
+    exactly the declared builtin type otherwise.
     """
     trt = types.ModuleType("tensorrt")
     trtp = types.ModuleType("tensorrt.plugin")
     trt.plugin = trtp
     trtp.calls = []
+    trtp.attrs = {}                 # plugin id → {attribute: annotation}
 
     class TensorDesc:
         def __init__(self, shape):
@@ -209,31 +227,85 @@ def _fake_tensorrt():
             self.types, self.formats = types_, formats
 
     def check_annotations(fn):
-        for p in inspect.signature(fn).parameters.values():
+        params = list(inspect.signature(fn).parameters.values())
+        for p in params:
             assert p.default is inspect.Parameter.empty, f"{p.name} has a default"
             assert not isinstance(p.annotation, str), f"{p.name}: string annotation"
         assert inspect.signature(fn).return_annotation is not inspect.Parameter.empty
+        return params
 
     def decorator(kind):
         def with_id(plugin_id):
             def wrap(fn):
-                check_annotations(fn)
+                params = check_annotations(fn)
+                if kind == "register":
+                    attrs = {p.name: p.annotation for p in params if p.annotation is not TensorDesc}
+                    for name, annotation in attrs.items():
+                        dtype = _ndarray_dtype(annotation)
+                        assert annotation in (int, float, str, bytes, bool) or \
+                            dtype in SERIALIZABLE_DTYPES, f"{name}: {annotation} is not serializable"
+                    trtp.attrs[plugin_id] = attrs
                 trtp.calls.append((kind, plugin_id, fn))
                 return fn
             return wrap
         return with_id
+
+    def create_plugin(plugin_id, fields):
+        """_TemplatePluginCreator.create_plugin: PluginFields → attribute values."""
+        attrs = {}
+        for name, data in fields.items():
+            annotation = trtp.attrs[plugin_id][name]
+            dtype = _ndarray_dtype(annotation)
+            if dtype is not None:
+                attrs[name] = data.astype(dtype)
+            else:
+                if np.ndim(data) != 0:          # NumPy >= 2.4: int(np.array([3])) is a TypeError
+                    raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+                attrs[name] = annotation(data)
+        return attrs
+
+    def op_call(plugin_id):
+        def call(*tensors, **attrs):
+            declared = trtp.attrs[plugin_id]
+            assert list(attrs) == list(declared), f"schema {list(attrs)} != {list(declared)}"
+            for name, value in attrs.items():
+                dtype = _ndarray_dtype(declared[name])
+                if dtype is not None:
+                    if not isinstance(value, np.ndarray) or value.dtype != np.dtype(dtype):
+                        raise ValueError(f"Unexpected dtype for attribute '{name}'")
+                elif declared[name] is not type(value):
+                    raise ValueError(f"Unexpected type '{type(value)}' for attribute '{name}'")
+            return (plugin_id, tensors, attrs)
+        return call
 
     trtp.TensorDesc, trtp.KernelLaunchParams = TensorDesc, KernelLaunchParams
     trtp.SymExprs, trtp.SymIntExprs, trtp.SymInt32 = SymExprs, SymIntExprs, SymInt32
     trtp.AutoTuneCombination = AutoTuneCombination
     trtp.register, trtp.autotune, trtp.aot_impl = (decorator(k) for k in ("register", "autotune",
                                                                           "aot_impl"))
+    trtp.create_plugin = create_plugin
     trtp.cdiv = lambda a, b: _Expr(-(-a // b))
     trt.int32, trt.float32 = "int32", "float32"
     trtp.from_shape_expr = lambda shape, dtype: types.SimpleNamespace(shape_expr=shape, dtype=dtype)
-    trtp.op = types.SimpleNamespace(galip=types.SimpleNamespace(
-        LMI=lambda *tensors, **attrs: ("galip::LMI", tensors, attrs)))
+    trtp.op = types.SimpleNamespace(galip=types.SimpleNamespace(LMI=op_call("galip::LMI")))
     return trt, trtp
+
+
+def _parser_fields(trtp, **params):
+    """What TensorRT's ONNX parser hands the plugin creator for galip's real LMI node: every
+    attribute the plugin declares as a one-element array of its PluginField type."""
+    from onnx import helper
+
+    from galip.export.lmi_onnx import lmi_node
+    node = lmi_node("x", "y", **params)
+    fields = {}
+    for attribute in node.attribute:
+        annotation = trtp.attrs["galip::LMI"].get(attribute.name)
+        if annotation is None:              # plugin_namespace, aot: read by the parser itself
+            continue
+        dtype = _ndarray_dtype(annotation) or FIELD_DTYPES[annotation]
+        fields[attribute.name] = np.array([helper.get_attribute_value(attribute)], dtype)
+    return fields
 
 
 @pytest.fixture
@@ -263,10 +335,13 @@ def test_registration_with_fake_tensorrt(fake_trt, tmp_path):
     # register: inputs x, y then the ONNX node's attributes (lmi_onnx.lmi_node) as attributes
     sig = inspect.signature(fns["register"])
     assert list(sig.parameters) == ["x", "y", "patch", "radius", "bins", "sigma", "normalize"]
-    annotations = [sig.parameters[n].annotation for n in ("patch", "sigma", "normalize")]
-    assert annotations == [int, float, int]
+    dtypes = [_ndarray_dtype(sig.parameters[n].annotation) for n in ("patch", "sigma", "normalize")]
+    assert dtypes == [np.int32, np.float32, np.int32]
+    # attributes as the parser passes them (one-element arrays), through create_plugin
+    attrs = fake_trt.create_plugin("galip::LMI", _parser_fields(fake_trt))
+    assert all(isinstance(v, np.ndarray) and v.shape == (1,) for v in attrs.values())
     x = fake_trt.TensorDesc((2, 1, 100, 77))
-    outs = fns["register"](x, x, 3, 1, 27, 8 / 255, 1)
+    outs = fns["register"](x, x, **attrs)
     assert [o.shape_expr for o in outs] == [x.shape_expr] * 3     # lmi, y_at, offset_index
     assert outs[2].dtype == "int32"
 
@@ -279,7 +354,7 @@ def test_registration_with_fake_tensorrt(fake_trt, tmp_path):
     assert list(inspect.signature(aot).parameters) == [
         "x", "y", "patch", "radius", "bins", "sigma", "normalize", "outputs", "tactic"]
     assert typing.get_origin(inspect.signature(aot).return_annotation) is tuple
-    name, ptx, launch, extra = aot(x, x, 3, 1, 27, 8 / 255, 1, outs, 0)
+    name, ptx, launch, extra = aot(x, x, **attrs, outputs=outs, tactic=0)
     assert name == "galip_lmi_kernel" and name in kernels.ptx_entry_points(ptx)
     assert (launch.grid_x, launch.grid_y, launch.block_x, launch.shared_mem) == (
         -(-100 * 77 // 128), 2, 128, 0)
@@ -290,8 +365,19 @@ def test_registration_with_fake_tensorrt(fake_trt, tmp_path):
     # one 4-byte value per scalar .param of the kernel, in order
     assert len(values) == len([t for t in kernels.ptx_kernel_params(ptx, name) if t != ".u64"])
 
+    big = fake_trt.create_plugin("galip::LMI", _parser_fields(fake_trt, bins=64))
     with pytest.raises(ConfigError, match="bins <= 32"):
-        aot(x, x, 3, 1, 64, 8 / 255, 1, outs, 0)
+        aot(x, x, **big, outputs=outs, tactic=0)
+
+
+def test_strict_fake_rejects_builtin_attributes(fake_trt):
+    """The fake can fail: an ``int``-typed attribute breaks on the parser's one-element array,
+    as tensorrt.plugin 10.9-11.1 does on NumPy >= 2.4."""
+    @fake_trt.register("demo::Old")
+    def old_desc(x: fake_trt.TensorDesc, patch: int) -> fake_trt.TensorDesc:
+        return x
+    with pytest.raises(TypeError, match="0-dimensional"):
+        fake_trt.create_plugin("demo::Old", {"patch": np.array([3], np.int32)})
 
 
 def test_add_lmi_layer_uses_the_aot_plugin(fake_trt, tmp_path):
@@ -301,8 +387,9 @@ def test_add_lmi_layer_uses_the_aot_plugin(fake_trt, tmp_path):
     assert lmi_plugin.add_lmi_layer(network, "x", "y", bins=16, normalize=False) == "layer"
     (plugin_id, tensors, attrs), aot = calls[0]
     assert (plugin_id, tensors, aot) == ("galip::LMI", ("x", "y"), True)
-    assert attrs == {"patch": 3, "radius": 1, "bins": 16, "sigma": pytest.approx(8 / 255),
-                     "normalize": 0}
+    assert {k: v.tolist() for k, v in attrs.items()} == {
+        "patch": [3], "radius": [1], "bins": [16], "sigma": [pytest.approx(8 / 255)], "normalize": [0]}
+    assert attrs["sigma"].dtype == np.float32 and attrs["patch"].dtype == np.int32
 
 
 def test_registration_with_a_prebuilt_ptx_needs_no_nvcc(fake_trt, tmp_path, monkeypatch):
@@ -314,7 +401,8 @@ def test_registration_with_a_prebuilt_ptx_needs_no_nvcc(fake_trt, tmp_path, monk
     lmi_plugin.register_lmi_plugin()
     aot = next(fn for kind, _, fn in fake_trt.calls if kind == "aot_impl")
     x = fake_trt.TensorDesc((1, 1, 8, 8))
-    assert aot(x, x, 3, 1, 27, 8 / 255, 1, (x, x, x), 0)[1].endswith("// prebuilt\n")
+    attrs = fake_trt.create_plugin("galip::LMI", _parser_fields(fake_trt))
+    assert aot(x, x, **attrs, outputs=(x, x, x), tactic=0)[1].endswith("// prebuilt\n")
 
 
 def test_registration_rejects_a_kernel_with_another_signature(fake_trt, tmp_path, monkeypatch):
