@@ -46,7 +46,7 @@ from galip.export.lmi_onnx import OP_TYPE, PLUGIN_NAMESPACE, lmi_params
 from galip.runtime.errors import BackendError, ConfigError
 
 __all__ = ["PLUGIN_ID", "KERNEL_ABI", "add_lmi_layer", "attribute_arrays", "check_device_params",
-           "check_kernel_abi", "kernel_scalar_args", "launch_grid", "register_lmi_plugin",
+           "check_kernel_abi", "kernel_scalar_args", "launch_grid", "register_lmi_plugin", "registered_ptx",
            "sigma_bits"]
 
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{OP_TYPE}"       # "galip::LMI"
@@ -140,6 +140,11 @@ def _import_trtp():
         raise BackendError(f"the LMI TensorRT plugin needs tensorrt.plugin (TensorRT >= 10.9), "
                            f"which does not import here ({error}); {INSTALL_TRT}") from None
     return trtp
+
+
+def registered_ptx() -> Optional[Path]:
+    """The PTX file registered in this process (what engines built now embed), or None."""
+    return _registered
 
 
 def register_lmi_plugin(arch: Optional[str] = kernels.DEFAULT_ARCH,
