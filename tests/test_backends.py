@@ -258,6 +258,60 @@ def test_onnxrt_cuda_graph_keeps_fixed_buffers(monkeypatch):
             runner.infer({"x": np.ones((4, 3), np.float32)})
 
 
+class GraphRefusingLoader(SessionFromOnnx):
+    """SessionFromOnnx whose onnxruntime refuses CUDA graphs, as ORT does for a graph with
+    nodes off the CUDA provider: at session creation (``when="create"``) or at capture."""
+
+    def __init__(self, providers, when="create"):
+        super().__init__("step.onnx", providers)
+        self.when, self.sessions = when, []
+
+    def without_cuda_graph(self):
+        plain = super().without_cuda_graph()
+        refusing = GraphRefusingLoader(plain.providers, self.when)
+        refusing.sessions = self.sessions
+        return refusing
+
+    def __call__(self):
+        graph = self.providers[0][1].get("enable_cuda_graph") == "1"
+        if graph and self.when == "create":
+            raise BackendError("onnxruntime could not load step.onnx: [ONNXRuntimeError] : 1 : FAIL : This session "
+                               "cannot use the CUDA Graph feature as requested by the user as all compute graph "
+                               "nodes have not been partitioned to the CUDA EP.; check the bundle")
+        session = FakeCudaSession()
+        if graph:
+            def refuse(binding):
+                raise RuntimeError("CUDA failure 901: operation not permitted when stream is capturing")
+            session.run_with_iobinding = refuse
+        self.sessions.append(session)
+        return session
+
+
+@pytest.mark.parametrize("when", ["create", "capture"])
+def test_onnxrt_cuda_graph_refused_falls_back_to_io_binding(monkeypatch, when):
+    monkeypatch.setattr(OnnxrtRunner, "_ortvalue", lambda self: FakeOrtValue)
+    loader = GraphRefusingLoader(cuda_providers(cuda_graph=True), when)
+    runner = OnnxrtRunner(loader)
+    assert runner.cuda_graph
+    x = np.ones((2, 3), np.float32)
+    with pytest.warns(RuntimeWarning, match="refused CUDA graphs .*running with plain IO binding"):
+        with runner:
+            np.testing.assert_array_equal(runner.infer({"x": x})["y"], 2 * x)
+            np.testing.assert_array_equal(runner.infer({"x": 3 * x})["y"], 6 * x)
+    assert not runner.cuda_graph
+    assert ("CUDA Graph feature" if when == "create" else "stream is capturing") in runner.cuda_graph_error
+    assert runner.loader.providers[0][1] == {"device_id": "0"}          # enable_cuda_graph dropped
+    assert loader.sessions[-1].binding.outputs == {"y": ("cuda", 0)}    # plain binding, outputs by device
+
+
+def test_onnxrt_cuda_errors_other_than_graphs_still_raise():
+    class Broken(SessionFromOnnx):
+        def __call__(self):
+            raise BackendError("onnxruntime could not load step.onnx: bad graph; check the bundle")
+    with pytest.raises(BackendError, match="bad graph"):
+        OnnxrtRunner(Broken("step.onnx", cuda_providers(cuda_graph=False))).activate()
+
+
 # ----------------------------------------------------------------------------- TensorRT, fakes
 class FakeCudart(types.ModuleType):
     """Host memory standing in for device memory; graphs record closures and replay them."""
