@@ -52,6 +52,7 @@ __all__ = ["PLUGIN_ID", "KERNEL_ABI", "add_lmi_layer", "attribute_arrays", "chec
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{OP_TYPE}"       # "galip::LMI"
 DEVICE_MAX_BINS = 32                                # GALIP_LMI_DEVICE_MAX_BINS (lmi.cuh)
 DEVICE_MAX_RADIUS = 3                               # GALIP_LMI_DEVICE_MAX_RADIUS (lmi.cuh)
+DEVICE_MAX_PATCH = 3                                # GALIP_LMI_DEVICE_MAX_PATCH (lmi.cuh)
 INSTALL_TRT = ("pip install 'tensorrt>=10.9' on a GPU machine "
                "(full TensorRT: tensorrt-lean has no plugin builder)")
 
@@ -98,13 +99,25 @@ def sigma_bits(sigma: float) -> int:
 
 
 def check_device_params(patch: int, radius: int, bins: int, sigma: float, normalize) -> dict:
-    """Checked parameters, also within the CUDA kernel's fixed-size local arrays."""
+    """Checked parameters, also within the CUDA kernel's fixed-size local arrays.
+
+    The bounds are lmi.cuh's; the support-width bound (wide Gaussians keep more bins per
+    sample) is asked of the header itself through the host build when it is available.
+    """
     params = lmi_params(patch, radius, bins, sigma, bool(normalize))
-    if params["bins"] > DEVICE_MAX_BINS or params["radius"] > DEVICE_MAX_RADIUS:
+    fits = (params["bins"] <= DEVICE_MAX_BINS and params["radius"] <= DEVICE_MAX_RADIUS
+            and params["patch"] <= DEVICE_MAX_PATCH)
+    if fits:
+        from galip.runtime import lmi_native
+        if lmi_native.native_unavailable_reason() is None:
+            fits = lmi_native.device_supported(params["patch"], params["radius"], params["bins"],
+                                               params["sigma"])
+    if not fits:
         raise ConfigError(
-            f"the LMI CUDA kernel supports bins <= {DEVICE_MAX_BINS} and radius <= "
-            f"{DEVICE_MAX_RADIUS}, got bins={params['bins']}, radius={params['radius']}; "
-            "use the onnxruntime backend or rebuild lmi.cuh with larger GALIP_LMI_DEVICE_MAX_*")
+            f"the LMI CUDA kernel supports bins <= {DEVICE_MAX_BINS}, radius <= {DEVICE_MAX_RADIUS}, "
+            f"patch <= {DEVICE_MAX_PATCH} and sigma <= ~1.1 / (bins - 1), got bins={params['bins']}, "
+            f"radius={params['radius']}, patch={params['patch']}, sigma={params['sigma']:.4g}; use the "
+            "onnxruntime backend or rebuild lmi.cuh with larger GALIP_LMI_DEVICE_MAX_*")
     return params
 
 
