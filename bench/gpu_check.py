@@ -25,7 +25,6 @@ Usage: ``python bench/gpu_check.py`` (``make gpu-check``). Finishes in a few min
 """
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import time
@@ -74,12 +73,11 @@ def _cupy():
 
 
 def _ptx_path(work: Path) -> Path:
-    from galip.export import kernels
-    if os.environ.get("GALIP_LMI_PTX"):
-        return Path(os.environ["GALIP_LMI_PTX"])
-    if not kernels.nvcc_available():
+    from galip.bench.gpu_lmi import ptx_file
+    path = ptx_file(work)
+    if path is None:
         raise Skip("no nvcc and no GALIP_LMI_PTX (a PTX from galip.export.kernels.compile_lmi_ptx)")
-    return kernels.compile_lmi_ptx(work)
+    return path
 
 
 def _cpu_lmi(x, y, **params):
@@ -123,9 +121,10 @@ def check_lmi_ptx_kernel(work: Path) -> str:
 
     from galip.export import kernels
     from galip.export.tensorrt import lmi_plugin
+    from galip.bench.gpu_lmi import load_kernel
     cupy = _cupy()
     path = _ptx_path(work)
-    fn = cupy.RawModule(path=str(path)).get_function(kernels.KERNEL)
+    fn, _ = load_kernel(work, nvrtc_fallback=False)
     notes = []
     for side in (128, 256):
         x, y = _pair(np.random.default_rng(side), 2, side, side)
