@@ -77,6 +77,41 @@ struct GalipLmiShape {
 GALIP_HD inline int galip_imin(int a, int b) { return a < b ? a : b; }
 GALIP_HD inline int galip_imax(int a, int b) { return a > b ? a : b; }
 
+GALIP_HD inline int galip_lmi_support(int bins, float sigma);
+
+// The shape record of one call (window = support: no padding).
+GALIP_HD inline GalipLmiShape galip_lmi_shape(int H, int W, int patch, int radius, int bins,
+                                              float sigma, int normalize) {
+  GalipLmiShape s;
+  s.H = H; s.W = W; s.patch = patch; s.radius = radius; s.bins = bins;
+  s.support = galip_lmi_support(bins, sigma);
+  s.window = s.support;
+  s.normalize = normalize ? 1 : 0;
+  return s;
+}
+
+// Rows [ha, hb] and columns [wa, wb] of the patch [h0, h1] x [w0, w1] whose pair (X_j,
+// Y_{j+tau}) lies inside the image for tau = (dy, dx); empty() when there is none.
+struct GalipLmiBox {
+  int ha, hb, wa, wb;
+  GALIP_HD bool empty() const { return ha > hb || wa > wb; }
+};
+
+// Step 4a of offset t: (dy, dx) and the box of valid pairs; false after setting MI := 0 (and
+// best >= 0) when there is no valid pair.
+GALIP_HD inline bool galip_lmi_offset(const GalipLmiShape& s, int h0, int h1, int w0, int w1,
+                                      int t, int* dy, int* dx, GalipLmiBox* b, double* mi,
+                                      double* best) {
+  const int D = 2 * s.radius + 1;
+  *dy = t / D - s.radius, *dx = t % D - s.radius;
+  b->ha = galip_imax(h0, -*dy), b->hb = galip_imin(h1, s.H - 1 - *dy);
+  b->wa = galip_imax(w0, -*dx), b->wb = galip_imin(w1, s.W - 1 - *dx);
+  if (!b->empty()) return true;
+  mi[t] = 0.0;
+  *best = *best > 0.0 ? *best : 0.0;
+  return false;
+}
+
 // c = h^2 / 2 sigma^2 with h = 1/(B - 1): the Gaussian exponent per squared bin distance.
 GALIP_HD inline double galip_lmi_bin_c(int bins, float sigma) {
   const double h = 1.0 / (bins - 1);
@@ -308,15 +343,11 @@ GALIP_HD inline void galip_lmi_pixel(const Src& sx, const Src& sy, const GalipLm
   const int w0 = galip_imax(w - half, 0), w1 = galip_imin(w + half, s.W - 1);
   double best = -1e300;
   for (int t = 0; t < D * D; ++t) {
-    const int dy = t / D - R, dx = t % D - R;
     // 4a: valid pairs (X_j and Y_{j+tau} inside the image) and the joint's bounding box.
-    const int ha = galip_imax(h0, -dy), hb = galip_imin(h1, s.H - 1 - dy);
-    const int wa = galip_imax(w0, -dx), wb = galip_imin(w1, s.W - 1 - dx);
-    if (ha > hb || wa > wb) {
-      mi[t] = 0.0;  // no valid pair: MI := 0
-      best = best > 0.0 ? best : 0.0;
-      continue;
-    }
+    int dy, dx;
+    GalipLmiBox box;
+    if (!galip_lmi_offset(s, h0, h1, w0, w1, t, &dy, &dx, &box, mi, &best)) continue;
+    const int ha = box.ha, hb = box.hb, wa = box.wa, wb = box.wb;
     int xlo = B, xhi = 0, ylo = B, yhi = 0;
     for (int jh = ha; jh <= hb; ++jh) {
       for (int jw = wa; jw <= wb; ++jw) {
@@ -376,14 +407,10 @@ GALIP_HD inline void galip_lmi_pixel_rows(const float* x, const float* y, const 
   }
   double best = -1e300;
   for (int t = 0; t < D * D; ++t) {
-    const int dy = t / D - R, dx = t % D - R;
-    const int ha = galip_imax(h0, -dy), hb = galip_imin(h1, s.H - 1 - dy);
-    const int wa = galip_imax(w0, -dx), wb = galip_imin(w1, s.W - 1 - dx);
-    if (ha > hb || wa > wb) {
-      mi[t] = 0.0;  // no valid pair: MI := 0
-      best = best > 0.0 ? best : 0.0;
-      continue;
-    }
+    int dy, dx;
+    GalipLmiBox box;
+    if (!galip_lmi_offset(s, h0, h1, w0, w1, t, &dy, &dx, &box, mi, &best)) continue;
+    const int ha = box.ha, hb = box.hb, wa = box.wa, wb = box.wb;
     // 4a: Y's windows of the valid pairs, the joint's bounding box and its total mass.
     int xlo = B, xhi = 0, ylo = B, yhi = 0;
     real total = 0;
@@ -470,10 +497,7 @@ extern "C" __global__ void galip_lmi_kernel(const float* x, const float* y, int 
     offset_index[o] = -1;
     return;
   }
-  GalipLmiShape s;
-  s.H = H; s.W = W; s.patch = patch; s.radius = radius; s.bins = bins;
-  s.support = galip_lmi_support(bins, sigma); s.window = s.support;
-  s.normalize = normalize;
+  const GalipLmiShape s = galip_lmi_shape(H, W, patch, radius, bins, sigma, normalize);
   const float* xn = x + (long)nb * H * W;
   const float* yn = y + (long)nb * H * W;
   const double c = galip_lmi_bin_c(bins, sigma);

@@ -8,6 +8,13 @@
 #include <omp.h>
 #endif
 
+#ifdef _OPENMP
+#define GALIP_OMP_STR(x) #x
+#define GALIP_OMP(directive) _Pragma(GALIP_OMP_STR(omp directive))
+#else
+#define GALIP_OMP(directive)
+#endif
+
 #ifndef GALIP_LMI_HOST_WINDOW
 #define GALIP_LMI_HOST_WINDOW 12
 #endif
@@ -55,14 +62,10 @@ static int galip_lmi_run(const float* x, const float* y, int N, const GalipLmiSh
     real* work = (real*)malloc(sizeof(real) * galip_lmi_work_size(B, L - S));
     double* mi = (double*)malloc(sizeof(double) * D * D);
     if (!work || !mi) {
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
+    GALIP_OMP(atomic write)
       failed = 1;
     }
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, 64)
-#endif
+    GALIP_OMP(for schedule(dynamic, 64))
     for (long k = 0; k < npix; ++k) {
       if (!work || !mi) continue;
       const long off = (k / hw) * hw;
@@ -92,22 +95,16 @@ static int galip_lmi_run_rows(const float* x, const float* y, int N, const Galip
   const long hw = (long)s.H * s.W, npix = (long)N * hw;
   const int D = 2 * s.radius + 1;
   int failed = 0;
-#ifdef _OPENMP
-#pragma omp parallel
-#endif
+  GALIP_OMP(parallel)
   {
     real* scratch = (real*)malloc(sizeof(real) * galip_lmi_rows_scratch(s.patch, s.support, s.bins));
     int* start = (int*)malloc(sizeof(int) * 2 * s.patch * s.patch);
     double* mi = (double*)malloc(sizeof(double) * D * D);
     if (!scratch || !start || !mi) {
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
+    GALIP_OMP(atomic write)
       failed = 1;
     }
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, 64)
-#endif
+    GALIP_OMP(for schedule(dynamic, 64))
     for (long k = 0; k < npix; ++k) {
       if (!scratch || !start || !mi) continue;
       const long off = (k / hw) * hw;
@@ -141,11 +138,7 @@ int galip_lmi_host_rows(const float* x, const float* y, int N, int H, int W, int
   const int bad = galip_lmi_check(N, H, W, patch, radius, bins, sigma);
   if (bad) return bad;
   if (N == 0) return 0;
-  GalipLmiShape s;
-  s.H = H; s.W = W; s.patch = patch; s.radius = radius; s.bins = bins;
-  s.support = galip_lmi_support(bins, sigma);
-  s.window = s.support;
-  s.normalize = normalize ? 1 : 0;
+  GalipLmiShape s = galip_lmi_shape(H, W, patch, radius, bins, sigma, normalize);
   const double c = galip_lmi_bin_c(bins, sigma);
   if (galip_lmi_needs_double(bins, sigma))
     return galip_lmi_run_rows<double>(x, y, N, s, c, lmi, y_at, offset_index);
@@ -172,11 +165,7 @@ int galip_lmi_host(const float* x, const float* y, int N, int H, int W, int patc
   const int bad = galip_lmi_check(N, H, W, patch, radius, bins, sigma);
   if (bad) return bad;
   if (N == 0) return 0;
-  GalipLmiShape s;
-  s.H = H; s.W = W; s.patch = patch; s.radius = radius; s.bins = bins;
-  s.support = galip_lmi_support(bins, sigma);
-  s.window = s.support;
-  s.normalize = normalize ? 1 : 0;
+  GalipLmiShape s = galip_lmi_shape(H, W, patch, radius, bins, sigma, normalize);
   const double c = galip_lmi_bin_c(bins, sigma);
 #ifdef _OPENMP
   if (num_threads <= 0) num_threads = omp_get_max_threads();
