@@ -32,7 +32,7 @@ def _import_first(names: tuple[str, ...]) -> tuple[ModuleType | None, str | None
         try:
             return importlib.import_module(name), None
         except ModuleNotFoundError as error:
-            if error.name is not None and name.startswith(error.name):
+            if error.name is not None and (name == error.name or name.startswith(error.name + ".")):
                 continue                      # the package itself is absent
             broken = broken or _first_line(error)
         except Exception as error:            # OSError from a .so, RuntimeError, ...
