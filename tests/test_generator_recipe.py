@@ -80,3 +80,15 @@ def test_recipe_run_writes_the_probe_log(data_dir, tmp_path):  # noqa: F811
     lines = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [2, 4]
     assert all(-1.0 <= line["idt_r"] <= 1.0 and "sep_r" in line and "warning" in line for line in lines)
+
+
+def test_foreground_windows_show_anatomy_and_empty_slices_still_come():
+    stack = np.zeros((2, 64, 64), np.float32)
+    stack[0, 40:50, 5:15] = 1.0                                     # a small patch of "anatomy"
+    sampler = SliceSampler({"T1": stack}, 200, seed=0, crop=16, on_foreground=True)
+    windows = sampler.sample("T1")[:, 0]
+    has = windows.reshape(len(windows), -1).max(axis=1) > 0
+    # every window cut from slice 0 holds anatomy; slice 1 (empty) is drawn as often as slice 0
+    assert 0.35 < has.mean() < 0.65
+    uniform = SliceSampler({"T1": stack}, 200, seed=0, crop=16).sample("T1")[:, 0]
+    assert (uniform.reshape(200, -1).max(axis=1) > 0).mean() < 0.25

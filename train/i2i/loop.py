@@ -86,7 +86,7 @@ def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict,
     trainer = I2ITrainer(config, domain_list)          # backbone errors before the slow data load
     slices = load_training_slices(data_dir, domain_list, config.size,
                                   min_foreground=config.min_foreground, axes=config.axes)
-    sampler = SliceSampler(slices, config.batch, config.seed, config.crop)
+    sampler = SliceSampler(slices, config.batch, config.seed, config.crop, config.crop_on_foreground)
     probes = probe_batch(slices)
     if payload is not None:
         trainer.load_state_dict(payload)
