@@ -161,10 +161,10 @@ def test_run_options_follow_new_runtime_keywords(monkeypatch):
     """An option the runtime gains (e.g. translate(..., mask=..., planes=...)) passes through unchanged."""
     original = pipeline.Translator.translate
 
-    def translate(self, data, affine, kind="mri", *, on_slices=None, on_step=None, mask: str = "auto",
-                  planes: int = 1, tta: bool = False):
+    def translate(self, data, affine, kind="mri", *, on_slices=None, on_step=None, smooth: str = "none",
+                  passes: int = 1, mirror: bool = False):
         return original(self, data, affine, kind)
 
     monkeypatch.setattr(pipeline.Translator, "translate", translate)
-    options = parse_run_options(["mask=none", "planes=3", "tta=true"])
-    assert options.translate == {"mask": "none", "planes": 3, "tta": True}
+    options = parse_run_options(["smooth=none", "passes=3", "mirror=true"])
+    assert options.translate == {"smooth": "none", "passes": 3, "mirror": True}

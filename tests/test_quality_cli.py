@@ -48,9 +48,11 @@ def test_quality_writes_json_table_and_montage_for_every_direction(tiny):
 
 def test_an_identity_model_scores_what_its_known_output_scores(tiny):
     """The tiny generator's T1 is the identity, so X→T1 writes the source clipped to the
-    runtime's percentile map: scoring that here must give the harness's figures, which
-    checks translation, pairing with the right truth and mask, and the mean over subjects."""
+    runtime's percentile map, black level at 0, air outside the source's head mask at 0:
+    scoring that here must give the harness's figures, which checks translation, pairing
+    with the right truth and mask, and the mean over subjects."""
     from galip.bench.metrics import evaluate
+    from galip.runtime.foreground import head_mask
     from galip.runtime.intensity import fit_intensity
     from galip.runtime.volume import load_volume
     out = tiny[1]
@@ -61,7 +63,8 @@ def test_an_identity_model_scores_what_its_known_output_scores(tiny):
             load = lambda name: load_volume(out / "data" / sid / f"{sid}_{name}.nii.gz", require_signal=False).data  # noqa: E731
             src, brain = load(f"{source}w"), load("mask") > 0
             known = fit_intensity(src, "mri")
-            expected.append(evaluate(np.clip(src, known.lo, known.hi), load("T1w"), brain, 2))
+            output = np.where(head_mask(src, known), np.clip(src, known.lo, known.hi) - known.lo, 0.0)
+            expected.append(evaluate(output, load("T1w"), brain, 2))
         d = report["directions"][f"{source}->T1"]
         assert d["model"]["brain"]["psnr"] == pytest.approx(np.mean([e.psnr for e in expected]), abs=1e-3)
         assert d["model"]["brain"]["ssim"] == pytest.approx(np.mean([e.ssim for e in expected]), abs=1e-5)
