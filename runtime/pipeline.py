@@ -34,6 +34,7 @@ from .bundle import Bundle
 from .domains import Domain
 from .errors import BundleError, ConfigError
 from .intensity import CT_WINDOW, IntensityMap
+from .limits import check_threads
 from .preprocess import PreprocessConfig, SlicePlan, plan_volume, slices_to_volume
 from .schedule import DEFAULT_SPACING, SAMPLERS, SPACINGS, NoiseSchedule, StepTable, step_table
 
@@ -81,8 +82,7 @@ class Settings:
             raise ConfigError(f"--eta must be between 0 and 1, got {self.eta}")
         if self.seed < 0:
             raise ConfigError(f"--seed must be a non-negative integer, got {self.seed}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+        check_threads(self.threads)
 
 
 @dataclass

@@ -1,0 +1,56 @@
+"""SIGTERM and SIGHUP end a run the way Ctrl-C does: cleanly, with exit code 128 + n.
+
+Python turns only SIGINT into an exception (KeyboardInterrupt); SIGTERM (``kill``, job
+schedulers, ``docker stop``) and SIGHUP (a closed terminal) would kill the process on the
+spot and leave a half-written temporary file. :func:`stop_on_signals` raises
+:class:`Interrupted` for them instead, so every ``finally`` and
+:func:`galip.runtime.atomic.atomic_path` cleans up, then prints one line and exits with
+128 + the signal number (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP), as shells do.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from typing import Iterator
+
+HANDLED = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Interrupted(BaseException):
+    """A termination signal arrived; like KeyboardInterrupt, not caught by ``except Exception``."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise(signum: int, frame) -> None:
+    # Later signals must not cut the clean-up short: ignore them from now on (SIGKILL still works).
+    for number in HANDLED + (signal.SIGINT,):
+        signal.signal(number, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Within the block, SIGTERM/SIGHUP/SIGINT unwind the stack; then one line, exit 128 + n.
+
+    Outside the main thread (where handlers cannot be installed) it only converts.
+    """
+    installed = {}
+    if threading.current_thread() is threading.main_thread():
+        installed = {number: signal.signal(number, _raise) for number in HANDLED}
+        installed[signal.SIGINT] = signal.getsignal(signal.SIGINT)   # _raise may set it to ignore
+    try:
+        yield
+    except (Interrupted, KeyboardInterrupt) as stop:
+        number = stop.signum if isinstance(stop, Interrupted) else int(signal.SIGINT)
+        sys.stderr.write(f"interrupted by {signal.Signals(number).name}: stopped before the end, "
+                         "no partial file left\n")
+        raise SystemExit(128 + number) from None
+    finally:
+        for number, previous in installed.items():
+            if previous is not None:   # None: installed outside Python, cannot be restored
+                signal.signal(number, previous)
