@@ -88,12 +88,23 @@ def human(n: float) -> str:
 
 
 def over_budget(what: str, needed: int, budget: int | None = None) -> str | None:
-    """Why ``needed`` bytes for ``what`` do not fit the budget, or None when they do."""
+    """``"<what> that needs about …, more than the memory budget …"`` when ``needed`` bytes do
+    not fit the budget, None when they do."""
     budget = memory_budget() if budget is None else budget
     if needed <= budget:
         return None
-    return (f"{what} needs about {human(needed)}, more than the memory budget of {human(budget)} "
+    return (f"{what} that needs about {human(needed)}, more than the memory budget of {human(budget)} "
             f"(set {BUDGET_ENV}, e.g. {BUDGET_ENV}=16G, if the machine really has it)")
+
+
+def affordable_batch(batch: int, model_shape: tuple[int, int], budget: int | None = None) -> int:
+    """``batch`` lowered (never below 1) so a batch of model-space slices fits the budget.
+
+    Results do not depend on the batch (diffusion noise is seeded per slice), so lowering
+    it only costs speed where ``--batch`` asked for more than the memory holds."""
+    budget = memory_budget() if budget is None else budget
+    per_slice = max(1, model_shape[0] * model_shape[1] * BYTES_PER_MODEL_PIXEL)
+    return max(1, min(batch, budget // per_slice))
 
 
 def check_voxel_sizes(where: str, sizes_mm, unit_note: str = "") -> None:

@@ -102,8 +102,12 @@ def nifti_class(head: bytes) -> type | None:
     return None
 
 
-def check_header(path: Path, head: bytes, image_class: type, *, single_file: bool) -> Layout:
-    """Judge the header in ``head`` before any voxel is read; InputError naming the field."""
+def check_header(path: Path, head: bytes, image_class: type, *, single_file: bool,
+                 file_bytes: int | None = None) -> Layout:
+    """Judge the header in ``head`` before any voxel is read; InputError naming the field.
+
+    ``file_bytes``: size of the file holding the voxels when known (not for a .gz stream).
+    """
     header_class = image_class.header_class
     size = header_class.template_dtype.itemsize
     try:
@@ -139,16 +143,16 @@ def check_header(path: Path, head: bytes, image_class: type, *, single_file: boo
         raise _bad_header(path, f"vox_offset (where the voxels start) of at least {lowest} bytes",
                           f"{vox_offset:g}", "the header is damaged; export the file again")
     n_voxels = math.prod(shape)
-    nbytes = n_voxels * dtype.itemsize
-    why = over_budget(f"an image of shape {shape} ({dtype})", nbytes + n_voxels * BYTES_PER_VOXEL)
-    if why is not None:
-        raise InputError(f"{path}: expected an image that fits in memory, found one whose {why}")
-    offset = int(vox_offset)
-    why = over_budget(f"vox_offset {offset}", offset)
-    if why is not None:
-        raise _bad_header(path, "vox_offset within the file", f"{offset:,} bytes ({human(offset)})",
+    layout = Layout(image_class, shape, dtype, int(vox_offset), n_voxels * dtype.itemsize, MM_PER_UNIT[xyzt & 7])
+    if file_bytes is not None:
+        _need(path, layout, file_bytes, "file")
+    elif over_budget("", layout.offset) is not None:   # a .gz: the stream would be inflated that far
+        raise _bad_header(path, "vox_offset within the file", f"{layout.offset:,} bytes ({human(layout.offset)})",
                           "the header is damaged; export the file again")
-    return Layout(image_class, shape, dtype, offset, nbytes, MM_PER_UNIT[xyzt & 7])
+    why = over_budget(f"an image of shape {shape} ({dtype})", layout.nbytes + n_voxels * BYTES_PER_VOXEL)
+    if why is not None:
+        raise InputError(f"{path}: expected an image within the memory budget, found {why}")
+    return layout
 
 
 def _need(path: Path, layout: Layout, have: int, what: str) -> None:
@@ -239,8 +243,7 @@ def read_image(path: Path):
             if image_class not in (nib.Nifti1Image, nib.Nifti2Image):
                 raise not_nifti(path, "a header-only NIfTI pair file (magic ni1/ni2) under a single-file name; "
                                       "name it .hdr next to its .img")
-            layout = check_header(path, head, image_class, single_file=True)
-            _need(path, layout, size, "file")
+            layout = check_header(path, head, image_class, single_file=True, file_bytes=size)
             handle.seek(0)
             return _from_bytes(path, layout, {"image": handle.read(layout.end)}), layout
     return _read_pair(path)
@@ -255,12 +258,11 @@ def _read_pair(path: Path):
     image_class = nifti_class(head)
     if image_class is None:
         raise not_nifti(path, f"a file without a NIfTI header (starts with {head[:8]!r})")
-    layout = check_header(path, head, image_class, single_file=False)
     if not image_path.exists():
         raise not_nifti(path, f"a NIfTI pair header without its image file {image_path.name}")
     handle, size = open_regular(image_path)
     with handle:
-        _need(path, layout, size, f"image file {image_path.name}")
+        layout = check_header(path, head, image_class, single_file=False, file_bytes=size)
         data = handle.read(layout.end)
     return _from_bytes(path, layout, {"header": head, "image": data}), layout
 
