@@ -94,11 +94,14 @@ def load_volume(path: str | os.PathLike, *, require_signal: bool = True) -> Volu
         warnings.simplefilter("ignore")   # scaling overflow and NaN show up as non-finite voxels
         try:
             affine = np.array(image.affine, dtype=np.float64)
-            if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+            sizes = np.linalg.norm(affine[:3, :3], axis=0) * layout.mm_per_unit
+            degenerate = not np.all(np.isfinite(affine)) or not np.all(sizes > 0)
+            if not degenerate:   # voxel sizes first: they name the likelier fix (units)
+                unit = "" if layout.mm_per_unit == 1.0 else f" (header units: {layout.mm_per_unit:g} mm)"
+                check_voxel_sizes(str(path), sizes, unit)
+            if degenerate or abs(np.linalg.det(affine[:3, :3] / (sizes / layout.mm_per_unit))) < 1e-6:
                 raise InputError(f"{path}: expected an invertible voxel-to-world affine, found "
                                  f"{np.round(affine, 4).tolist()}; fix the file's qform/sform (e.g. fslorient)")
-            unit = "" if layout.mm_per_unit == 1.0 else f" (header units: {layout.mm_per_unit:g} mm)"
-            check_voxel_sizes(str(path), np.linalg.norm(affine[:3, :3], axis=0) * layout.mm_per_unit, unit)
             data = image.get_fdata(dtype=np.float32, caching="unchanged")
         except _READ_ERRORS as exc:
             raise corrupt(path, reason(exc)) from None
