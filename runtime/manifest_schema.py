@@ -91,7 +91,7 @@ class _Checker:
 
     def obj(self, value: Any, where: str, required: tuple[str, ...] = (), *, nonempty: bool = False) -> dict:
         if not isinstance(value, dict) or (nonempty and not value):
-            raise self.fail(where, f"a {'non-empty ' if nonempty else ''}object", value)
+            raise self.fail(where, "a non-empty object" if nonempty else "an object", value)
         for key in required:
             if key not in value:
                 raise self.fail(f"{where}.{key}", "present", None)
