@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import OutputError
+from .signals import critical
 
 TEMP_TAG = ".galip-tmp-"
 #: An unlocked temporary file younger than this may be one whose writer has not taken its
@@ -91,9 +92,10 @@ def _temp(target: Path, suffix: str) -> tuple[int, Path]:
 def probe_writable(folder: Path, name: str) -> None:
     """Create and remove a temporary file in ``folder`` (cleaning stale ones); OSError if it cannot."""
     clean_stale(folder)
-    fd, probe = _temp(folder / name, ".probe")
-    os.close(fd)
-    probe.unlink()
+    with critical():
+        fd, probe = _temp(folder / name, ".probe")
+        os.close(fd)
+        probe.unlink()
 
 
 def check_name(path: Path, suffixes: tuple[str, ...], what: str) -> None:
@@ -143,14 +145,18 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None, *, overwri
     if suffix is None:
         suffix = "".join(target.suffixes) or ".tmp"
     clean_stale(target.parent)
-    fd, tmp = _temp(target, suffix)
+    fd, tmp = -1, None
     try:
+        with critical():   # a signal is delivered once fd and tmp are set, inside this try
+            fd, tmp = _temp(target, suffix)
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
         _publish(tmp, target, overwrite)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
         raise
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)

@@ -15,7 +15,7 @@ import sys
 import threading
 from typing import Iterator
 
-HANDLED = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+HANDLED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class Interrupted(BaseException):
@@ -26,10 +26,36 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+_critical = {"depth": 0, "pending": None}
+
+
+@contextlib.contextmanager
+def critical() -> Iterator[None]:
+    """A signal arriving within the block is raised when the block ends, not inside it.
+
+    For a few lines that must not be cut in two, such as creating a temporary file and
+    recording its name (:func:`galip.runtime.atomic.atomic_path`): raised in between, the
+    file would exist with nobody left to remove it. (Blocking the signal with
+    ``pthread_sigmask`` is not enough: onnxruntime's threads would still receive it.)
+    """
+    _critical["depth"] += 1
+    try:
+        yield
+    finally:
+        _critical["depth"] -= 1
+        pending = _critical["pending"]
+        if _critical["depth"] == 0 and pending is not None:
+            _critical["pending"] = None
+            raise Interrupted(pending)
+
+
 def _raise(signum: int, frame) -> None:
     # Later signals must not cut the clean-up short: ignore them from now on (SIGKILL still works).
-    for number in HANDLED + (signal.SIGINT,):
+    for number in HANDLED:
         signal.signal(number, signal.SIG_IGN)
+    if _critical["depth"]:
+        _critical["pending"] = signum
+        return
     raise Interrupted(signum)
 
 
@@ -37,12 +63,13 @@ def _raise(signum: int, frame) -> None:
 def stop_on_signals() -> Iterator[None]:
     """Within the block, SIGTERM/SIGHUP/SIGINT unwind the stack; then one line, exit 128 + n.
 
-    Outside the main thread (where handlers cannot be installed) it only converts.
+    Ctrl-C is handled by the same handler (not KeyboardInterrupt), so that :func:`critical`
+    holds it back too. Outside the main thread (where handlers cannot be installed) it only
+    converts.
     """
     installed = {}
     if threading.current_thread() is threading.main_thread():
         installed = {number: signal.signal(number, _raise) for number in HANDLED}
-        installed[signal.SIGINT] = signal.getsignal(signal.SIGINT)   # _raise may set it to ignore
     try:
         yield
     except (Interrupted, KeyboardInterrupt) as stop:
