@@ -11,7 +11,9 @@ verify the CRC, and a stream that keeps going past that (a gzip bomb) stops at a
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import math
 import os
 import stat
@@ -73,6 +75,21 @@ def reason(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """nibabel's header fix-up notes ("sizeof_hdr should be 348; set ...") and numpy's
+    overflow warnings off: the CLI's stderr holds one line, and what matters is checked."""
+    logger = nib.imageglobals.logger
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def open_regular(path: Path) -> tuple[BinaryIO, int]:
     """``(binary handle, size)`` of a regular file; InputError for FIFOs, devices, sockets.
 
@@ -125,8 +142,7 @@ def check_header(path: Path, head: bytes, image_class: type, *, single_file: boo
         raise _bad_header(path, "a volume with voxels (every dim >= 1)", f"shape {shape}",
                           "the header is damaged; export the file again")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet():
             dtype = np.dtype(header.get_data_dtype())
     except Exception as exc:   # nibabel raises HeaderDataError, KeyError, ... for unknown codes
         raise _bad_header(path, "a defined NIfTI datatype code", f"{int(header['datatype'])} ({reason(exc)})",
@@ -272,8 +288,7 @@ def _from_bytes(path: Path, layout: Layout, parts: dict[str, bytes]):
     from nibabel.fileholders import FileHolder
     file_map = {name: FileHolder(fileobj=io.BytesIO(data)) for name, data in parts.items()}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet():
             return layout.image_class.from_file_map(file_map)
     except Exception as exc:   # nibabel's header and extension parsers raise many types
         raise corrupt(path, reason(exc)) from None

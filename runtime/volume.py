@@ -9,7 +9,6 @@ affine, qform/sform codes and units of a reference header.
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from nibabel.wrapstruct import WrapStructError
 from .atomic import atomic_path, check_name
 from .errors import InputError, OutputError
 from .limits import check_voxel_sizes
-from .nifti_read import corrupt, read_image, reason
+from .nifti_read import corrupt, quiet, read_image, reason
 
 # What nibabel and numpy raise lazily when the voxels of a checked header are read.
 _READ_ERRORS = (ImageFileError, HeaderDataError, HeaderTypeError, ImageDataError, WrapStructError,
@@ -90,8 +89,7 @@ def load_volume(path: str | os.PathLike, *, require_signal: bool = True) -> Volu
         raise InputError(f"{path}: expected a NIfTI file, found a folder; give the path of a .nii or .nii.gz file")
     image, layout = read_image(path)
     shape = _spatial_shape(path, layout.shape)
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")   # scaling overflow and NaN show up as non-finite voxels
+    with quiet():   # scaling overflow and NaN show up as non-finite voxels, counted below
         try:
             affine = np.array(image.affine, dtype=np.float64)
             sizes = np.linalg.norm(affine[:3, :3], axis=0) * layout.mm_per_unit
