@@ -32,7 +32,7 @@ KINDS = ("mri", "ct")
 MODELS = ("generator", "diffusion")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,31}$")
-_CAPABILITY = re.compile(r"^[0-9]{1,2}\.[0-9]{1,2}$")
+_CAPABILITY = re.compile(r"^([0-9]{1,2}\.[0-9]{1,2}|unknown)$")   # "unknown": built where none was read
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
 _REEXPORT = "re-export the bundle"
 

@@ -12,22 +12,18 @@ summary with the peak RSS::
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import random
-import signal
 import sys
 import tempfile
-import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fixtures_bundle import build_tiny_bundle  # noqa: E402
-from fuzz_nifti import CaseTimeout, peak_rss_mib  # noqa: E402
+from fuzz_driver import drive, main  # noqa: E402
 from galip.runtime.bundle import MANIFEST_NAME, load_bundle  # noqa: E402
 from galip.runtime.errors import GalipError  # noqa: E402
 from galip.runtime.pipeline import Settings, prepare  # noqa: E402
@@ -127,49 +123,17 @@ def run_case(root: Path) -> str:
 
 
 def fuzz(cases: int, seed: int, limit: float) -> dict:
-    outcomes: dict[str, int] = {}
-    escapes, hangs = [], []
-    slowest = 0.0
-
-    def alarm(signum, frame):
-        raise CaseTimeout
-
-    signal.signal(signal.SIGALRM, alarm)
-    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         root = build_tiny_bundle(Path(folder) / "bundle", timesteps=50)
         base = json.loads((root / MANIFEST_NAME).read_text())
-        for index in range(cases):
-            (root / MANIFEST_NAME).write_text(make_case(index, seed, base))
-            begin = time.perf_counter()
-            signal.setitimer(signal.ITIMER_REAL, limit)
-            try:
-                outcome = run_case(root)
-            except CaseTimeout:
-                hangs.append(index)
-                outcome = "hang"
-            except Exception as error:   # what the fuzzer exists to find
-                where = traceback.extract_tb(error.__traceback__)[-1]
-                escapes.append(f"{index}: {type(error).__name__}: {' '.join(str(error).split())[:160]} "
-                               f"@ {where.filename.rsplit('/', 1)[-1]}:{where.lineno}")
-                outcome = "escape"
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-            slowest = max(slowest, time.perf_counter() - begin)
-            outcomes[outcome] = outcomes.get(outcome, 0) + 1
-    return {"cases": cases, "seed": seed, "outcomes": outcomes, "escapes": escapes, "hangs": hangs,
-            "slowest_case_s": round(slowest, 3), "seconds": round(time.perf_counter() - started, 1),
-            "peak_rss_mib": peak_rss_mib()}
 
+        def each():
+            for index in range(cases):
+                (root / MANIFEST_NAME).write_text(make_case(index, seed, base))
+                yield str(index), lambda: run_case(root)
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit", type=float, default=5.0, help="seconds per case before it is a hang")
-    args = parser.parse_args(argv)
-    json.dump(fuzz(args.cases, args.seed, args.limit), sys.stdout)
+        return drive(each(), limit)
 
 
 if __name__ == "__main__":
-    main()
+    main(fuzz, __doc__.splitlines()[0])

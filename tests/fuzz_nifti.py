@@ -13,47 +13,27 @@ hang (SIGALRM). Run as a script it prints one JSON summary, with the process's p
 """
 from __future__ import annotations
 
-import argparse
 import gzip
-import json
 import random
-import resource
-import signal
 import sys
 import tempfile
-import time
-import traceback
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from galip.runtime.errors import GalipError
-from galip.runtime.preprocess import PreprocessConfig, plan_volume
-from galip.runtime.volume import load_volume, save_volume
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fuzz_driver import drive, main  # noqa: E402
+from galip.runtime.errors import GalipError  # noqa: E402
+from galip.runtime.preprocess import PreprocessConfig, plan_volume  # noqa: E402
+from galip.runtime.volume import load_volume, save_volume  # noqa: E402
 
 INTS = [0, 1, 2, 3, 7, 8, 255, 256, 32767, -1, -32768, 2 ** 31 - 1, 2 ** 31, 2 ** 62, -(2 ** 62)]
 FLOATS = [0.0, -0.0, 1.0, -1.0, 0.5, 1e-9, 1e-3, 1000.0, 1e10, 1e38, -1e38, np.inf, -np.inf, np.nan, 3e-45]
 DTYPES = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2304, 3, 13, 99, 4096,
           -1, 32767]
 CONFIG = PreprocessConfig(axis=2, spacing=2.0, size_multiple=32)
-
-
-def peak_rss_mib() -> float:
-    """This process's peak RSS in MiB: VmHWM (reset by exec, unlike ru_maxrss, which keeps
-    the peak of the parent that forked us), else ru_maxrss."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-class CaseTimeout(BaseException):
-    """Raised by SIGALRM when one case runs past its limit (not an Exception: nothing swallows it)."""
 
 
 def seeds() -> list[tuple[str, bytes]]:
@@ -169,50 +149,18 @@ def run_case(path: Path, out: Path) -> str:
 
 def fuzz(cases: int, seed: int, limit: float) -> dict:
     bases = seeds()
-    outcomes: dict[str, int] = {}
-    escapes, hangs = [], []
-    slowest = 0.0
-
-    def alarm(signum, frame):
-        raise CaseTimeout
-
-    signal.signal(signal.SIGALRM, alarm)
-    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "out.nii"
-        for index in range(cases):
-            name, blob, suffix = make_case(index, seed, bases)
-            path = Path(folder) / f"case{suffix}"
-            path.write_bytes(blob)
-            begin = time.perf_counter()
-            signal.setitimer(signal.ITIMER_REAL, limit)
-            try:
-                outcome = run_case(path, out)
-            except CaseTimeout:
-                hangs.append(name)
-                outcome = "hang"
-            except Exception as error:   # what the fuzzer exists to find
-                escapes.append(f"{name}: {type(error).__name__}: {' '.join(str(error).split())[:200]} "
-                               f"@ {traceback.extract_tb(error.__traceback__)[-1].filename.rsplit('/', 1)[-1]}")
-                outcome = "escape"
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-            slowest = max(slowest, time.perf_counter() - begin)
-            outcomes[outcome] = outcomes.get(outcome, 0) + 1
-            path.unlink()
-    return {"cases": cases, "seed": seed, "outcomes": outcomes, "escapes": escapes, "hangs": hangs,
-            "slowest_case_s": round(slowest, 3), "seconds": round(time.perf_counter() - started, 1),
-            "peak_rss_mib": peak_rss_mib()}
 
+        def each():
+            for index in range(cases):
+                name, blob, suffix = make_case(index, seed, bases)
+                path = Path(folder) / f"case{suffix}"
+                path.write_bytes(blob)
+                yield name, lambda: run_case(path, out)
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit", type=float, default=5.0, help="seconds per case before it is a hang")
-    args = parser.parse_args(argv)
-    json.dump(fuzz(args.cases, args.seed, args.limit), sys.stdout)
+        return drive(each(), limit)
 
 
 if __name__ == "__main__":
-    main()
+    main(fuzz, __doc__.splitlines()[0])
