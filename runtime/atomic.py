@@ -105,8 +105,8 @@ def check_name(path: Path, suffixes: tuple[str, ...], what: str) -> None:
         raise OutputError(f"{path}: expected a name ending in {' or '.join(suffixes)} for the {what}, "
                           f"found {path.name!r}; rename it")
     if name in suffixes:
-        raise OutputError(f"{path}: expected a {what} name with a stem before {path.name}, found only the "
-                          f"extension (a hidden file); give it a name such as out{path.name}")
+        raise OutputError(f"{path}: expected the {what} file name to have a stem before {path.name}, found only "
+                          f"the extension (a hidden file); give it a name such as out{path.name}")
 
 
 def _publish(tmp: Path, target: Path, overwrite: bool) -> None:

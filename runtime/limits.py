@@ -80,11 +80,11 @@ def memory_budget() -> int:
 
 def human(n: float) -> str:
     """Bytes as ``1.5 GiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB"):
+        if abs(n) < 1024 or unit == "ZiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
         n /= 1024
-    return f"{n:.1f} EiB"
+    return f"{n:.3g} ZiB"
 
 
 def over_budget(what: str, needed: int, budget: int | None = None) -> str | None:

@@ -17,7 +17,7 @@ from fixtures_bundle import build_tiny_bundle, generator_model, lps_affine, phan
 from galip.runtime.bundle import MANIFEST_NAME, load_bundle, write_manifest
 from galip.runtime.errors import BundleError
 from galip.runtime.manifest_schema import max_depth, parse_manifest
-from helpers_cli import run_fails
+from helpers_cli import run_fails, start_run
 
 pytest.importorskip("onnxruntime")
 DIMS = ["N", 1, "H", "W"]
@@ -187,3 +187,15 @@ def test_graph_that_outputs_nan_writes_nothing(case):
     nan = numpy_helper.from_array(np.array(np.nan, np.float32), "nan")
     replace_generator(bundle, [helper.make_node("Mul", ["image", "nan"], ["translated"])], [nan])
     run_bundle(bundle, data, match="returned 8192 NaN/Inf values of 8192 (slices 0 to 7), nothing written")
+
+
+def test_backend_failure_is_one_line_in_a_real_process(case):
+    """onnxruntime's own C++ log line would be a second stderr line; CliRunner cannot see it."""
+    bundle, data = case
+    shape = numpy_helper.from_array(np.array([-1, 7], np.int64), "shape")
+    replace_generator(bundle, [helper.make_node("Reshape", ["image", "shape"], ["translated"])], [shape])
+    process = start_run(data / "in.nii.gz", "--to", "T2", "--bundle", bundle)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2 and stdout == ""
+    (line,) = stderr.strip().splitlines()
+    assert "failed at run time" in line and sorted(p.name for p in data.iterdir()) == ["in.nii.gz"]
