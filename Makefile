@@ -4,8 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --quiet --disable-pip-version-check
 DEMO   := demo_out
+QUALITY := quality
 
-.PHONY: test demo demo-bundle bench gpu-check clean
+.PHONY: test demo demo-bundle quality bench gpu-check clean
 
 # Each stamp records which extras are installed; it is redone when packaging changes.
 $(VENV)/bin/python:
@@ -17,6 +18,10 @@ $(VENV)/.stamp-test: pyproject.toml setup.py | $(VENV)/bin/python
 
 $(VENV)/.stamp-demo: pyproject.toml setup.py | $(VENV)/bin/python
 	$(PIP) install -e '.[cpu,data,preview]'
+	@touch $@
+
+$(VENV)/.stamp-quality: pyproject.toml setup.py | $(VENV)/bin/python
+	$(PIP) install -e '.[cpu,data,bench]'
 	@touch $@
 
 test: $(VENV)/.stamp-test
@@ -37,12 +42,21 @@ demo: $(VENV)/.stamp-demo
 demo-bundle: $(VENV)/.stamp-test
 	$(PY) -m galip.export.demo_bundle --work $(DEMO)/bundle_work --bundle runtime/bundles/demo
 
+# The shipped bundle against training-free baselines on held-out phantoms: 3 subjects at 2 mm,
+# seed 123 (the demo bundle trains on seed 1). Writes $(QUALITY)/quality.{json,md} and montage.png.
+# More runtime options: make quality QUALITY_ARGS="--run-option threads=1"
+quality: $(VENV)/.stamp-quality
+	$(VENV)/bin/galip-eval quality runtime/bundles/demo --out $(QUALITY) --subjects 3 --seed 123 --spacing 2 \
+		--overwrite $(QUALITY_ARGS)
+
 bench: $(VENV)/.stamp-test
 	$(VENV)/bin/galip-bench --quick --out bench/results
 
-# Runs the LMI CUDA kernel through CuPy against the PyTorch LMI (needs a GPU machine).
-gpu-check: $(VENV)/.stamp-test
-	$(VENV)/bin/pytest -q -m gpu tests
+# One prepared check of the GPU path: a PASS/FAIL/SKIP line per item (bench/gpu_check.py).
+# Installs nothing and needs no network: .venv's python where galip imports, else $(PYTHON)
+# straight from the checkout. Without a GPU every item SKIPs and it exits 0.
+gpu-check:
+	@PY=$(PY); $$PY -c 'import galip.runtime' 2>/dev/null || PY=$(PYTHON); $$PY bench/gpu_check.py
 
 clean:
-	rm -rf $(VENV) $(DEMO) build *.egg-info
+	rm -rf $(VENV) $(DEMO) $(QUALITY) build *.egg-info

@@ -1,4 +1,6 @@
-"""``galip-eval PRED REF``: the papers' PSNR/SSIM of a translated volume against its reference.
+"""``galip-eval PRED REF``: the papers' PSNR/SSIM of a translated volume against its reference;
+``galip-eval quality BUNDLE``: a bundle's translation quality on held-out phantoms against
+training-free baselines (:mod:`galip.bench.quality`).
 
 Each slice along ``--axis`` is divided by its own max; PSNR with data range 1 (capped at
 100 dB, so identical volumes score 100), SSIM with Gaussian weights, sigma 1.5,
@@ -16,14 +18,32 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from galip.runtime.atomic import atomic_path
 from galip.runtime.cli_support import user_errors
-from galip.runtime.errors import InputError, OutputError
+from galip.runtime.errors import ConfigError, InputError, OutputError
+from galip.runtime.pipeline import MODELS
 
 from .metrics import PSNR_CAP, VolumeScore, evaluate
+from .quality import HELD_OUT_SEED, QualityRequest, check_out, parse_slices, run_quality
+from .quality_report import write_outputs
+from .run_options import parse_run_options
 
-app = typer.Typer(add_completion=False, rich_markup_mode=None)
+
+class _DefaultScore(TyperGroup):
+    """``galip-eval PRED REF`` stays the scoring command: arguments that do not start with a
+    command name (or --help) go to ``score``."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["score", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(cls=_DefaultScore, add_completion=False, rich_markup_mode=None, no_args_is_help=True,
+                  help="The papers' PSNR/SSIM of translated volumes (galip-eval PRED REF, the default "
+                       "command 'score'), and a bundle's quality report (galip-eval quality BUNDLE).")
 console = Console()
 NIFTI = (".nii.gz", ".nii")
 
@@ -94,7 +114,7 @@ HELP = ("The papers' metric of a translated volume against its reference: each s
         "Example: galip-eval out/sub-000_T2_galip.nii.gz data/sub-000/sub-000_T2w.nii.gz --mask data/sub-000/sub-000_mask.nii.gz")
 
 
-@app.command(help=HELP)
+@app.command("score", help=HELP)
 def main(
     pred: Annotated[Path, typer.Argument(help="Translated volume (NIfTI), or a folder of them.")],
     ref: Annotated[Path, typer.Argument(help="Reference volume on the same grid, or a folder paired by name.")],
@@ -134,3 +154,59 @@ def main(
                     tmp.write_text(json.dumps(data, indent=2) + "\n")
             except OSError as error:
                 raise OutputError(f"cannot write --json {json_out}: {error.strerror or error}") from None
+
+
+QUALITY_HELP = (
+    "Score a bundle on held-out phantoms: write galip-data subjects with a seed training never used "
+    f"(default {HELD_OUT_SEED}; the demo bundle trains on seed 1), translate every ordered pair of the "
+    "bundle's domains with the runtime, and report per direction the papers' PSNR/SSIM inside the brain "
+    "mask and over the whole volume, the training-free baselines (identity, histogram matching to another "
+    "subject's target, histogram matching of the negated source), contrast separation, background "
+    "hallucination and a through-plane stripe score, with the goal verdicts of issue 10. Writes "
+    "quality.json, quality.md and montage.png into --out. "
+    "Example: galip-eval quality runtime/bundles/demo --out quality --run-option threads=1")
+
+
+@app.command("quality", help=QUALITY_HELP)
+def quality(
+    bundle_dir: Annotated[Optional[Path], typer.Argument(metavar="BUNDLE", show_default=False,
+                                                         help="Bundle folder [default: the shipped demo bundle].")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for quality.json, quality.md, montage.png (and data/).")]
+        = Path("quality"),
+    data: Annotated[Optional[Path], typer.Option(show_default=False, help="Score this galip-data folder "
+                                                 "instead of writing held-out subjects.")] = None,
+    subjects: Annotated[int, typer.Option(help="Held-out subjects (at least 2: histogram matching uses another's).")] = 3,
+    seed: Annotated[int, typer.Option(help="galip-data seed of the held-out subjects; never one training used.")]
+        = HELD_OUT_SEED,
+    spacing: Annotated[float, typer.Option(help="Voxel size of the held-out subjects, mm.")] = 2.0,
+    model: Annotated[str, typer.Option(help="generator (I2I-Galip) or diffusion (MIDiffusion).")] = "generator",
+    slices: Annotated[Optional[str], typer.Option(show_default=False, help="Only slices A:B along the bundle's "
+                                                  "slicing axis (e.g. 40:48, for the slow diffusion sampler).")] = None,
+    run_option: Annotated[Optional[list[str]], typer.Option("--run-option", show_default=False,
+                                                            help="key=value passed to the runtime: a Settings field "
+                                                            "(threads, steps, seed, ...) or a keyword of prepare or "
+                                                            "translate; repeat for more.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty --out.")] = False,
+) -> None:
+    import shlex
+
+    from galip.runtime.bundle import load_bundle
+    from galip.runtime.cli import shipped_bundle
+    command = ["galip-eval", "quality", *([str(bundle_dir)] if bundle_dir else []), "--out", str(out)]
+    command += ["--data", str(data)] if data else ["--subjects", str(subjects), "--seed", str(seed),
+                                                   "--spacing", f"{spacing:g}"]
+    command += (["--model", model] if model != "generator" else []) + (["--slices", slices] if slices else [])
+    command += [arg for pair in run_option or [] for arg in ("--run-option", pair)]
+    with user_errors():
+        options = parse_run_options(run_option or [])
+        if model not in MODELS:
+            raise ConfigError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
+        request = QualityRequest(
+            bundle=load_bundle(bundle_dir) if bundle_dir is not None else shipped_bundle(), out=out, data=data,
+            subjects=subjects, seed=seed, spacing=spacing, model=model, slices=parse_slices(slices),
+            options=options, command=shlex.join(command))
+        check_out(out, overwrite)
+        report, views = run_quality(request, log=lambda line: console.print(line, markup=False, highlight=False))
+        paths = write_outputs(report, views, out)
+    typer.echo(paths["markdown"].read_text(encoding="utf-8"))
+    typer.echo(f"wrote {paths['json']}, {paths['markdown']} and {paths['montage']} ({report['wall_s']:.0f} s)")

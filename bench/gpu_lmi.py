@@ -2,12 +2,15 @@
 
 The same kernel and launch the TensorRT plugin uses (:mod:`galip.export.tensorrt.lmi_plugin`:
 grid, block and scalar arguments), so a GPU machine without TensorRT still measures it.
-Built by NVRTC from the header (with a one-line ``math.h`` shim, NVRTC has no system
-headers), else from nvcc's PTX (:func:`galip.export.kernels.compile_lmi_ptx`). CuPy is
-imported lazily; :func:`unavailable_reason` says why the row is skipped.
+Loaded from the PTX TensorRT embeds (``$GALIP_LMI_PTX``, else nvcc's build by
+:func:`galip.export.kernels.compile_lmi_ptx`: compute_80, FTZ off), which the driver
+JIT-compiles; only where neither exists is the header compiled by NVRTC (CuPy's own flags,
+``-ftz=true`` among them, so the build note says so). CuPy is imported lazily;
+:func:`unavailable_reason` says why the row is skipped.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -31,22 +34,32 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def load_kernel(workdir: Path | None = None):
-    """The compiled ``galip_lmi_kernel`` and how it was built."""
+def ptx_file(workdir: Path | None = None) -> Path | None:
+    """The PTX TensorRT would embed: ``$GALIP_LMI_PTX``, else nvcc's build; None without both."""
+    from galip.export import kernels
+    if os.environ.get("GALIP_LMI_PTX"):
+        return Path(os.environ["GALIP_LMI_PTX"])
+    return kernels.compile_lmi_ptx(workdir) if kernels.nvcc_available() else None
+
+
+def load_kernel(workdir: Path | None = None, nvrtc_fallback: bool = True):
+    """The compiled ``galip_lmi_kernel`` and how it was built (module docstring).
+
+    RuntimeError when there is no PTX and ``nvrtc_fallback`` is off or NVRTC fails too.
+    """
     import cupy
 
     from galip.export import kernels
+    ptx = ptx_file(workdir)
+    if ptx is not None:
+        return cupy.RawModule(path=str(ptx)).get_function(kernels.KERNEL), f"PTX {ptx.name} (what TensorRT embeds)"
+    if not nvrtc_fallback:
+        raise RuntimeError("no nvcc and no GALIP_LMI_PTX (a PTX from galip.export.kernels.compile_lmi_ptx)")
     shim = Path(tempfile.mkdtemp(prefix="galip-nvrtc-", dir=workdir))
     (shim / "math.h").write_text(MATH_SHIM)
     options = ("-std=c++17", f"-I{shim}", f"-I{kernels.header_path().parent}")
-    try:
-        module = cupy.RawModule(code=kernels.wrapper_source(), options=options)
-        return module.get_function(kernels.KERNEL), "NVRTC"
-    except Exception as nvrtc_error:     # noqa: BLE001
-        if not kernels.nvcc_available():
-            raise RuntimeError(f"NVRTC could not compile lmi.cuh and nvcc is absent: {nvrtc_error}") from None
-        ptx = kernels.compile_lmi_ptx(shim)
-        return cupy.RawModule(path=str(ptx)).get_function(kernels.KERNEL), "nvcc PTX"
+    module = cupy.RawModule(code=kernels.wrapper_source(), options=options)
+    return module.get_function(kernels.KERNEL), "NVRTC (CuPy's flags, not the PTX TensorRT embeds)"
 
 
 def kernel_lmi(x: np.ndarray, y: np.ndarray, settings: dict, workdir: Path | None = None

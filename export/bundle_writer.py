@@ -44,6 +44,7 @@ class ExportOptions:
     max_batch: int = 32
     opset: int = 18
     timing_cache: Path | None = None
+    version_compatible: bool = False
 
     def check(self, multiple: int = 1) -> None:
         """ConfigError unless min <= opt <= max are positive multiples of ``multiple``."""
@@ -216,7 +217,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, options: ExportOp
             with _timed(reporter, f"build TensorRT engine {job['engine']}"):
                 engine = build(root / job["graph"], root / job["engine"], fp16=job["fp16"],
                                profiles=job["profiles"], timing_cache=options.timing_cache,
-                               plugins=job["plugins"])
+                               plugins=job["plugins"], version_compatible=options.version_compatible)
             entry_engines.append(engine)
             result.files.append(engine["file"])
         result.manifest = write_manifest(root, manifest)
@@ -246,6 +247,8 @@ def _export_generator(payload: dict, root: Path, manifest: dict, options: Export
             graphs["fp16"] = {"file": _write(half, root, "generator_fp16.onnx", result)}
     entry = {
         "domains": [d["name"] for d in domains], "graphs": graphs, "engines": [],
+        # what the generator saw as input: the runtime refuses other source kinds
+        "source_kinds": sorted({d["kind"] for d in domains}),
         "io": {"inputs": dict(INPUTS), "outputs": dict(OUTPUTS)},
         "unet": unet_config.to_dict(), "trained_steps": int(payload.get("step", 0)),
         "trained_size": (payload.get("preprocess") or {}).get("size"),

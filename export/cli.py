@@ -50,8 +50,9 @@ def export(
     max_size: Annotated[int, typer.Option(help="Largest slice side an engine accepts.")] = 512,
     max_batch: Annotated[int, typer.Option(help="Largest batch an engine accepts.")] = 32,
     opset: Annotated[int, typer.Option(help="ONNX opset of the graphs (18 or newer).")] = 18,
-    timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT timing-cache file, read if present and updated.",
+    timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT timing-cache file name, keyed by TensorRT version and GPU (timing.trt10.13.0.sm_90.cache), read if present and updated.",
                                                          dir_okay=False)] = None,
+    version_compatible: Annotated[bool, typer.Option("--version-compatible", help="Build version-compatible engines: they run on later TensorRT of the same major and on the lean runtime (tensorrt_lean), possibly slower.")] = False,
 ) -> None:
     """Export CHECKPOINT into the bundle folder --out (graphs, fp16 graphs, engines, manifest.json)."""
     console = Console(stderr=True)
@@ -59,7 +60,7 @@ def export(
         from galip.export.bundle_writer import ExportOptions
         options = ExportOptions(fp16=fp16, engines=engines, min_size=min_size, opt_size=opt_size,
                                 max_size=max_size, max_batch=max_batch, opset=opset,
-                                timing_cache=timing_cache)
+                                timing_cache=timing_cache, version_compatible=version_compatible)
         options.check()
         if not checkpoint.is_file():
             what = "is a folder" if checkpoint.is_dir() else "does not exist"

@@ -24,7 +24,8 @@ from .atomic import check_name, probe_writable
 from .bundle import Bundle, load_bundle
 from .cli_support import err_console, user_errors
 from .errors import BundleError, OutputError
-from .pipeline import CT_GUESS_BELOW, Settings, Translator, guess_kind, prepare
+from .foreground import mask_from_file
+from .pipeline import CT_GUESS_BELOW, MASKS, Settings, Translator, guess_kind, prepare
 from .signals import stop_on_signals
 from .volume import load_volume, save_volume
 
@@ -168,13 +169,21 @@ def main(
         = None,
     threads: Annotated[Optional[int], typer.Option(show_default=False,
                                                    help="CPU threads for onnxruntime [default: all cores].")] = None,
+    mask: Annotated[str, typer.Option(metavar="auto|none|FILE",
+                                      help="Voxels outside the head stay background: auto finds the head in the source; "
+                                           "FILE is a mask on the input's grid (nonzero = head); none keeps every voxel as the model made it.")]
+        = "auto",
+    planes: Annotated[int, typer.Option(help="1: slice along the bundle's axis; 3: along all three axes and average (3x the time, fewer through-plane stripes).")] = 1,
+    tta: Annotated[str, typer.Option(metavar="none|flip", help="flip: also translate the left-right mirror and average (2x the time).")] = "none",
+    any_source: Annotated[bool, typer.Option("--any-source", help="Translate a source kind (MRI/CT) the model was not trained on instead of refusing it.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output (and preview).")] = False,
 ) -> None:
     started = time.perf_counter()
     with user_errors(), stop_on_signals():
         settings = Settings(model=model.value, backend=backend.value, precision=precision.value if precision else None,
                             batch=batch, steps=steps, sampler=sampler.value if sampler else None, eta=eta,
-                            seed=seed, threads=threads)
+                            seed=seed, threads=threads, mask=mask if mask in MASKS else "none",
+                            planes=planes, tta=tta, any_source=any_source)
         settings.check()
         bundle = load_bundle(bundle_dir) if bundle_dir is not None else shipped_bundle()
         translator = prepare(bundle, to, settings)
@@ -189,11 +198,18 @@ def main(
             require_matplotlib()
             check_writable(preview, overwrite=overwrite, suffixes=(".png",), what="preview", source=source)
         kind = source_kind.value
-        if kind == "auto":
+        guessed = kind == "auto"
+        if guessed:
             kind = guess_kind(volume.data)
-            if kind == "ct":
-                err_console.print(f"note: reading {source} as CT (voxels below {CT_GUESS_BELOW:g} HU); "
-                                  "pass --source-kind mri if it is MRI", markup=False, highlight=False, soft_wrap=True)
+        # before any inference or file: a CT into an MRI-only model is refused in one line
+        translator.check_source(kind, f"{source} (voxels below {CT_GUESS_BELOW:g})" if guessed and kind == "ct"
+                                else str(source))
+        if guessed and kind == "ct":
+            err_console.print(f"note: reading {source} as CT (voxels below {CT_GUESS_BELOW:g} HU); "
+                              "pass --source-kind mri if it is MRI", markup=False, highlight=False, soft_wrap=True)
+        foreground = None
+        if mask not in MASKS:
+            foreground = mask_from_file(load_volume(Path(mask)).data, volume.data.shape, mask)
 
         with _progress() as bar:
             slices = bar.add_task(f"{translator.target.name} by {settings.model}", total=None)
@@ -205,7 +221,8 @@ def main(
             def on_step(done: int, total: int) -> None:
                 bar.update(steps_task, completed=done, total=total)
 
-            result = translator.translate(volume.data, volume.affine_mm, kind, on_slices=on_slices, on_step=on_step)
+            result = translator.translate(volume.data, volume.affine_mm, kind, foreground=foreground,
+                                          on_slices=on_slices, on_step=on_step)
         save_volume(out, result.data, volume.affine, volume.header, description=translator.description,
                     overwrite=overwrite)
         if preview is not None:

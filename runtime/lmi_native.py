@@ -173,6 +173,10 @@ def _load() -> ctypes.CDLL:
         lib.galip_lmi_support_radius_host.argtypes = [ctypes.c_int, ctypes.c_float]
         lib.galip_lmi_needs_double_host.restype = ctypes.c_int
         lib.galip_lmi_needs_double_host.argtypes = [ctypes.c_int, ctypes.c_float]
+        lib.galip_lmi_host_rows.restype = ctypes.c_int
+        lib.galip_lmi_host_rows.argtypes = [f32, f32] + [cint] * 6 + [cfloat, cint, f32, f32, i32]
+        lib.galip_lmi_device_supported_host.restype = ctypes.c_int
+        lib.galip_lmi_device_supported_host.argtypes = [cint] * 3 + [cfloat]
         _lib = lib
         return lib
 
@@ -200,6 +204,12 @@ def support_radius(bins: int = 27, sigma: float = 8 / 255) -> int:
     return int(_load().galip_lmi_support_radius_host(bins, sigma))
 
 
+def device_supported(patch: int, radius: int, bins: int, sigma: float) -> bool:
+    """True when the CUDA kernel's fixed local arrays hold these settings (lmi.cuh,
+    ``galip_lmi_device_supported``)."""
+    return bool(_load().galip_lmi_device_supported_host(int(patch), int(radius), int(bins), float(sigma)))
+
+
 def _default_threads() -> int:
     env = os.environ.get("GALIP_NUM_THREADS")
     if env:
@@ -213,8 +223,8 @@ def _default_threads() -> int:
 
 
 def lmi_numpy(x: np.ndarray, y: np.ndarray, patch: int = 3, radius: int = 1, bins: int = 27,
-              sigma: float = 8 / 255, normalize: bool = True, *, num_threads: int | None = None
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              sigma: float = 8 / 255, normalize: bool = True, *, num_threads: int | None = None,
+              algorithm: str = "planes") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Local-wise (normalised) mutual information of x against y with the native kernel.
 
     Args:
@@ -225,6 +235,9 @@ def lmi_numpy(x: np.ndarray, y: np.ndarray, patch: int = 3, radius: int = 1, bin
             Gaussian width (default 8/255); normalize: NMI = 2 MI / (H_X + H_Y) (default True).
         num_threads: OpenMP threads; default $GALIP_NUM_THREADS or the usable cores (fewer for
             inputs under ~1k pixels per core).
+        algorithm: ``planes`` (the host kernel) or ``rows``: the CUDA kernel's per-pixel path
+            (float, low memory) run on the host, to test what the GPU runs (OpenMP default
+            threads).
 
     Returns:
         lmi_map (N, 1, H, W) float32; y_at (N, 1, H, W) float32, y at the arg-max offset (0
@@ -233,6 +246,8 @@ def lmi_numpy(x: np.ndarray, y: np.ndarray, patch: int = 3, radius: int = 1, bin
     """
     check_lmi_args(np.shape(x), np.shape(y), patch, radius, bins, sigma)
     lib = _load()
+    if algorithm not in ("planes", "rows"):
+        raise ConfigError(f"LMI native algorithm must be 'planes' or 'rows', got {algorithm!r}")
     x32 = np.ascontiguousarray(x, dtype=np.float32)
     y32 = np.ascontiguousarray(y, dtype=np.float32)
     n, _, h, w = x32.shape
@@ -243,8 +258,11 @@ def lmi_numpy(x: np.ndarray, y: np.ndarray, patch: int = 3, radius: int = 1, bin
         threads = max(1, min(_default_threads(), (x32.size + 1023) // 1024))
     else:
         threads = int(num_threads)
-    code = lib.galip_lmi_host(x32, y32, n, h, w, int(patch), int(radius), int(bins),
-                              float(sigma), int(bool(normalize)), threads, lmi, y_at, index)
+    args = (x32, y32, n, h, w, int(patch), int(radius), int(bins), float(sigma), int(bool(normalize)))
+    if algorithm == "rows":
+        code = lib.galip_lmi_host_rows(*args, lmi, y_at, index)
+    else:
+        code = lib.galip_lmi_host(*args, threads, lmi, y_at, index)
     if code == -1:
         raise BackendError(f"LMI native kernel ran out of memory for input of shape {x32.shape}")
     if code != 0:

@@ -186,6 +186,14 @@ def _graphs_and_engines(c: _Checker, spec: dict, where: str) -> None:
         c.string(engine["precision"], f"{at}.precision", choices=PRECISIONS)
         c.string(engine["tensorrt_version"], f"{at}.tensorrt_version", max_len=40)
         c.string(engine["compute_capability"], f"{at}.compute_capability", pattern=_CAPABILITY)
+        for key in ("version_compatible", "strongly_typed"):
+            if key in engine:
+                c.boolean(engine[key], f"{at}.{key}")
+        if engine.get("min_driver_cuda") is not None:
+            c.integer(engine["min_driver_cuda"], f"{at}.min_driver_cuda", 0, 10 ** 6)
+        for key in ("ptx_isa", "hardware_compatibility"):
+            if key in engine:
+                c.string(engine[key], f"{at}.{key}", max_len=40)
     if "preprocess" in spec and spec["preprocess"] is not None:
         _preprocess(c, spec["preprocess"], f"{where}.preprocess")
 
@@ -193,6 +201,10 @@ def _graphs_and_engines(c: _Checker, spec: dict, where: str) -> None:
 def _generator(c: _Checker, spec: Any, domains: dict) -> None:
     c.obj(spec, "models.generator")
     _graphs_and_engines(c, spec, "models.generator")
+    if spec.get("source_kinds") is not None:
+        kinds = spec["source_kinds"]
+        if not isinstance(kinds, list) or not kinds or not all(k in KINDS for k in kinds):
+            raise c.fail("models.generator.source_kinds", f"a non-empty list of {', '.join(KINDS)}", kinds)
     if "domains" in spec:
         targets = spec["domains"]
         if not isinstance(targets, list) or not targets or not all(isinstance(d, str) for d in targets) \

@@ -10,8 +10,12 @@ numpy only around the backends (never torch). The chain, per batch of ``batch`` 
                 x_0 mapped from the model's data range to [0, 1]. On onnxruntime-cpu
                 with the native LMI kernel (Choice.lmi == "native") every LMI, the
                 step graph's and lmi.onnx's, runs on that kernel (SplitLmiRunner)
-    clip to [0, 1] → SlicePlan.restore (CT window for CT targets, else the source's map)
-    → written into the output slice stack; slices_to_volume at the end
+    clip to [0, 1] → SlicePlan.restore (CT window for CT targets; MRI targets: the model's
+    0 → 0, 1 → the source's robust range) → written into the output slice stack;
+    slices_to_volume at the end. ``planes=3`` repeats this along all three axes and
+    ``tta="flip"`` on the left-right mirrored volume; the passes are averaged. Last,
+    voxels outside the source's foreground (runtime/foreground.py, or the user's mask)
+    are set to the target's background.
 
 Whole-volume arrays: the input, the raw canonical slice stack from ``plan_volume``, the
 output slice stack (filled batch by batch) and the output volume; every model-space array
@@ -24,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Literal
 
 import numpy as np
@@ -34,6 +38,7 @@ from .backends.select import Choice, select_backend
 from .bundle import Bundle
 from .domains import Domain
 from .errors import BackendError, BundleError, ConfigError, GalipError
+from .foreground import head_mask
 from .intensity import CT_WINDOW, IntensityMap
 from .limits import affordable_batch, check_threads
 from .preprocess import PreprocessConfig, SlicePlan, plan_volume, slices_to_volume
@@ -41,6 +46,9 @@ from .schedule import DEFAULT_SPACING, SAMPLERS, SPACINGS, NoiseSchedule, StepTa
 
 Model = Literal["generator", "diffusion"]
 MODELS = ("generator", "diffusion")
+MASKS = ("auto", "none")
+PLANES = (1, 3)
+TTAS = ("none", "flip")
 #: A voxel below this (HU) makes ``guess_kind`` call a volume CT: air is about −1000 HU.
 CT_GUESS_BELOW = -500.0
 
@@ -57,6 +65,11 @@ class Settings:
 
     ``steps``, ``sampler`` and ``eta`` default (None) to the bundle's ``sampler`` entry;
     ``precision`` None lets :func:`~galip.runtime.backends.select.select_backend` choose.
+    ``mask``: ``auto`` keeps voxels outside the source's head at the target's background,
+    ``none`` keeps the model's output everywhere. ``planes``: 1 (the bundle's slicing
+    axis) or 3 (all axes, averaged); ``tta``: ``flip`` also translates the left-right
+    mirror and averages. ``any_source``: translate a source kind (MRI/CT) the model was
+    not trained on instead of refusing it.
     """
 
     model: Model = "generator"
@@ -68,6 +81,10 @@ class Settings:
     eta: float | None = None
     seed: int = 0
     threads: int | None = None
+    mask: str = "auto"
+    planes: int = 1
+    tta: str = "none"
+    any_source: bool = False
 
     def check(self) -> None:
         """ConfigError naming the first unusable value."""
@@ -84,6 +101,12 @@ class Settings:
         if self.seed < 0:
             raise ConfigError(f"--seed must be a non-negative integer, got {self.seed}")
         check_threads(self.threads)
+        if self.mask not in MASKS:
+            raise ConfigError(f"--mask must be one of {', '.join(MASKS)} or a mask file, got {self.mask!r}")
+        if self.planes not in PLANES:
+            raise ConfigError(f"--planes must be 1 or 3, got {self.planes}")
+        if self.tta not in TTAS:
+            raise ConfigError(f"--tta must be one of {', '.join(TTAS)}, got {self.tta!r}")
 
 
 @dataclass
@@ -96,6 +119,7 @@ class Result:
     choice: Choice              # backend, precision, why
     seconds: float              # inference time (runner activation included)
     table: StepTable | None = None
+    foreground: np.ndarray | None = None   # (X, Y, Z) bool; outside it the output is background
 
 
 def guess_kind(data: np.ndarray) -> str:
@@ -104,8 +128,31 @@ def guess_kind(data: np.ndarray) -> str:
 
 
 def target_intensity(target: Domain, plan: SlicePlan) -> IntensityMap:
-    """[0, 1] → output intensities: the fixed CT window for a CT target, else the source's map."""
-    return IntensityMap(*CT_WINDOW) if target.kind == "ct" else plan.source_map
+    """[0, 1] → output intensities: the fixed CT window for a CT target; for an MRI target
+    the model's black level 0 → 0 (air in a magnitude image) and 1 → the width of the
+    source's robust range, so the output keeps the source's scale and a zero background."""
+    if target.kind == "ct":
+        return IntensityMap(*CT_WINDOW)
+    return IntensityMap(0.0, plan.source_map.hi - plan.source_map.lo)
+
+
+def source_kinds(bundle: Bundle, spec: dict, model: Model) -> set[str]:
+    """Source kinds (``mri``/``ct``) a model was trained on: the manifest's ``source_kinds``,
+    else the kinds of the generator's domains. Diffusion never sees its source (zero-shot),
+    so it takes any kind."""
+    if model == "diffusion":
+        return {"mri", "ct"}
+    listed = spec.get("source_kinds")
+    if listed:
+        return set(listed)
+    return {bundle.domains[name].kind for name in spec.get("domains", bundle.domains) if name in bundle.domains}
+
+
+def left_right_axis(affine: np.ndarray) -> int:
+    """The voxel axis of an ``affine`` that runs left-right (world x)."""
+    import nibabel as nib   # the runtime's NIfTI library; imported here to keep this module light
+    ornt = nib.orientations.io_orientation(affine)
+    return int(np.flatnonzero(ornt[:, 0] == 0)[0])
 
 
 def _list(names) -> str:
@@ -230,21 +277,58 @@ class Translator:
         """``galip <model> <bundle name> -> <domain>``: the output's NIfTI description."""
         return f"galip {self.settings.model} {bundle_name(self.bundle)} -> {self.target.name}"
 
+    def check_source(self, kind: str, what: str = "the input") -> None:
+        """ConfigError unless the model was trained on sources of ``kind`` (or ``any_source``)."""
+        kinds = source_kinds(self.bundle, self.spec, self.settings.model)
+        if kind not in kinds and not self.settings.any_source:
+            trained = "/".join(k.upper() for k in sorted(kinds))
+            raise ConfigError(f"{what} reads as {kind.upper()}, but the {self.settings.model} of bundle "
+                              f"{bundle_name(self.bundle)} was trained on {trained} sources only; pass "
+                              f"--source-kind {sorted(kinds)[0]} if it is {trained}, or --any-source to translate it anyway")
+
     def translate(self, data: np.ndarray, affine: np.ndarray, kind: str = "mri", *,
+                  foreground: np.ndarray | None = None,
                   on_slices: Progress = _no_progress, on_step: Progress = _no_progress) -> Result:
         """Translate one volume ``(X, Y, Z)`` (scanner units) of source ``kind`` (``mri``/``ct``).
 
-        ``on_slices(done, total)`` is called after each batch; ``on_step(done, total)``
-        after each diffusion step of the current batch. Returns the volume in the input's
-        shape and voxel order (same affine).
+        ``foreground``: a boolean mask of ``data``'s shape to use instead of
+        ``settings.mask``. ``on_slices(done, total)`` is called after each batch (over all
+        passes of ``planes``/``tta``); ``on_step(done, total)`` after each diffusion step
+        of the current batch. Returns the volume in the input's shape and voxel order
+        (same affine).
         """
-        plan, raw = plan_volume(data, affine, kind, self.config)
+        self.check_source(kind)
+        axes = [self.config.axis] + ([a for a in range(3) if a != self.config.axis] if self.settings.planes == 3 else [])
+        flips = [False, True] if self.settings.tta == "flip" else [False]
+        passes = [(axis, flip) for axis in axes for flip in flips]
+        mirror = left_right_axis(affine)
+        started, fused, done = time.perf_counter(), None, 0
+        for axis, flip in passes:
+            source = np.flip(data, mirror) if flip else data
+            # the mirrored volume keeps the affine: the model sees a mirrored head, undone below
+            out, plan, target_map = self._translate_along(
+                source, affine, kind, replace(self.config, axis=axis),
+                lambda d, t, base=done: on_slices(base + d, t * len(passes)), on_step)
+            done += plan.n_slices
+            out = np.flip(out, mirror) if flip else out
+            fused = out.astype(np.float64) if fused is None else fused + out
+        volume = (fused / len(passes)).astype(np.float32)
+        if foreground is None and self.settings.mask == "auto":
+            foreground = head_mask(data, plan.source_map)
+        if foreground is not None:
+            volume[~foreground] = target_map.lo               # the target's background
+        seconds = time.perf_counter() - started
+        return Result(volume, plan, target_map, self.choice, seconds, self.table, foreground)
+
+    def _translate_along(self, data: np.ndarray, affine: np.ndarray, kind: str, config: PreprocessConfig,
+                         on_slices: Progress, on_step: Progress) -> tuple[np.ndarray, SlicePlan, IntensityMap]:
+        """One pass: slices along ``config.axis`` → model → volume in the input's voxel order."""
+        plan, raw = plan_volume(data, affine, kind, config)
         target_map = target_intensity(self.target, plan)
         out = np.empty(raw.shape, dtype=np.float32)
         n, batch = len(raw), affordable_batch(self.settings.batch, plan.model_shape)
         diffusion = self.settings.model == "diffusion"
         call = self._diffuse if diffusion else self._generate
-        started = time.perf_counter()
         on_slices(0, n)
         with contextlib.ExitStack() as stack:    # deactivates every runner, also on errors
             runners = [stack.enter_context(make()) for make in
@@ -255,8 +339,7 @@ class Translator:
                 y = call(runners, x, start, on_step)                         # (b, 1, H', W') in [0, 1]
                 out[start:stop] = plan.restore(np.clip(y[:, 0], 0.0, 1.0), target_map)
                 on_slices(stop, n)
-        seconds = time.perf_counter() - started
-        return Result(slices_to_volume(out, plan), plan, target_map, self.choice, seconds, self.table)
+        return slices_to_volume(out, plan), plan, target_map
 
     # -- model calls ---------------------------------------------------------------------
     @property

@@ -159,12 +159,13 @@ def _domains(names) -> dict:
 
 def build_tiny_bundle(root: str | Path, *, spacing: float | None = None, axis: int = 2,
                       diffusion_targets: tuple[str, ...] = ("T2",), timesteps: int = SCHEDULE["timesteps"],
-                      name: str | None = "tiny") -> Path:
+                      name: str | None = "tiny", source_kinds: tuple[str, ...] | None = None) -> Path:
     """Write the tiny bundle into ``root`` (created) and return it.
 
     ``spacing`` None keeps the input's in-plane spacing (no resampling, so identity runs
     are exact); slices are padded to multiples of 32. ``timesteps``: T of the diffusion
-    schedule (small T makes ``--sampler ddpm`` quick).
+    schedule (small T makes ``--sampler ddpm`` quick). ``source_kinds``: what the
+    generator's manifest entry says it was trained on (None: derived from its domains).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -176,6 +177,8 @@ def build_tiny_bundle(root: str | Path, *, spacing: float | None = None, axis: i
         "io": {"inputs": {"image": "float32[N,1,H,W]", "domain": "int64[N]"},
                "outputs": {"translated": "float32[N,1,H,W]"}},
     }}
+    if source_kinds is not None:
+        models["generator"]["source_kinds"] = list(source_kinds)
     if diffusion_targets:
         onnx.save(lmi_onnx.lmi_model(**LMI), root / "lmi.onnx")
         models["diffusion"] = {}

@@ -258,6 +258,60 @@ def test_onnxrt_cuda_graph_keeps_fixed_buffers(monkeypatch):
             runner.infer({"x": np.ones((4, 3), np.float32)})
 
 
+class GraphRefusingLoader(SessionFromOnnx):
+    """SessionFromOnnx whose onnxruntime refuses CUDA graphs, as ORT does for a graph with
+    nodes off the CUDA provider: at session creation (``when="create"``) or at capture."""
+
+    def __init__(self, providers, when="create"):
+        super().__init__("step.onnx", providers)
+        self.when, self.sessions = when, []
+
+    def without_cuda_graph(self):
+        plain = super().without_cuda_graph()
+        refusing = GraphRefusingLoader(plain.providers, self.when)
+        refusing.sessions = self.sessions
+        return refusing
+
+    def __call__(self):
+        graph = self.providers[0][1].get("enable_cuda_graph") == "1"
+        if graph and self.when == "create":
+            raise BackendError("onnxruntime could not load step.onnx: [ONNXRuntimeError] : 1 : FAIL : This session "
+                               "cannot use the CUDA Graph feature as requested by the user as all compute graph "
+                               "nodes have not been partitioned to the CUDA EP.; check the bundle")
+        session = FakeCudaSession()
+        if graph:
+            def refuse(binding):
+                raise RuntimeError("CUDA failure 901: operation not permitted when stream is capturing")
+            session.run_with_iobinding = refuse
+        self.sessions.append(session)
+        return session
+
+
+@pytest.mark.parametrize("when", ["create", "capture"])
+def test_onnxrt_cuda_graph_refused_falls_back_to_io_binding(monkeypatch, when):
+    monkeypatch.setattr(OnnxrtRunner, "_ortvalue", lambda self: FakeOrtValue)
+    loader = GraphRefusingLoader(cuda_providers(cuda_graph=True), when)
+    runner = OnnxrtRunner(loader)
+    assert runner.cuda_graph
+    x = np.ones((2, 3), np.float32)
+    with pytest.warns(RuntimeWarning, match="refused CUDA graphs .*running with plain IO binding"):
+        with runner:
+            np.testing.assert_array_equal(runner.infer({"x": x})["y"], 2 * x)
+            np.testing.assert_array_equal(runner.infer({"x": 3 * x})["y"], 6 * x)
+    assert not runner.cuda_graph
+    assert ("CUDA Graph feature" if when == "create" else "stream is capturing") in runner.cuda_graph_error
+    assert runner.loader.providers[0][1] == {"device_id": "0"}          # enable_cuda_graph dropped
+    assert loader.sessions[-1].binding.outputs == {"y": ("cuda", 0)}    # plain binding, outputs by device
+
+
+def test_onnxrt_cuda_errors_other_than_graphs_still_raise():
+    class Broken(SessionFromOnnx):
+        def __call__(self):
+            raise BackendError("onnxruntime could not load step.onnx: bad graph; check the bundle")
+    with pytest.raises(BackendError, match="bad graph"):
+        OnnxrtRunner(Broken("step.onnx", cuda_providers(cuda_graph=False))).activate()
+
+
 # ----------------------------------------------------------------------------- TensorRT, fakes
 class FakeCudart(types.ModuleType):
     """Host memory standing in for device memory; graphs record closures and replay them."""
@@ -344,6 +398,26 @@ def view(address, shape):
     return np.frombuffer((ctypes.c_float * count).from_address(address), np.float32).reshape(shape)
 
 
+class FakeDriverCudart(FakeCudart):
+    """A CUDA 13 runtime on a CUDA 12.8 driver: the runtime refuses the driver, as
+    cuda-bindings 13 does on drivers older than r580."""
+
+    class cudaError_t(enum.IntEnum):
+        cudaSuccess = 0
+        cudaErrorInsufficientDriver = 35
+        cudaErrorNoDevice = 100
+
+    def __init__(self, driver=12080, runtime=13000, devices=1):
+        super().__init__()
+        ok, refused = self.cudaError_t.cudaSuccess, self.cudaError_t.cudaErrorInsufficientDriver
+        self.cudaDriverGetVersion = lambda: (ok, driver)
+        self.cudaRuntimeGetVersion = lambda: (ok, runtime)
+        if driver // 1000 < runtime // 1000:
+            self.cudaGetDeviceCount = lambda: (refused, 0)
+        elif devices == 0:
+            self.cudaGetDeviceCount = lambda: (self.cudaError_t.cudaErrorNoDevice, 0)
+
+
 class FakeContext:
     """Execution context of the step engine: x_prev = 0.5 * x_t + noise, at bound addresses."""
 
@@ -377,8 +451,12 @@ class FakeContext:
         return True
 
 
-def fake_tensorrt(cudart):
-    trt = types.ModuleType("tensorrt")
+def fake_tensorrt(cudart, name="tensorrt"):
+    """``tensorrt`` whose Runtime deserialises b"ENGINE" (a plain plan) and b"VC-ENGINE" (a
+    version-compatible plan, only with ``engine_host_code_allowed``, as the real runtime);
+    ``name="tensorrt_lean"``: the lean runtime, which refuses every plan but a
+    version-compatible one."""
+    trt = types.ModuleType(name)
     trt.__version__ = "10.13.0.35"
     trt.TensorIOMode = enum.Enum("TensorIOMode", "INPUT OUTPUT")
     trt.nptype = lambda dtype: dtype
@@ -394,10 +472,12 @@ def fake_tensorrt(cudart):
 
     class Runtime:
         def __init__(self, logger):
-            pass
+            self.engine_host_code_allowed = False
 
         def deserialize_cuda_engine(self, data):
-            return engine if data == b"ENGINE" else None
+            if data == b"VC-ENGINE":
+                return engine if self.engine_host_code_allowed else None
+            return engine if data == b"ENGINE" and name == "tensorrt" else None
     trt.Runtime = Runtime
     return trt, engine
 
@@ -478,6 +558,44 @@ def test_device_info_with_fake_cudart(fake_gpu):
         assert device_info.describe() == "GPU sm_90, TensorRT 10.13.0.35"
     finally:
         device_info.gpu_compute_capability.cache_clear()
+
+
+def test_driver_too_old_is_said(monkeypatch):
+    """cuda-bindings 13 on a CUDA 12.8 driver: 'driver too old', not 'no CUDA GPU found'."""
+    cudart = FakeDriverCudart(driver=12080, runtime=13000)
+    monkeypatch.setattr(device_info, "import_cudart", lambda: cudart)
+    monkeypatch.setattr(device_info, "cudart_problem", lambda: None)
+    device_info.gpu_compute_capability.cache_clear()
+    try:
+        assert device_info.gpu_compute_capability() is None
+        assert device_info.driver_version() == 12080 and device_info.runtime_version() == 13000
+        problem = device_info.gpu_problem()
+        assert problem.startswith("driver too old: cuda-python is built for CUDA 13.0, this driver "
+                                  "supports CUDA 12.8") and "galip[gpu-cu12]" in problem
+        cudart = FakeDriverCudart(driver=13000, runtime=13000, devices=0)
+        monkeypatch.setattr(device_info, "import_cudart", lambda: cudart)
+        device_info.gpu_compute_capability.cache_clear()
+        assert device_info.gpu_problem() == "no CUDA GPU found"
+    finally:
+        device_info.gpu_compute_capability.cache_clear()
+
+
+def test_tensorrt_whose_libraries_do_not_load(monkeypatch, tmp_path):
+    """An installed tensorrt whose shared libraries are missing is not 'not installed'."""
+    package = tmp_path / "tensorrt"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "raise ImportError('libnvinfer.so.10: cannot open shared object file: No such file or directory')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("tensorrt", "tensorrt_lean"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    assert device_info.import_tensorrt() is None
+    assert device_info.tensorrt_problem() == (
+        "TensorRT libraries do not load: ImportError: libnvinfer.so.10: cannot open shared object file: "
+        "No such file or directory")
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setitem(sys.modules, "tensorrt_lean", None)
+    assert device_info.tensorrt_problem() == "not installed"
 
 
 def test_modules_import_without_tensorrt_or_cuda_python():
@@ -645,3 +763,60 @@ def test_engine_compatibility_rules():
 def test_runner_base_is_abstract():
     with pytest.raises(NotImplementedError):
         Runner("x").activate()
+
+
+def test_engine_whose_ptx_the_driver_cannot_jit_is_refused(bundle, monkeypatch):
+    gpu(monkeypatch, capability="9.0")
+    monkeypatch.setattr(device_info, "driver_version", lambda: 12080)
+    spec = bundle.model("generator")
+    spec["engines"][0].update(ptx_isa="9.0", min_driver_cuda=13000)
+    _, choice = select_backend(bundle)
+    assert choice.name == "onnxruntime-cpu"
+    assert ("driver too old: the LMI kernel is PTX ISA 9.0, which needs a CUDA 13.0 (r580+) driver; "
+            "this driver supports CUDA 12.8") in choice.reason
+    monkeypatch.setattr(device_info, "driver_version", lambda: 13000)
+    assert select_backend(bundle)[1].name == "tensorrt"
+
+
+def test_select_says_why_tensorrt_does_not_load(bundle, monkeypatch):
+    monkeypatch.setattr(device_info, "tensorrt_version", lambda: None)
+    monkeypatch.setattr(device_info, "tensorrt_problem",
+                        lambda: "TensorRT libraries do not load: ImportError: libnvinfer.so.10: cannot open")
+    _, choice = select_backend(bundle)
+    assert "TensorRT libraries do not load: ImportError: libnvinfer.so.10" in choice.reason
+    assert "not installed" not in choice.reason.split(",")[0]
+
+
+@pytest.fixture
+def lean_gpu(monkeypatch):
+    """Only the lean runtime: ``tensorrt`` absent, ``tensorrt_lean`` present, one GPU."""
+    cudart = FakeCudart()
+    lean, engine = fake_tensorrt(cudart, name="tensorrt_lean")
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setitem(sys.modules, "tensorrt_lean", lean)
+    monkeypatch.setattr(device_info, "import_cudart", lambda: cudart)
+    monkeypatch.setattr(device_info, "gpu_compute_capability", lambda device=0: "9.0")
+    return cudart
+
+
+def test_lean_runtime_runs_only_version_compatible_engines(bundle, lean_gpu):
+    assert device_info.tensorrt_is_lean() and device_info.tensorrt_version() == "10.13.0.35"
+    _, choice = select_backend(bundle)
+    assert choice.name == "onnxruntime-cpu"
+    assert "tensorrt_lean runs only version-compatible engines; re-export with galip-export --version-compatible" \
+        in choice.reason
+    with pytest.raises(BackendError, match="version-compatible engines only"):
+        EngineFromBytes(b"ENGINE")()
+    # a version-compatible plan: picked, and it deserialises because host code is allowed
+    (bundle.root / "generator_fp16.engine").write_bytes(b"VC-ENGINE")
+    bundle.model("generator")["engines"][0]["version_compatible"] = True
+    factory, choice = select_backend(bundle, lmi=None)
+    assert choice.name == "tensorrt"
+    loader = factory().engine_source
+    assert loader() is not None and loader.runtime.engine_host_code_allowed is True
+
+
+def test_version_compatible_plan_needs_host_code_on_full_tensorrt(fake_gpu):
+    assert EngineFromBytes(b"VC-ENGINE", version_compatible=True)() is not None
+    with pytest.raises(BackendError, match="could not deserialize"):
+        EngineFromBytes(b"VC-ENGINE")()        # the fake refuses it like TensorRT without host code

@@ -58,7 +58,7 @@ def test_contrasts_are_coregistered_on_the_scaled_mni_grid(subjects):
     anatomy = phantom.load_anatomy()
     shape, affine = phantom.grid_for(anatomy, SPACING)
     for subject in subjects:
-        assert set(subject.images) == {*CONTRASTS, "mask"}
+        assert set(subject.images) == {*CONTRASTS, "mask", "head"}
         assert {im.shape for im in subject.images.values()} == {shape}
         assert {name: (d.shape, a.tolist()) for name, (d, a) in subject.volumes.items()} == {
             name: (shape, affine.tolist()) for name in subject.images
@@ -84,7 +84,7 @@ def test_noise_is_rician_at_the_requested_level_and_leaves_anatomy_alone():
     clean, noisy = (phantom.make_subject(anatomy, 5, 0, SPACING, noise) for noise in (0.0, 0.05))
     assert clean.tissues == noisy.tissues
     np.testing.assert_array_equal(clean.images["mask"], noisy.images["mask"])
-    empty = sum(clean.fractions.values()) == 0
+    empty = sum([*clean.fractions.values(), *clean.head_fractions.values()]) == 0
     assert empty.sum() > 10_000 and not clean.images["T2w"][empty].any()
     for contrast in CONTRASTS:
         # Rician magnitude of zero signal: mean sigma * sqrt(pi / 2), sigma = 5 % of pure WM.
@@ -130,14 +130,14 @@ def test_cli_writes_index_and_coregistered_files(tmp_path):
     assert index["seed"] == 1 and index["spacing_mm"] == SPACING and index["galip_version"]
     assert [s["id"] for s in index["subjects"]] == ["sub-000", "sub-001"]
     for entry in index["subjects"]:
-        assert set(entry["tissues"]) == {"CSF", "GM", "WM"}
+        assert set(entry["tissues"]) == {"CSF", "GM", "WM", "fat", "muscle", "skin", "skull"}
         for name, rel in entry["files"].items():
             image = nib.load(out / rel)
             assert list(image.shape) == index["shape"]
             np.testing.assert_array_equal(image.affine, index["affine"])
             assert int(image.header["qform_code"]) == int(image.header["sform_code"]) == 4
             assert image.header.get_xyzt_units()[0] == "mm"
-            assert image.get_data_dtype() == (np.uint8 if name == "mask" else np.float32)
+            assert image.get_data_dtype() == (np.uint8 if name in ("mask", "head") else np.float32)
 
     # Second run without --overwrite: one line, exit 2, nothing touched.
     before = _files(out)

@@ -173,13 +173,23 @@ def test_parity_comparison_objects():
 
 # ----------------------------------------------------------------------------- TensorRT builder
 class FakeTRT:
-    """A stand-in ``tensorrt`` module recording the calls made on it, in order."""
+    """A stand-in ``tensorrt`` module recording the calls made on it, in order.
 
-    def __init__(self, strongly_typed: bool = True, parse_ok: bool = True, plan: bytes | None = b"PLAN"):
+    As strict as the real API on what galip relies on: ``version="11.4.0.106"`` has no
+    ``BuilderFlag.FP16`` (removed in TensorRT 11); ``set_timing_cache`` returns whether it
+    took the cache (a b"STALE" one is refused); the parser reads the graph and, as TensorRT
+    does, makes one PLUGIN_V3 layer per ``galip::LMI`` node only when the plugin was
+    registered (``plugin_registered``), else it inlines the function body (plain layers).
+    """
+
+    def __init__(self, strongly_typed: bool = True, parse_ok: bool = True, plan: bytes | None = b"PLAN",
+                 version: str = "10.13.0.35", plugin_registered: bool = True):
         self.calls: list[tuple] = []
         calls = self.calls
         self.module = mod = types.ModuleType("tensorrt")
-        mod.__version__ = "10.13.0.35"
+        mod.__version__ = version
+        self.plugin_registered = plugin_registered
+        fake = self
 
         class Logger:
             WARNING, INFO, VERBOSE = "W", "I", "V"
@@ -189,7 +199,11 @@ class FakeTRT:
 
         flags = {"STRONGLY_TYPED": 3} if strongly_typed else {}
         mod.NetworkDefinitionCreationFlag = types.SimpleNamespace(**flags)
-        mod.BuilderFlag = types.SimpleNamespace(FP16="FP16")
+        builder_flags = {"VERSION_COMPATIBLE": "VERSION_COMPATIBLE"}
+        if int(version.split(".")[0]) < 11:
+            builder_flags["FP16"] = "FP16"
+        mod.BuilderFlag = types.SimpleNamespace(**builder_flags)
+        mod.LayerType = types.SimpleNamespace(PLUGIN_V3="PLUGIN_V3", ELEMENTWISE="ELEMENTWISE")
         mod.Logger = Logger
 
         class Cache:
@@ -206,10 +220,13 @@ class FakeTRT:
 
             def create_timing_cache(self, data):
                 calls.append(("create_timing_cache", bytes(data)))
-                return Cache()
+                cache = Cache()
+                cache.data = bytes(data)
+                return cache
 
             def set_timing_cache(self, cache, ignore_mismatch):
                 calls.append(("set_timing_cache", ignore_mismatch))
+                return cache.data != b"STALE"
 
             def get_timing_cache(self):
                 return Cache()
@@ -221,13 +238,24 @@ class FakeTRT:
             def set_shape(self, name, low, opt, high):
                 self.shapes[name] = (list(low), list(opt), list(high))
 
+        class Network:
+            def __init__(self):
+                self.layers = []
+
+            @property
+            def num_layers(self):
+                return len(self.layers)
+
+            def get_layer(self, index):
+                return types.SimpleNamespace(type=self.layers[index])
+
         class Builder:
             def __init__(self, logger):
                 calls.append(("Builder",))
 
             def create_network(self, flags):
                 calls.append(("create_network", flags))
-                return "network"
+                return Network()
 
             def create_builder_config(self):
                 calls.append(("create_builder_config",))
@@ -245,15 +273,30 @@ class FakeTRT:
 
             def __init__(self, network, logger):
                 calls.append(("OnnxParser", network))
+                self.network = network
 
             def parse_from_file(self, path):
                 calls.append(("parse_from_file", path))
+                model = onnx.load(path, load_external_data=False)
+                for node in model.graph.node:
+                    lmi = (node.domain, node.op_type) == ("galip", "LMI")
+                    if lmi and fake.plugin_registered:
+                        self.network.layers.append("PLUGIN_V3")
+                    else:        # TensorRT inlines an unregistered op's local function
+                        self.network.layers.append("ELEMENTWISE")
                 return parse_ok
 
             def get_error(self, i):
                 return "node LMI: plugin not found"
 
         mod.Builder, mod.OnnxParser = Builder, OnnxParser
+
+
+def lmi_graph(path) -> str:
+    """A graph with one galip::LMI node (the real lmi.onnx), saved at ``path``."""
+    from galip.export.lmi_onnx import lmi_model
+    onnx.save(lmi_model(), path)
+    return path
 
 
 @pytest.fixture
@@ -284,7 +327,8 @@ def test_builder_drives_the_api_in_order(monkeypatch, tmp_path):
     fake = _fake(monkeypatch)
     registered = []
     cache = tmp_path / "cache" / "timing.cache"
-    entry = builder.build_engine(tmp_path / "step_fp16.onnx", tmp_path / "step_fp16.engine", fp16=True,
+    step = lmi_graph(tmp_path / "step_fp16.onnx")
+    entry = builder.build_engine(step, tmp_path / "step_fp16.engine", fp16=True,
                                  profiles=PROFILES, timing_cache=cache,
                                  register_plugins=lambda: registered.append(len(fake.calls)))
     assert registered == [0]                                   # the plugin before anything else
@@ -296,42 +340,104 @@ def test_builder_drives_the_api_in_order(monkeypatch, tmp_path):
     assert ("set_flag", "FP16") not in fake.calls             # precision comes from the fp16 graph
     assert ("create_timing_cache", b"") in fake.calls         # no cache yet: an empty one
     assert (tmp_path / "step_fp16.engine").read_bytes() == b"PLAN"
-    assert cache.read_bytes() == b"CACHE"
+    keyed = tmp_path / "cache" / "timing.trt10.13.0.sm_90.cache"   # per TensorRT version and GPU
+    assert keyed.read_bytes() == b"CACHE" and not cache.exists()
     assert entry == {"file": "step_fp16.engine", "precision": "fp16", "tensorrt_version": "10.13.0.35",
-                     "compute_capability": "9.0", "strongly_typed": True,
+                     "compute_capability": "9.0", "strongly_typed": True, "version_compatible": False,
                      "profiles": {"image": {"min": [1, 1, 32, 32], "opt": [8, 1, 256, 256], "max": [32, 1, 512, 512]},
                                   "domain": {"min": [1], "opt": [8], "max": [32]}}}
     profile = next(c[1] for c in fake.calls if c[0] == "add_optimization_profile")
     assert profile["image"] == tuple(map(list, PROFILES["image"]))
-    # a second build reads the saved cache
-    builder.build_engine(tmp_path / "g.onnx", tmp_path / "g.engine", fp16=False, profiles=PROFILES,
+    # a second build reads the saved cache; another GPU gets its own file
+    builder.build_engine(step, tmp_path / "g.engine", fp16=False, profiles=PROFILES,
                          timing_cache=cache, plugins=False)
     assert ("create_timing_cache", b"CACHE") in fake.calls
+    assert builder.timing_cache_path(cache, "11.4.0.106", "8.9").name == "timing.trt11.4.0.sm_89.cache"
+
+
+def test_builder_replaces_a_refused_timing_cache(monkeypatch, tmp_path):
+    from galip.export.tensorrt import builder
+    fake = _fake(monkeypatch)
+    cache = tmp_path / "timing.cache"
+    builder.timing_cache_path(cache, "10.13.0.35", "9.0").write_bytes(b"STALE")
+    builder.build_engine(lmi_graph(tmp_path / "g.onnx"), tmp_path / "g.engine", fp16=False,
+                         profiles=PROFILES, timing_cache=cache, plugins=False)
+    made = [c[1] for c in fake.calls if c[0] == "create_timing_cache"]
+    assert made == [b"STALE", b""]                             # refused, then an empty one
+    assert builder.timing_cache_path(cache, "10.13.0.35", "9.0").read_bytes() == b"CACHE"
 
 
 def test_builder_weakly_typed_fallback_sets_fp16(monkeypatch, tmp_path):
     from galip.export.tensorrt import builder
     fake = _fake(monkeypatch, strongly_typed=False)
-    entry = builder.build_engine(tmp_path / "g.onnx", tmp_path / "g.engine", fp16=True,
+    graph = lmi_graph(tmp_path / "g.onnx")
+    entry = builder.build_engine(graph, tmp_path / "g.engine", fp16=True,
                                  profiles=PROFILES, plugins=False)
     assert ("create_network", 0) in fake.calls and ("set_flag", "FP16") in fake.calls
     assert entry["precision"] == "fp16" and entry["strongly_typed"] is False
     assert not any(c[0] == "create_timing_cache" for c in fake.calls)
 
 
+def test_builder_on_tensorrt_11_never_asks_for_fp16(monkeypatch, tmp_path):
+    """TensorRT 11 has no BuilderFlag.FP16: its networks are strongly typed, flag or not."""
+    from galip.export.tensorrt import builder
+    graph = lmi_graph(tmp_path / "g.onnx")
+    for strongly_typed in (True, False):
+        fake = _fake(monkeypatch, version="11.4.0.106", strongly_typed=strongly_typed)
+        entry = builder.build_engine(graph, tmp_path / "g.engine", fp16=True, profiles=PROFILES,
+                                     plugins=False, version_compatible=True)
+        assert entry["strongly_typed"] is True and entry["version_compatible"] is True
+        assert [c for c in fake.calls if c[0] == "set_flag"] == [("set_flag", "VERSION_COMPATIBLE")]
+    _fake(monkeypatch, version="10.13.0.35", strongly_typed=False)
+    monkeypatch.delattr(sys.modules["tensorrt"].BuilderFlag, "FP16")
+    with pytest.raises(BackendError, match=r"has no BuilderFlag\.FP16, needed for a weakly typed fp16 build"):
+        builder.build_engine(graph, tmp_path / "g.engine", fp16=True, profiles=PROFILES, plugins=False)
+
+
+def test_builder_refuses_an_lmi_node_the_plugin_did_not_take(monkeypatch, tmp_path):
+    from galip.export.tensorrt import builder
+    _fake(monkeypatch, plugin_registered=False)
+    with pytest.raises(BackendError, match=r"made 0 PLUGIN_V3 layer\(s\) for the 1 galip::LMI node\(s\) of "
+                                           r"lmi\.onnx: the LMI plugin was not used") as info:
+        builder.build_engine(lmi_graph(tmp_path / "lmi.onnx"), tmp_path / "lmi.engine", fp16=False,
+                             profiles=PROFILES, register_plugins=lambda: None)
+    assert "\n" not in str(info.value) and not (tmp_path / "lmi.engine").exists()
+
+
+def test_builder_records_the_ptx_and_checks_the_driver(monkeypatch, tmp_path):
+    from galip.export.tensorrt import builder, lmi_plugin
+    from galip.runtime import device_info
+    _fake(monkeypatch)
+    ptx = tmp_path / "lmi.ptx"
+    ptx.write_text("//\n.version 9.0\n.target sm_80\n.address_size 64\n")
+    monkeypatch.setattr(lmi_plugin, "_registered", ptx)
+    graph = lmi_graph(tmp_path / "lmi.onnx")
+    monkeypatch.setattr(device_info, "driver_version", lambda: 13000)
+    entry = builder.build_engine(graph, tmp_path / "lmi.engine", fp16=False, profiles=PROFILES,
+                                 register_plugins=lambda: None)
+    assert (entry["ptx_isa"], entry["min_driver_cuda"]) == ("9.0", 13000)
+    monkeypatch.setattr(device_info, "driver_version", lambda: 12080)
+    with pytest.raises(BackendError, match=r"driver too old: the LMI kernel is PTX ISA 9\.0, which needs a "
+                                           r"CUDA 13\.0 \(r580\+\) driver; this driver supports CUDA 12\.8: "
+                                           r"update the driver, or compile the PTX with an nvcc of CUDA 12\.8"):
+        builder.build_engine(graph, tmp_path / "lmi2.engine", fp16=False, profiles=PROFILES,
+                             register_plugins=lambda: None)
+
+
 def test_builder_errors_are_one_line(monkeypatch, tmp_path):
     from galip.export.tensorrt import builder
+    graph = lmi_graph(tmp_path / "g.onnx")
     _fake(monkeypatch, parse_ok=False)
     with pytest.raises(BackendError, match="parser rejected g.onnx: node LMI: plugin not found"):
-        builder.build_engine(tmp_path / "g.onnx", tmp_path / "g.engine", fp16=True, profiles=PROFILES,
+        builder.build_engine(graph, tmp_path / "g.engine", fp16=True, profiles=PROFILES,
                              plugins=False)
     _fake(monkeypatch, plan=None)
     with pytest.raises(BackendError, match="could not build"):
-        builder.build_engine(tmp_path / "g.onnx", tmp_path / "g.engine", fp16=True, profiles=PROFILES,
+        builder.build_engine(graph, tmp_path / "g.engine", fp16=True, profiles=PROFILES,
                              plugins=False)
     assert not (tmp_path / "g.engine").exists()
     with pytest.raises(BackendError, match="min <= opt <= max"):
-        builder.build_engine(tmp_path / "g.onnx", tmp_path / "g.engine", fp16=True, plugins=False,
+        builder.build_engine(graph, tmp_path / "g.engine", fp16=True, plugins=False,
                              profiles={"image": ([1, 1, 64, 64], [1, 1, 32, 32], [1, 1, 64, 64])})
 
 

@@ -122,11 +122,15 @@ def test_engines_with_a_fake_tensorrt(checkpoints, tmp_path, monkeypatch):
     from galip.export.tensorrt import lmi_plugin
     from galip.runtime import device_info
     registered = []
+    ptx = tmp_path / "lmi.ptx"
+    ptx.write_text(".version 8.7\n.target sm_80\n")
     monkeypatch.setattr(device_info, "gpu_compute_capability", lambda device=0: "8.9")
+    monkeypatch.setattr(device_info, "driver_version", lambda: 12080)
+    monkeypatch.setattr(lmi_plugin, "_registered", ptx)
     monkeypatch.setattr(lmi_plugin, "register_lmi_plugin", lambda *a, **k: registered.append(1))
     bundle = tmp_path / "bundle"
     result = invoke(checkpoints["diffusion"], "--out", bundle, "--max-batch", "4", "--opt-size", "64",
-                    "--max-size", "128", "--timing-cache", tmp_path / "timing.cache")
+                    "--max-size", "128", "--timing-cache", tmp_path / "timing.cache", "--version-compatible")
     assert result.exit_code == 0, result.output
     assert "engines skipped" not in result.output and registered
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -134,10 +138,12 @@ def test_engines_with_a_fake_tensorrt(checkpoints, tmp_path, monkeypatch):
     (engine,) = spec["engines"]
     assert engine["file"] == "diffusion_T2_step_fp16.engine" and engine["precision"] == "fp16"
     assert engine["tensorrt_version"] == "10.13.0.35" and engine["compute_capability"] == "8.9"
+    assert engine["version_compatible"] is True and ("set_flag", "VERSION_COMPATIBLE") in fake.calls
+    assert (engine["ptx_isa"], engine["min_driver_cuda"]) == ("8.7", 12080)     # the LMI kernel's PTX
     assert engine["profiles"]["x_t"] == {"min": [1, 1, 32, 32], "opt": [4, 1, 64, 64], "max": [4, 1, 128, 128]}
     assert set(engine["profiles"]) == {"x_t", "source", "lmi_source", "noise"}
     assert spec["lmi_graph"]["engines"][0]["precision"] == "fp32"
     parsed = [c[1] for c in fake.calls if c[0] == "parse_from_file"]
     assert [p.rsplit("/", 1)[-1] for p in parsed] == ["diffusion_T2_step_fp16.onnx", "lmi.onnx"]
     assert "diffusion_T2_step_fp16.engine" in load_bundle(bundle).manifest["files"]
-    assert (tmp_path / "timing.cache").read_bytes() == b"CACHE"
+    assert (tmp_path / "timing.trt10.13.0.sm_89.cache").read_bytes() == b"CACHE"

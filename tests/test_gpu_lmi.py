@@ -3,9 +3,8 @@
 Run with ``make gpu-check`` (``pytest -m gpu``) on a machine with a CUDA GPU and CuPy; skipped
 elsewhere. Compares against galip.train.lmi.lmi on CPU to 1e-5 and prints ms per call.
 
-The kernel is compiled from the header with NVRTC (through CuPy, with a two-line stand-in
-for ``<math.h>``, which NVRTC does not ship), else loaded from nvcc's PTX
-(galip.export.kernels), the same text the TensorRT plugin embeds. It is launched exactly as
+The kernel is loaded from nvcc's PTX (galip.export.kernels), the text the TensorRT plugin
+embeds, else compiled from the header by NVRTC (galip.bench.gpu_lmi.load_kernel). It is launched exactly as
 the TensorRT AOT plugin launches it (galip.export.tensorrt.lmi_plugin): same grid and block,
 and sigma passed as the int32 holding its float32 bit pattern.
 """
@@ -17,11 +16,9 @@ pytestmark = pytest.mark.gpu
 cupy = pytest.importorskip("cupy", reason="CuPy is not installed (GPU machines only)")
 torch = pytest.importorskip("torch")
 
-from galip.export import kernels  # noqa: E402
 from galip.export.tensorrt import lmi_plugin  # noqa: E402
 
 TOL = 1e-5
-MATH_SHIM = "#pragma once\n#ifndef NAN\n#define NAN __int_as_float(0x7fc00000)\n#endif\n"
 
 
 def _gpu_count() -> int:
@@ -37,19 +34,9 @@ if _gpu_count() == 0:
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
-    """(galip_lmi_kernel, how it was built)."""
-    shim = tmp_path_factory.mktemp("nvrtc_include")
-    (shim / "math.h").write_text(MATH_SHIM)
-    options = ("-std=c++17", f"-I{shim}", f"-I{kernels.header_path().parent}")
-    try:
-        module = cupy.RawModule(code=kernels.wrapper_source(), options=options)
-        return module.get_function(kernels.KERNEL), "NVRTC (CuPy) from lmi.cuh"
-    except Exception as nvrtc_error:                      # fall back to nvcc's PTX
-        if not kernels.nvcc_available():
-            pytest.fail(f"NVRTC could not compile lmi.cuh and nvcc is absent: {nvrtc_error}")
-        ptx = kernels.compile_lmi_ptx(tmp_path_factory.mktemp("ptx"))
-        module = cupy.RawModule(path=str(ptx))
-        return module.get_function(kernels.KERNEL), f"nvcc PTX {ptx.name}"
+    """(galip_lmi_kernel, how it was built): the PTX TensorRT embeds, else NVRTC."""
+    from galip.bench.gpu_lmi import load_kernel
+    return load_kernel(tmp_path_factory.mktemp("ptx"))
 
 
 def run_kernel(kernel, x, y, patch=3, radius=1, bins=27, sigma=8 / 255, normalize=True,

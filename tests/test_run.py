@@ -46,8 +46,10 @@ def resampling_bundle(tmp_path_factory) -> Path:
 
 
 def _expected_identity(data: np.ndarray) -> np.ndarray:
+    """What the identity domain gives without a mask: the source clipped to its robust
+    range, with the black level (its low percentile) at 0."""
     imap = fit_intensity(data, "mri", percentiles=(0.5, 99.5))
-    return np.clip(data, imap.lo, imap.hi), imap
+    return np.clip(data, imap.lo, imap.hi) - imap.lo, imap
 
 
 def _load(path):
@@ -62,7 +64,7 @@ def test_identity_domain_returns_input_with_its_geometry(tmp_path, bundle, affin
     data = phantom_volume()
     source = write_volume(tmp_path / "sub_T1w.nii.gz", data, affine, codes)
     out = tmp_path / "out.nii.gz"
-    result = run(source, "--to", "T1", "--bundle", bundle, "--out", out, "--batch", 4)
+    result = run(source, "--to", "T1", "--bundle", bundle, "--out", out, "--batch", 4, "--mask", "none")
     assert result.exit_code == 0, result.output
     image, got = _load(out)
     ref = nib.load(str(source))
@@ -81,7 +83,7 @@ def test_resampling_bundle_keeps_shape_affine_and_content(tmp_path, resampling_b
     data = phantom_volume()
     source = write_volume(tmp_path / "in.nii", data, affine)
     out = tmp_path / "out.nii.gz"
-    assert run(source, "--to", "T1", "--bundle", resampling_bundle, "--out", out).exit_code == 0
+    assert run(source, "--to", "T1", "--bundle", resampling_bundle, "--out", out, "--mask", "none").exit_code == 0
     image, got = _load(out)
     assert got.shape == data.shape
     np.testing.assert_allclose(image.affine, affine, atol=1e-5)
@@ -104,7 +106,7 @@ def test_the_domain_changes_the_output(tmp_path, bundle):
     outputs = {}
     for domain in ("T1", "T2", "PD"):
         out = tmp_path / f"{domain}.nii.gz"
-        assert run(source, "--to", domain, "--bundle", bundle, "--out", out).exit_code == 0
+        assert run(source, "--to", domain, "--bundle", bundle, "--out", out, "--mask", "none").exit_code == 0
         outputs[domain] = _load(out)[1]
     for a, b in (("T1", "T2"), ("T1", "PD"), ("T2", "PD")):
         assert np.abs(outputs[a] - outputs[b]).mean() > 0.05 * np.abs(outputs[a]).mean(), (a, b)
@@ -162,15 +164,17 @@ def test_batches_are_bounded_by_batch(tmp_path, bundle):
 
 # ----------------------------------------------------------------------------- diffusion
 def _inverted(data):
+    """What the tiny models' T2 gives without a mask: 1 - the normalised source, scaled."""
     clipped, imap = _expected_identity(data)
-    return imap.lo + imap.hi - clipped, imap
+    return imap.hi - imap.lo - clipped, imap
 
 
 def test_diffusion_lands_on_the_models_answer(tmp_path, bundle):
     data = phantom_volume()
     source = write_volume(tmp_path / "s.nii.gz", data, oblique_affine(), (1, 1))
     out = tmp_path / "d.nii.gz"
-    result = run(source, "--to", "T2", "--model", "diffusion", "--bundle", bundle, "--out", out, "--steps", 3)
+    result = run(source, "--to", "T2", "--model", "diffusion", "--bundle", bundle, "--out", out, "--steps", 3,
+                 "--mask", "none")
     assert result.exit_code == 0, result.output
     assert "ddim, 3 steps" in result.stdout
     image, got = _load(out)
@@ -205,7 +209,8 @@ def test_ddpm_runs_every_timestep(tmp_path):
     bundle = build_tiny_bundle(tmp_path / "t50", timesteps=50)
     data = phantom_volume(shape=(18, 22, 3))
     source = write_volume(tmp_path / "s.nii.gz", data, lps_affine())
-    result = run(source, "--to", "T2", "--model", "diffusion", "--sampler", "ddpm", "--bundle", bundle)
+    result = run(source, "--to", "T2", "--model", "diffusion", "--sampler", "ddpm", "--bundle", bundle,
+                 "--mask", "none")
     assert result.exit_code == 0, result.output
     assert "ddpm, 50 steps" in result.stdout
     expected, imap = _inverted(data)

@@ -112,6 +112,7 @@ def write_dataset(
     spacing: float = 2.0,
     noise: float = 0.02,
     overwrite: bool = False,
+    head: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Write ``subjects`` synthetic subjects and ``index.json`` under ``out``; return the index.
@@ -125,7 +126,7 @@ def write_dataset(
     previous = prepare_out(out, overwrite)
     entries, subject = [], None
     for index in range(subjects):
-        subject = phantom.make_subject(anatomy, index, seed, spacing, noise)
+        subject = phantom.make_subject(anatomy, index, seed, spacing, noise, head)
         (out / subject.id).mkdir(exist_ok=True)
         files = {}
         for name, data in subject.images.items():
@@ -144,12 +145,15 @@ def write_dataset(
         "shape": list(subject.images["mask"].shape),
         "affine": subject.affine.tolist(),
         "noise": float(noise),
-        "dtype": {"images": "float32", "mask": "uint8"},
+        "head": bool(head),
+        "dtype": {"images": "float32", "mask": "uint8", "head": "uint8"},
         "sequences": {c: {"TR_ms": tr, "TE_ms": te} for c, (tr, te) in phantom.SEQUENCES.items()},
         "synthesis": {
             "jitter": phantom.JITTER, "warp_rms_mm": phantom.WARP_RMS_MM,
             "warp_order": phantom.WARP_ORDER, "bias_rms": phantom.BIAS_RMS,
             "bias_order": phantom.BIAS_ORDER, "mask_threshold": phantom.MASK_THRESHOLD,
+            "head_layers": [{"layer": name, "tissue": tissue, "thickness_mm": [lo, hi]}
+                            for name, tissue, lo, hi in phantom.head_layers.LAYERS] if head else [],
         },
         "subjects": entries,
     }
@@ -165,8 +169,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
         "Write co-registered T1w/T2w/PDw brain MRI volumes synthesised from the real "
         "ICBM152 anatomy (shipped with nilearn): per subject a smooth random warp, "
         "+-10 % tissue-parameter jitter, a bias field and Rician noise; spin-echo "
-        "signal with BrainWeb 1.5 T tissue values. Writes one folder per subject "
-        "(sub-000/sub-000_T1w.nii.gz, _T2w, _PDw, _mask) and index.json; the same "
+        "signal with BrainWeb 1.5 T tissue values, the brain wrapped in a CSF rim, skull, "
+        "diploe, muscle, scalp fat and skin (--no-head: brain only). Writes one folder "
+        "per subject (sub-000/sub-000_T1w.nii.gz, _T2w, _PDw, _mask = brain, _head) and "
+        "index.json; the same "
         "settings give byte-identical files. Example: galip-data --out data --subjects 8"
     )
 )
@@ -177,6 +183,7 @@ def main(
     spacing: Annotated[float, typer.Option(help="Isotropic voxel size in mm, 1 to 8 (1 = the template's grid).")] = 2.0,
     noise: Annotated[float, typer.Option(help="Rician noise sigma as a fraction of the WM signal of each contrast.")] = 0.02,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty --out, replacing earlier galip-data files.")] = False,
+    head: Annotated[bool, typer.Option("--head/--no-head", help="Wrap the brain in skull, scalp fat, muscle and skin (default), or write the brain only.")] = True,
 ) -> None:
     started = time.perf_counter()
     console = Console(stderr=True)
@@ -186,11 +193,11 @@ def main(
         with Progress(*columns, console=console, transient=True) as bar:
             task = bar.add_task("synthesising subjects", total=subjects)
             index = write_dataset(
-                out, subjects, seed, spacing, noise, overwrite,
+                out, subjects, seed, spacing, noise, overwrite, head,
                 progress=lambda sid: bar.update(task, advance=1, description=f"wrote {sid}"),
             )
     shape = "x".join(str(n) for n in index["shape"])
     typer.echo(
-        f"wrote {subjects} subject(s) x T1w/T2w/PDw/mask, {shape} at {spacing:g} mm, "
+        f"wrote {subjects} subject(s) x T1w/T2w/PDw/mask/head, {shape} at {spacing:g} mm, "
         f"seed {seed}, to {out} ({time.perf_counter() - started:.1f} s)"
     )

@@ -14,7 +14,7 @@ magnetisation of pure water (PD = 1), so a noise-free pure-WM T1w voxel is ~0.44
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -24,6 +24,8 @@ from scipy import ndimage
 
 from galip.runtime.domains import DOMAINS
 from galip.runtime.errors import ConfigError
+
+from . import head as head_layers
 
 TEMPLATE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"  # {t1, gm, wm}, uint8
 
@@ -77,7 +79,8 @@ class Subject:
     """One synthetic subject on the output grid.
 
     ``images``: ``"T1w"``, ``"T2w"``, ``"PDw"`` -> ``(X, Y, Z)`` float32 signal and
-    ``"mask"`` -> ``(X, Y, Z)`` uint8 brain mask; ``fractions``: the warped ``"CSF"``,
+    ``"mask"`` -> ``(X, Y, Z)`` uint8 brain mask, ``"head"`` -> uint8 head mask (brain
+    plus the layers around it); ``fractions``: the warped ``"CSF"``,
     ``"GM"``, ``"WM"`` maps (float32, [0, 1]) the images were made from; ``affine``:
     shared by all of them; ``tissues``: the jittered parameters used (like ``TISSUES``).
     """
@@ -87,6 +90,7 @@ class Subject:
     fractions: dict[str, np.ndarray]
     affine: np.ndarray
     tissues: dict[str, dict[str, float]]
+    head_fractions: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def volumes(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -294,24 +298,39 @@ def rician(signal: np.ndarray, sigma: float, rng: np.random.Generator) -> np.nda
     return np.hypot(real, imag)
 
 
-def make_subject(anatomy: Anatomy, index: int, seed: int, spacing: float, noise: float) -> Subject:
+def make_subject(anatomy: Anatomy, index: int, seed: int, spacing: float, noise: float,
+                 head: bool = True) -> Subject:
     """Synthesise subject ``index`` of the data set ``seed`` on an isotropic ``spacing`` mm grid.
 
     ``anatomy``: usually ``load_anatomy()``; ``noise``: Rician sigma as a fraction of
-    the subject's pure-WM signal in each contrast (0 = noise-free). Deterministic in
-    (seed, index, spacing, noise); warp, tissues and bias do not depend on ``noise``.
+    the subject's pure-WM signal in each contrast (0 = noise-free); ``head``: wrap the
+    brain in skull, scalp fat, muscle and skin (:mod:`galip.train.head`). Deterministic
+    in (seed, index, spacing, noise, head); warp, tissues and bias do not depend on
+    ``noise`` or ``head``.
     """
     grid = resample_anatomy(anatomy, check_spacing(spacing))
     # Independent streams per ingredient (seeded by (seed, index)), so e.g. a different
-    # noise level leaves the anatomy and tissue parameters of a subject unchanged.
-    warp_rng, tissue_rng, bias_rng, noise_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence([seed, index]).spawn(4)
+    # noise level leaves the anatomy and tissue parameters of a subject unchanged. Child
+    # i of a SeedSequence does not depend on how many are spawned, so the head's streams
+    # (4, 5) leave a brain-only subject exactly as it was.
+    warp_rng, tissue_rng, bias_rng, noise_rng, shape_rng, head_tissue_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence([seed, index]).spawn(6)
     )
     # 1. Smooth random warp, one for all contrasts so they stay co-registered.
     coefs = np.stack([smooth_coefficients(warp_rng, WARP_ORDER, WARP_RMS_MM, True) for _ in range(3)])
     fractions = warp_fractions(grid, coefs)
     # 2. +-10 % tissue-parameter jitter.
     tissues = draw_tissues(tissue_rng)
+    maps = {t: fractions[t] for t in TISSUES}
+    extent, layers = fractions["brain"], {}
+    if head:
+        # 2b. layers around the brain, their own jittered tissues (bone stays at PD 0)
+        thickness = head_layers.thickness_fields(
+            shape_rng, cosine_bases(grid, head_layers.THICKNESS_ORDER), eval_field)
+        layers = head_layers.layer_fractions(fractions["brain"], sum(maps.values()), spacing, thickness)
+        tissues = tissues | head_layers.draw_head_tissues(head_tissue_rng, JITTER)
+        maps = {t: maps.get(t, 0.0) + layers.get(t, 0.0) for t in (*maps, *layers)}
+        extent = extent + sum(layers.values())
     signals = tissue_signals(tissues)
     # 3. Low-order multiplicative bias field (a receive-coil property: shared by contrasts).
     log_bias = smooth_coefficients(bias_rng, BIAS_ORDER, BIAS_RMS, False)
@@ -319,16 +338,18 @@ def make_subject(anatomy: Anatomy, index: int, seed: int, spacing: float, noise:
     images: dict[str, np.ndarray] = {}
     for contrast, per_tissue in signals.items():
         # 4. S = sum_tissue f * PD * (1 - e^(-TR/T1)) * e^(-TE/T2), times the bias.
-        clean = sum(np.float32(per_tissue[t]) * fractions[t] for t in TISSUES) * bias
+        clean = sum(np.float32(per_tissue[t]) * maps[t] for t in maps) * bias
         # 5. Rician noise, independent per contrast, sigma relative to pure WM.
         sigma = noise * per_tissue["WM"]
         images[contrast] = rician(clean.astype(np.float32), sigma, noise_rng).astype(np.float32)
     images["mask"] = (fractions["brain"] >= 0.5).astype(np.uint8)
+    images["head"] = (extent >= 0.5).astype(np.uint8)      # brain-only: equal to the mask
     return Subject(
         id=subject_id(index),
         images=images,
         fractions={t: fractions[t] for t in TISSUES},
         affine=grid.affine.copy(),
         tissues=tissues,
+        head_fractions=layers,
     )
 

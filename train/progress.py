@@ -19,11 +19,12 @@ class TrainingProgress:
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[rate]}"),
-            TextColumn("{task.fields[losses]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[losses]}"), TextColumn("[bold red]{task.fields[warning]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(),
             disable=disable,
         )
         self._task = self._progress.add_task(description, total=total_steps, completed=start_step,
-                                             losses="", rate="")
+                                             losses="", rate="", warning="")
 
     def __enter__(self) -> "TrainingProgress":
         self._progress.__enter__()
@@ -32,9 +33,9 @@ class TrainingProgress:
     def __exit__(self, *exc) -> None:
         self._progress.__exit__(*exc)
 
-    def update(self, step: int, losses: dict[str, float]) -> None:
+    def update(self, step: int, losses: dict[str, float], warning: str = "") -> None:
         task = self._progress.tasks[0]
         speed = task.speed
         rate = f"{speed:.2f} it/s" if speed else ""
         text = " ".join(f"{name} {value:.4g}" for name, value in losses.items())
-        self._progress.update(self._task, completed=step, losses=text, rate=rate)
+        self._progress.update(self._task, completed=step, losses=text, rate=rate, warning=warning)

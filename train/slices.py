@@ -63,25 +63,39 @@ def split_unpaired(subjects: Sequence[dict], domains: Sequence[Domain]) -> dict[
     return {d.name: list(subjects[i::len(domains)]) for i, d in enumerate(domains)}
 
 
-def volume_slices(path: str | Path, domain: Domain, config: dict) -> np.ndarray:
-    """All slices of one volume with enough foreground: (n, size, size) float32 in [0, 1]."""
+def volume_slices(path: str | Path, domain: Domain, config: dict,
+                  axes: Sequence[int] | None = None) -> np.ndarray:
+    """Slices of one volume with enough foreground: (n, size, size) float32 in [0, 1].
+
+    ``axes``: the slicing axes to take slices along (default: the config's one axis);
+    each is prepared exactly as the runtime prepares a volume sliced along it.
+    ``config["min_foreground"]`` 0 keeps every slice, the empty ones above the head
+    included, at the rate a volume has them (so a model learns that empty stays empty).
+    """
     volume = load_volume(path)
-    plan, raw = plan_volume(volume.data, volume.affine, domain.kind, PreprocessConfig.from_dict(config))
-    stack = centre_fit(plan.prepare(raw), config["size"])
-    foreground = (stack > 0.05).mean(axis=(1, 2))
-    return np.ascontiguousarray(stack[foreground >= config["min_foreground"]], dtype=np.float32)
+    stacks = []
+    for axis in axes if axes is not None else [config["axis"]]:
+        plan, raw = plan_volume(volume.data, volume.affine, domain.kind,
+                                PreprocessConfig.from_dict({**config, "axis": axis}))
+        stack = centre_fit(plan.prepare(raw), config["size"])
+        foreground = (stack > 0.05).mean(axis=(1, 2))
+        stacks.append(stack[foreground >= config["min_foreground"]])
+    return np.ascontiguousarray(np.concatenate(stacks), dtype=np.float32)
 
 
 def load_training_slices(data_dir: str | Path, domains: Sequence[Domain], size: int, *,
                          axis: int = 2, spacing: float | None = None,
-                         split: str = "unpaired") -> dict[str, np.ndarray]:
+                         split: str = "unpaired", min_foreground: float = 0.05,
+                         axes: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """Slices per domain name, ``(n, size, size)`` float32 in [0, 1].
 
     ``split="unpaired"`` gives each domain different subjects; ``"all"`` uses every
     subject for every domain (diffusion trains on one domain, so it wants all of them).
+    ``min_foreground``: drop slices with less foreground than this (0 keeps all);
+    ``axes``: slice along each of these axes (default: ``axis`` only).
     """
     index = read_index(data_dir)
-    config = preprocess_config(size, axis=axis, spacing=spacing)
+    config = preprocess_config(size, axis=axis, spacing=spacing, min_foreground=min_foreground)
     if split == "unpaired":
         assignment = split_unpaired(index["subjects"], domains)
     elif split == "all":
@@ -90,7 +104,7 @@ def load_training_slices(data_dir: str | Path, domains: Sequence[Domain], size: 
         raise ValueError(f"split must be 'unpaired' or 'all', got {split!r}")
     slices = {}
     for domain in domains:
-        stacks = [volume_slices(subject_file(data_dir, s, domain), domain, config)
+        stacks = [volume_slices(subject_file(data_dir, s, domain), domain, config, axes)
                   for s in assignment[domain.name]]
         stack = np.concatenate(stacks) if stacks else np.zeros((0, size, size), np.float32)
         if len(stack) == 0:
@@ -105,21 +119,42 @@ class SliceSampler:
 
     Each domain has its own numpy Generator, so drawing for one domain does not shift
     another's sequence; ``state_dict`` stores the generators' states as plain data.
+    ``crop`` > 0 cuts a random ``crop`` x ``crop`` window from each drawn slice (a
+    fully convolutional generator trains on windows at a fraction of a slice's cost);
+    ``on_foreground`` centres it on a random foreground pixel (> 0.05) of the slice when
+    it has one, so windows of a slice with anatomy show anatomy (a discriminator learns
+    nothing from air against air) while empty slices still come at their natural rate.
     """
 
-    def __init__(self, slices_by_domain: dict[str, np.ndarray], batch: int, seed: int):
+    def __init__(self, slices_by_domain: dict[str, np.ndarray], batch: int, seed: int, crop: int = 0,
+                 on_foreground: bool = False):
         if batch < 1:
             raise ConfigError(f"batch size must be at least 1, got {batch}")
+        size = min(s.shape[-1] for s in slices_by_domain.values())
+        if crop < 0 or crop > size:
+            raise ConfigError(f"crop must be between 0 (whole slices) and the slice size {size}, got {crop}")
         self.slices = slices_by_domain
-        self.batch = batch
+        self.batch, self.crop, self.on_foreground = batch, crop, on_foreground
         seeds = np.random.SeedSequence(seed).spawn(len(slices_by_domain))
         self._rngs = {name: np.random.default_rng(s) for name, s in zip(sorted(slices_by_domain), seeds)}
 
     def sample(self, domain: str) -> np.ndarray:
-        """A batch ``(batch, 1, size, size)`` float32 drawn with replacement."""
-        stack = self.slices[domain]
-        rows = self._rngs[domain].integers(0, len(stack), size=self.batch)
-        return stack[rows][:, None]
+        """A batch ``(batch, 1, size, size)`` (or ``crop``-sized) float32 drawn with replacement."""
+        stack, rng = self.slices[domain], self._rngs[domain]
+        rows = rng.integers(0, len(stack), size=self.batch)
+        if not self.crop:
+            return stack[rows][:, None]
+        h, w = stack.shape[-2:]
+        ys = rng.integers(0, h - self.crop + 1, size=self.batch)
+        xs = rng.integers(0, w - self.crop + 1, size=self.batch)
+        if self.on_foreground:
+            for i, r in enumerate(rows):
+                inside = np.argwhere(stack[r] > 0.05)
+                if len(inside):
+                    cy, cx = inside[rng.integers(len(inside))]
+                    ys[i] = np.clip(cy - self.crop // 2, 0, h - self.crop)
+                    xs[i] = np.clip(cx - self.crop // 2, 0, w - self.crop)
+        return np.stack([stack[r, y:y + self.crop, x:x + self.crop] for r, y, x in zip(rows, ys, xs)])[:, None]
 
     def state_dict(self) -> dict:
         return {name: json.dumps(rng.bit_generator.state) for name, rng in self._rngs.items()}

@@ -12,7 +12,9 @@ Mapping from ONNX: the node built by :func:`galip.export.lmi_onnx.lmi_node` has 
 (>= 10.7 prefers a registered plugin over the model-local function of the same name) creates
 this plugin from it, with the node's ``patch``, ``radius``, ``bins``, ``sigma``,
 ``normalize`` attributes as plugin attributes. Call :func:`register_lmi_plugin` before
-parsing.
+parsing. The attributes are typed ``NDArray[np.int32]`` / ``NDArray[np.float32]`` and read
+with ``[0]``: the parser passes one-element arrays, and tensorrt.plugin 10.9-11.1 cannot turn
+them into ``int`` / ``float`` on NumPy >= 2.4 (fixed upstream in 11.2.1); arrays work on all.
 
 Kernel: lmi.cuh's ``galip_lmi_kernel`` itself, (x, y, N, H, W, patch, radius, bins, sigma,
 normalize, lmi, y_at, offset_index). TensorRT's AOT launcher passes input pointers, the
@@ -36,16 +38,21 @@ import struct
 from pathlib import Path
 from typing import Any, List, Optional, Tuple, Union
 
+import numpy as np
+import numpy.typing as npt
+
 from galip.export import kernels
 from galip.export.lmi_onnx import OP_TYPE, PLUGIN_NAMESPACE, lmi_params
 from galip.runtime.errors import BackendError, ConfigError
 
-__all__ = ["PLUGIN_ID", "KERNEL_ABI", "add_lmi_layer", "check_device_params", "check_kernel_abi",
-           "kernel_scalar_args", "launch_grid", "register_lmi_plugin", "sigma_bits"]
+__all__ = ["PLUGIN_ID", "KERNEL_ABI", "add_lmi_layer", "attribute_arrays", "check_device_params",
+           "check_kernel_abi", "kernel_scalar_args", "launch_grid", "register_lmi_plugin", "registered_ptx",
+           "sigma_bits"]
 
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{OP_TYPE}"       # "galip::LMI"
 DEVICE_MAX_BINS = 32                                # GALIP_LMI_DEVICE_MAX_BINS (lmi.cuh)
 DEVICE_MAX_RADIUS = 3                               # GALIP_LMI_DEVICE_MAX_RADIUS (lmi.cuh)
+DEVICE_MAX_PATCH = 3                                # GALIP_LMI_DEVICE_MAX_PATCH (lmi.cuh)
 INSTALL_TRT = ("pip install 'tensorrt>=10.9' on a GPU machine "
                "(full TensorRT: tensorrt-lean has no plugin builder)")
 
@@ -55,6 +62,35 @@ KERNEL_ABI = [".u64"] * 2 + [".u32"] * 6 + [".f32", ".u32"] + [".u64"] * 3
 
 _registered: Optional[Path] = None                  # PTX file once registered in this process
 
+# Plugin attributes are one-element NumPy arrays, read with [0]. The ONNX parser hands every
+# attribute over as a one-element PluginField array; tensorrt.plugin 10.9-11.1 converts a field
+# of a builtin-typed attribute (int, float) with int(array) / float(array), which NumPy >= 2.4
+# rejects ("only 0-dimensional arrays can be converted"), so the plugin could not be created.
+# An NDArray-typed attribute is passed through as the array itself on every TensorRT >= 10.9.
+Int32Attr = npt.NDArray[np.int32]
+Float32Attr = npt.NDArray[np.float32]
+ATTRIBUTE_DTYPES = {"patch": np.int32, "radius": np.int32, "bins": np.int32,
+                    "sigma": np.float32, "normalize": np.int32}
+
+
+def _one(value: Any) -> Any:
+    """The single element of a plugin attribute (a one-element array, or a plain scalar)."""
+    flat = np.asarray(value).reshape(-1)
+    if flat.size != 1:
+        raise ConfigError(f"an LMI plugin attribute must hold one value, got {flat.size}: {value!r}")
+    return flat[0].item()
+
+
+def attribute_arrays(params: dict) -> dict:
+    """``{name: one-element array}`` of the checked LMI parameters, as ``trtp.op`` needs them
+    for NDArray-typed attributes (the dtypes the plugin declares)."""
+    return {name: np.array([params[name]], dtype) for name, dtype in ATTRIBUTE_DTYPES.items()}
+
+
+def _params_from_attributes(patch, radius, bins, sigma, normalize) -> dict:
+    return check_device_params(int(_one(patch)), int(_one(radius)), int(_one(bins)),
+                               float(_one(sigma)), int(_one(normalize)))
+
 
 def sigma_bits(sigma: float) -> int:
     """The float32 bit pattern of ``sigma`` as a signed int32: the int32 extra arg that fills
@@ -63,13 +99,25 @@ def sigma_bits(sigma: float) -> int:
 
 
 def check_device_params(patch: int, radius: int, bins: int, sigma: float, normalize) -> dict:
-    """Checked parameters, also within the CUDA kernel's fixed-size local arrays."""
+    """Checked parameters, also within the CUDA kernel's fixed-size local arrays.
+
+    The bounds are lmi.cuh's; the support-width bound (wide Gaussians keep more bins per
+    sample) is asked of the header itself through the host build when it is available.
+    """
     params = lmi_params(patch, radius, bins, sigma, bool(normalize))
-    if params["bins"] > DEVICE_MAX_BINS or params["radius"] > DEVICE_MAX_RADIUS:
+    fits = (params["bins"] <= DEVICE_MAX_BINS and params["radius"] <= DEVICE_MAX_RADIUS
+            and params["patch"] <= DEVICE_MAX_PATCH)
+    if fits:
+        from galip.runtime import lmi_native
+        if lmi_native.native_unavailable_reason() is None:
+            fits = lmi_native.device_supported(params["patch"], params["radius"], params["bins"],
+                                               params["sigma"])
+    if not fits:
         raise ConfigError(
-            f"the LMI CUDA kernel supports bins <= {DEVICE_MAX_BINS} and radius <= "
-            f"{DEVICE_MAX_RADIUS}, got bins={params['bins']}, radius={params['radius']}; "
-            "use the onnxruntime backend or rebuild lmi.cuh with larger GALIP_LMI_DEVICE_MAX_*")
+            f"the LMI CUDA kernel supports bins <= {DEVICE_MAX_BINS}, radius <= {DEVICE_MAX_RADIUS}, "
+            f"patch <= {DEVICE_MAX_PATCH} and sigma <= ~1.1 / (bins - 1), got bins={params['bins']}, "
+            f"radius={params['radius']}, patch={params['patch']}, sigma={params['sigma']:.4g}; use the "
+            "onnxruntime backend or rebuild lmi.cuh with larger GALIP_LMI_DEVICE_MAX_*")
     return params
 
 
@@ -107,6 +155,11 @@ def _import_trtp():
     return trtp
 
 
+def registered_ptx() -> Optional[Path]:
+    """The PTX file registered in this process (what engines built now embed), or None."""
+    return _registered
+
+
 def register_lmi_plugin(arch: Optional[str] = kernels.DEFAULT_ARCH,
                         ptx_dir: Optional[Path] = None, ptx_file: Optional[Path] = None) -> str:
     """Register ``galip::LMI`` with ``tensorrt.plugin`` (once per process); returns its id.
@@ -133,8 +186,8 @@ def register_lmi_plugin(arch: Optional[str] = kernels.DEFAULT_ARCH,
 
     # 1. Outputs: lmi, y_at like X (N, 1, H, W) float32; offset_index the same shape, int32.
     @trtp.register(PLUGIN_ID)
-    def lmi_desc(x: trtp.TensorDesc, y: trtp.TensorDesc, patch: int, radius: int, bins: int,
-                 sigma: float, normalize: int
+    def lmi_desc(x: trtp.TensorDesc, y: trtp.TensorDesc, patch: Int32Attr, radius: Int32Attr,
+                 bins: Int32Attr, sigma: Float32Attr, normalize: Int32Attr
                  ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
         return x.like(), x.like(), trtp.from_shape_expr(x.shape_expr, dtype=trt.int32)
 
@@ -147,12 +200,12 @@ def register_lmi_plugin(arch: Optional[str] = kernels.DEFAULT_ARCH,
 
     # 3. AOT: kernel name, PTX, launch grid and the scalars from the symbolic shape.
     @trtp.aot_impl(PLUGIN_ID)
-    def lmi_aot_impl(x: trtp.TensorDesc, y: trtp.TensorDesc, patch: int, radius: int, bins: int,
-                     sigma: float, normalize: int,
+    def lmi_aot_impl(x: trtp.TensorDesc, y: trtp.TensorDesc, patch: Int32Attr, radius: Int32Attr,
+                     bins: Int32Attr, sigma: Float32Attr, normalize: Int32Attr,
                      outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc],
                      tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes],
                                            trtp.KernelLaunchParams, trtp.SymExprs]:
-        params = check_device_params(patch, radius, bins, sigma, normalize)
+        params = _params_from_attributes(patch, radius, bins, sigma, normalize)
         n, h, w = x.shape_expr[0], x.shape_expr[2], x.shape_expr[3]
         launch = trtp.KernelLaunchParams()
         for field, value in launch_grid(n, h, w, cdiv=trtp.cdiv).items():
@@ -176,6 +229,5 @@ def add_lmi_layer(network: Any, x: Any, y: Any, **params) -> Any:
     p = check_device_params(**{**{"patch": 3, "radius": 1, "bins": 27, "sigma": 8 / 255,
                                   "normalize": True}, **params})
     call = getattr(getattr(trtp.op, PLUGIN_NAMESPACE), OP_TYPE)
-    return network.add_plugin(call(x, y, patch=p["patch"], radius=p["radius"], bins=p["bins"],
-                                   sigma=p["sigma"], normalize=int(p["normalize"])), aot=True)
+    return network.add_plugin(call(x, y, **attribute_arrays(p)), aot=True)
 

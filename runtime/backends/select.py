@@ -6,7 +6,10 @@
    manifest matches this GPU's compute capability and the installed TensorRT version
    (major.minor.patch equal; an engine marked ``"version_compatible": true`` runs on the
    same major version at or above the one it was built with; ``"hardware_compatibility":
-   "ampere+"`` runs on any compute capability >= 8.0);
+   "ampere+"`` runs on any compute capability >= 8.0), the driver can JIT its embedded LMI
+   PTX (``"min_driver_cuda"``, see :mod:`.tensorrt.compat`), and, where only the lean
+   runtime ``tensorrt_lean`` is installed, the engine is version-compatible (the lean
+   runtime deserialises nothing else);
 2. **onnxruntime-cuda** — only if ``CUDAExecutionProvider`` is listed by
    ``onnxruntime.get_available_providers()`` *and* a probe session really keeps it in
    ``get_providers()`` (onnxruntime-gpu silently falls back to CPU when its libraries do
@@ -37,6 +40,7 @@ from ..errors import BackendError, ConfigError
 from ..bundle import Bundle
 from .base import RunnerFactory
 from .onnxruntime.loader import INSTALL_CPU, INSTALL_GPU, cuda_providers, provider_really_loads
+from .tensorrt import compat
 
 Requested = Literal["auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"]
 BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
@@ -82,8 +86,20 @@ def _short(text: str | None) -> str:
     return ".".join(map(str, _version(text))) or "none"
 
 
-def engine_mismatch(engine: dict, capability: str | None, trt_version: str | None) -> str | None:
-    """Why manifest ``engine`` cannot run on this GPU/TensorRT, or None when it can."""
+def engine_mismatch(engine: dict, capability: str | None, trt_version: str | None,
+                    driver: int | None = None, lean: bool = False) -> str | None:
+    """Why manifest ``engine`` cannot run on this GPU/TensorRT/driver, or None when it can.
+
+    ``driver``: the driver's CUDA version (``device_info.driver_version()``), checked against
+    the engine's ``min_driver_cuda`` when it has one; ``lean``: only ``tensorrt_lean`` here.
+    """
+    if lean and not engine.get("version_compatible"):
+        return (f"engine {engine['file']} is not version-compatible and tensorrt_lean runs only "
+                "version-compatible engines; re-export with galip-export --version-compatible")
+    if engine.get("min_driver_cuda") is not None:
+        why = compat.driver_problem(str(engine.get("ptx_isa", "?")), int(engine["min_driver_cuda"]), driver)
+        if why is not None:
+            return why
     built_cc, built_trt = str(engine["compute_capability"]), str(engine["tensorrt_version"])
     if engine.get("hardware_compatibility") == "ampere+":
         cc_ok = capability is not None and _version(capability) >= (8, 0)
@@ -110,24 +126,30 @@ def _by_precision(items: list, precision: str | None, key: Callable) -> list:
 def _tensorrt(bundle: Bundle, spec: dict, precision: str | None, cuda_graph: bool) -> _Option:
     trt_version = device_info.tensorrt_version()
     if trt_version is None:
-        return _Option(why_not="no TensorRT (not installed)", fix=f"install TensorRT: {INSTALL_GPU}")
+        problem = device_info.tensorrt_problem() or "not installed"
+        return _Option(why_not="no TensorRT (not installed)" if problem == "not installed" else problem,
+                       fix=f"install TensorRT: {INSTALL_GPU}")
     engines = _by_precision(list(spec.get("engines", [])), precision, lambda e: e.get("precision"))
     if not engines:
         what = f"no {precision} TensorRT engine" if precision else "no TensorRT engine"
         return _Option(why_not=f"{what} in the bundle", fix="re-export the bundle with engines on this GPU")
     if device_info.import_cudart() is None:
-        return _Option(why_not="no cuda-python (needed for TensorRT device buffers)",
+        problem = device_info.cudart_problem() or "no cuda-python"
+        return _Option(why_not=f"{problem} (needed for TensorRT device buffers)",
                        fix=f"install cuda-python: {INSTALL_GPU}")
     capability = device_info.gpu_compute_capability()
     if capability is None:
-        return _Option(why_not="no CUDA GPU found", fix="run on a machine with an NVIDIA GPU and driver")
+        return _Option(why_not=device_info.gpu_problem(), fix="run on a machine with an NVIDIA GPU and a driver "
+                       "that supports the installed CUDA wheels (see the README's GPU section)")
+    driver, lean = device_info.driver_version(), device_info.tensorrt_is_lean()
     mismatches = []
     for engine in engines:
-        why = engine_mismatch(engine, capability, trt_version)
+        why = engine_mismatch(engine, capability, trt_version, driver, lean)
         if why is None:
             from .tensorrt.runner import trt_factory
             path = bundle.path(engine["file"])
-            return _Option(trt_factory(path, precision=engine["precision"], cuda_graph=cuda_graph),
+            return _Option(trt_factory(path, precision=engine["precision"], cuda_graph=cuda_graph,
+                                       version_compatible=bool(engine.get("version_compatible"))),
                            engine["precision"], path,
                            note=f"engine {engine['file']} matches {device_info.sm(capability)} / TRT {_short(trt_version)}")
         mismatches.append(why)

@@ -19,6 +19,12 @@
 // window of S = min(2K + 1, B) bins around its nearest centre (shifted inside [0, B)),
 // normalised over that window; K (Step 0a) makes the result differ from the dense definition
 // by ~1e-7 at most.
+//
+// Two per-pixel paths over the same math: galip_lmi_pixel (host, lmi_host.cpp) accumulates the
+// joint as a B x B block from precomputed weight planes; galip_lmi_pixel_rows (CUDA kernel)
+// keeps only the p^2 pairs' windows and builds the joint one row at a time, so a GPU thread
+// needs ~2 KB of local memory instead of a B x B block (9.6 KB with the double scratch it had),
+// and it runs in float throughout unless (bins, sigma) need float64 (Step 0b).
 #pragma once
 
 #include <math.h>
@@ -45,12 +51,18 @@
 #define GALIP_LMI_TRUNC_EPS 1e-9
 // float32 accumulation when every local entropy is at least this (nats), else float64.
 #define GALIP_LMI_FLOAT_MIN_ENTROPY 0.25
-// Fixed-size local arrays of the CUDA kernel (the host build allocates per thread): with 32
-// bins a thread holds 9 KB of local memory.
+// Fixed-size local arrays of the CUDA kernel (the host build allocates per thread): windows of
+// up to MAX_SUPPORT floats for the pairs of a patch of side <= MAX_PATCH, a row and the column
+// sums of up to MAX_BINS bins (float64 settings fit half as many reals), 49 MI values.
 #ifndef GALIP_LMI_DEVICE_MAX_BINS
 #define GALIP_LMI_DEVICE_MAX_BINS 32
 #define GALIP_LMI_DEVICE_MAX_RADIUS 3
+#define GALIP_LMI_DEVICE_MAX_PATCH 3
+#define GALIP_LMI_DEVICE_MAX_SUPPORT 16
 #endif
+#define GALIP_LMI_DEVICE_SCRATCH                                                              \
+  (2 * GALIP_LMI_DEVICE_MAX_PATCH * GALIP_LMI_DEVICE_MAX_PATCH * GALIP_LMI_DEVICE_MAX_SUPPORT + \
+   2 * GALIP_LMI_DEVICE_MAX_BINS)
 
 struct GalipLmiShape {
   int H, W;       // image size
@@ -64,6 +76,41 @@ struct GalipLmiShape {
 
 GALIP_HD inline int galip_imin(int a, int b) { return a < b ? a : b; }
 GALIP_HD inline int galip_imax(int a, int b) { return a > b ? a : b; }
+
+GALIP_HD inline int galip_lmi_support(int bins, float sigma);
+
+// The shape record of one call (window = support: no padding).
+GALIP_HD inline GalipLmiShape galip_lmi_shape(int H, int W, int patch, int radius, int bins,
+                                              float sigma, int normalize) {
+  GalipLmiShape s;
+  s.H = H; s.W = W; s.patch = patch; s.radius = radius; s.bins = bins;
+  s.support = galip_lmi_support(bins, sigma);
+  s.window = s.support;
+  s.normalize = normalize ? 1 : 0;
+  return s;
+}
+
+// Rows [ha, hb] and columns [wa, wb] of the patch [h0, h1] x [w0, w1] whose pair (X_j,
+// Y_{j+tau}) lies inside the image for tau = (dy, dx); empty() when there is none.
+struct GalipLmiBox {
+  int ha, hb, wa, wb;
+  GALIP_HD bool empty() const { return ha > hb || wa > wb; }
+};
+
+// Step 4a of offset t: (dy, dx) and the box of valid pairs; false after setting MI := 0 (and
+// best >= 0) when there is no valid pair.
+GALIP_HD inline bool galip_lmi_offset(const GalipLmiShape& s, int h0, int h1, int w0, int w1,
+                                      int t, int* dy, int* dx, GalipLmiBox* b, double* mi,
+                                      double* best) {
+  const int D = 2 * s.radius + 1;
+  *dy = t / D - s.radius, *dx = t % D - s.radius;
+  b->ha = galip_imax(h0, -*dy), b->hb = galip_imin(h1, s.H - 1 - *dy);
+  b->wa = galip_imax(w0, -*dx), b->wb = galip_imin(w1, s.W - 1 - *dx);
+  if (!b->empty()) return true;
+  mi[t] = 0.0;
+  *best = *best > 0.0 ? *best : 0.0;
+  return false;
+}
 
 // c = h^2 / 2 sigma^2 with h = 1/(B - 1): the Gaussian exponent per squared bin distance.
 GALIP_HD inline double galip_lmi_bin_c(int bins, float sigma) {
@@ -143,6 +190,9 @@ GALIP_HD inline float galip_lmi_log(float x) {
 #endif
 }
 
+GALIP_HD inline float galip_exp(float x) { return expf(x); }
+GALIP_HD inline double galip_exp(double x) { return exp(x); }
+
 // Step 1: first bin of a sample's window: nearest centre minus K, shifted inside [0, B - S].
 GALIP_HD inline int galip_lmi_nearest(float v, int bins) {  // nearest centre; NaN -> 0
   return (int)fminf(fmaxf(rintf(v * (float)(bins - 1)), 0.0f), (float)(bins - 1));
@@ -156,19 +206,21 @@ GALIP_HD inline int galip_lmi_first_bin(float v, int bins, int support) {
 // "soft-bin every pixel with Gaussian weights normalised over bins"). With delta = v/h - a0
 // (a0 the nearest centre), bin a0 + k has weight exp(-c (k^2 - 2 k delta)) relative to bin
 // a0; neighbouring ratios form a geometric sequence, so one sample costs two exp calls (in
-// float64). Taking a0 as the reference (weight 1) means values outside [0, 1] cannot
-// underflow the sum: they bin like the nearest edge.
-template <class real>
-GALIP_HD inline void galip_lmi_soft_bin(float v, int bins, int support, double c, int start,
+// `calc` precision: float64 on the host, `real` in the CUDA kernel). Taking a0 as the reference
+// (weight 1) means values outside [0, 1] cannot underflow the sum: they bin like the nearest
+// edge.
+template <class real, class calc>
+GALIP_HD inline void galip_lmi_soft_bin(float v, int bins, int support, calc c, int start,
                                         real* w) {
   const int a0 = galip_lmi_nearest(v, bins);  // inside the window by construction
-  const double delta = (double)v * (bins - 1) - a0;
-  const double q = exp(-2.0 * c);
-  const double g_up = exp(-c * (1.0 - 2.0 * delta)), g_down = exp(-c * (1.0 + 2.0 * delta));
+  const calc one = 1, two = 2;
+  const calc delta = (calc)v * (bins - 1) - a0;
+  const calc q = galip_exp(-two * c);
+  const calc g_up = galip_exp(-c * (one - two * delta)), g_down = galip_exp(-c * (one + two * delta));
   const int k0 = a0 - start;
-  double inv = 0.0;
+  calc inv = 0;
   for (int pass = 0; pass < 2; ++pass) {  // pass 0: normaliser; pass 1: weights
-    double sum = 1.0, cur = 1.0, g = g_up;
+    calc sum = one, cur = one, g = g_up;
     if (pass) w[k0] = (real)inv;
     for (int k = k0 + 1; k < support; ++k) {  // upwards: ratio exp(-c (2k + 1 - 2 delta))
       cur *= g;
@@ -176,7 +228,7 @@ GALIP_HD inline void galip_lmi_soft_bin(float v, int bins, int support, double c
       sum += cur;
       if (pass) w[k] = (real)(cur * inv);
     }
-    cur = 1.0;
+    cur = one;
     g = g_down;
     for (int k = k0 - 1; k >= 0; --k) {  // downwards: ratio exp(-c (2k + 1 + 2 delta))
       cur *= g;
@@ -184,7 +236,7 @@ GALIP_HD inline void galip_lmi_soft_bin(float v, int bins, int support, double c
       sum += cur;
       if (pass) w[k] = (real)(cur * inv);
     }
-    inv = 1.0 / sum;
+    inv = one / sum;
   }
 }
 
@@ -200,22 +252,6 @@ struct GalipLmiPlanes {
   }
 };
 
-// Weight source computing windows on the fly (CUDA kernel: no extra pass; L = S).
-template <class real>
-struct GalipLmiImage {
-  const float* img;  // (H, W)
-  int W, bins, S;
-  double c;  // h^2 / 2 sigma^2
-  GALIP_HD int first_bin(int h, int w) const {
-    return galip_lmi_first_bin(img[h * W + w], bins, S);
-  }
-  GALIP_HD const real* weights_at(int h, int w, real* scratch) const {
-    const float v = img[h * W + w];
-    galip_lmi_soft_bin(v, bins, S, c, galip_lmi_first_bin(v, bins, S), scratch);
-    return scratch;
-  }
-};
-
 // -sum p log p over p_k = v_k * scale, 0 log 0 = 0 (masses below the smallest normal number
 // count as 0); one flat loop, vectorised on the host.
 template <class real>
@@ -228,6 +264,20 @@ GALIP_HD inline real galip_lmi_entropy(const real* v, int n, real scale) {
     h -= p * galip_lmi_log(p > tiny ? p : tiny);  // p = 0 adds 0 * log(tiny) = 0
   }
   return h;
+}
+
+// MI = H_X + H_Y - H_XY, or NMI = 2 MI / (H_X + H_Y) (0 where H_X + H_Y <= 1e-12).
+GALIP_HD inline double galip_lmi_mi_value(double hx, double hy, double hxy, int normalize) {
+  const double mi = hx + hy - hxy;
+  if (!normalize) return mi;
+  return hx + hy > 1e-12 ? 2.0 * mi / (hx + hy) : 0.0;
+}
+
+// Step 4d: LMI = max over offsets (paper Eq. 11); ties -> first offset in row-major order.
+GALIP_HD inline int galip_lmi_argmax(const double* mi, int offsets, double best) {
+  int tstar = 0;
+  while (tstar < offsets - 1 && !(mi[tstar] >= best - GALIP_LMI_TIE_TOL)) ++tstar;
+  return tstar;
 }
 
 // Step 3: MI (or NMI) of the un-normalised joint J (bx x by box, row stride by), paper Eq. 2.
@@ -255,9 +305,7 @@ GALIP_HD inline double galip_lmi_mi_of_joint(const real* J, int bx, int by, int 
   const real inv_t = (real)1 / total;
   const double hxy = galip_lmi_entropy(J, bx * by, inv_t);
   const double hx = galip_lmi_entropy(rs, bx, inv_t), hy = galip_lmi_entropy(cs, by, inv_t);
-  const double mi = hx + hy - hxy;
-  if (!normalize) return mi;
-  return hx + hy > 1e-12 ? 2.0 * mi / (hx + hy) : 0.0;
+  return galip_lmi_mi_value(hx, hy, hxy, normalize);
 }
 
 // J[a * stride + b] += wx[a] * wy[b] for a < S, b < L (one pair's contribution, Step 4b;
@@ -295,15 +343,11 @@ GALIP_HD inline void galip_lmi_pixel(const Src& sx, const Src& sy, const GalipLm
   const int w0 = galip_imax(w - half, 0), w1 = galip_imin(w + half, s.W - 1);
   double best = -1e300;
   for (int t = 0; t < D * D; ++t) {
-    const int dy = t / D - R, dx = t % D - R;
     // 4a: valid pairs (X_j and Y_{j+tau} inside the image) and the joint's bounding box.
-    const int ha = galip_imax(h0, -dy), hb = galip_imin(h1, s.H - 1 - dy);
-    const int wa = galip_imax(w0, -dx), wb = galip_imin(w1, s.W - 1 - dx);
-    if (ha > hb || wa > wb) {
-      mi[t] = 0.0;  // no valid pair: MI := 0
-      best = best > 0.0 ? best : 0.0;
-      continue;
-    }
+    int dy, dx;
+    GalipLmiBox box;
+    if (!galip_lmi_offset(s, h0, h1, w0, w1, t, &dy, &dx, &box, mi, &best)) continue;
+    const int ha = box.ha, hb = box.hb, wa = box.wa, wb = box.wb;
     int xlo = B, xhi = 0, ylo = B, yhi = 0;
     for (int jh = ha; jh <= hb; ++jh) {
       for (int jw = wa; jw <= wb; ++jw) {
@@ -328,11 +372,99 @@ GALIP_HD inline void galip_lmi_pixel(const Src& sx, const Src& sy, const GalipLm
     mi[t] = galip_lmi_mi_of_joint(J, bx, by, s.normalize, rs, cs);
     best = mi[t] > best ? mi[t] : best;
   }
-  // 4d: LMI = max over offsets (paper Eq. 11); ties -> first offset in row-major order.
-  int tstar = 0;
-  while (tstar < D * D - 1 && !(mi[tstar] >= best - GALIP_LMI_TIE_TOL)) ++tstar;
+  // 4d: LMI = max over offsets, ties to the first.
+  const int tstar = galip_lmi_argmax(mi, D * D, best);
   *out_lmi = (float)mi[tstar];
   *out_tau = tstar;
+}
+
+// Scratch of galip_lmi_pixel_rows in reals: two windows per pair of a patch, a row, column sums.
+GALIP_HD inline int galip_lmi_rows_scratch(int patch, int support, int bins) {
+  return 2 * patch * patch * support + 2 * bins;
+}
+
+// Step 4, CUDA kernel path: as galip_lmi_pixel, but with the joint built one row at a time.
+// X's windows (the same for every offset) are computed once per pixel, Y's once per offset;
+// row a of J is the sum over pairs j of wx_j(a) * wy_j (same pair order, so the same sums as
+// the block path), and its entropy terms and the marginals are taken as it is made. P = J / T
+// with T = sum_j |wx_j| |wy_j| (= sum J up to rounding). x, y: (H, W) images; c: Step 2's
+// constant in `real`; scratch: galip_lmi_rows_scratch(patch, S, B) reals; start: 2 p^2 ints;
+// mi: (2r+1)^2 doubles.
+template <class real>
+GALIP_HD inline void galip_lmi_pixel_rows(const float* x, const float* y, const GalipLmiShape& s,
+                                          real c, int h, int w, real* scratch, int* start,
+                                          double* mi, float* out_lmi, int* out_tau) {
+  const int B = s.bins, S = s.support, R = s.radius, D = 2 * R + 1, half = s.patch / 2;
+  const int h0 = galip_imax(h - half, 0), h1 = galip_imin(h + half, s.H - 1);
+  const int w0 = galip_imax(w - half, 0), w1 = galip_imin(w + half, s.W - 1);
+  const int pw = w1 - w0 + 1, n = (h1 - h0 + 1) * pw;
+  real *wx = scratch, *wy = wx + n * S, *row = wy + n * S, *cs = row + B;
+  int *sx = start, *sy = start + n;
+  for (int j = 0; j < n; ++j) {  // 4a': X's windows, once per pixel
+    const float v = x[(h0 + j / pw) * s.W + w0 + j % pw];
+    sx[j] = galip_lmi_first_bin(v, B, S);
+    galip_lmi_soft_bin(v, B, S, c, sx[j], wx + j * S);
+  }
+  double best = -1e300;
+  for (int t = 0; t < D * D; ++t) {
+    int dy, dx;
+    GalipLmiBox box;
+    if (!galip_lmi_offset(s, h0, h1, w0, w1, t, &dy, &dx, &box, mi, &best)) continue;
+    const int ha = box.ha, hb = box.hb, wa = box.wa, wb = box.wb;
+    // 4a: Y's windows of the valid pairs, the joint's bounding box and its total mass.
+    int xlo = B, xhi = 0, ylo = B, yhi = 0;
+    real total = 0;
+    for (int jh = ha; jh <= hb; ++jh) {
+      for (int jw = wa; jw <= wb; ++jw) {
+        const int j = (jh - h0) * pw + (jw - w0);
+        const float v = y[(jh + dy) * s.W + jw + dx];
+        sy[j] = galip_lmi_first_bin(v, B, S);
+        galip_lmi_soft_bin(v, B, S, c, sy[j], wy + j * S);
+        xlo = galip_imin(xlo, sx[j]), xhi = galip_imax(xhi, sx[j]);
+        ylo = galip_imin(ylo, sy[j]), yhi = galip_imax(yhi, sy[j]);
+        real mx = 0, my = 0;
+        for (int k = 0; k < S; ++k) mx += wx[j * S + k], my += wy[j * S + k];
+        total += mx * my;
+      }
+    }
+    // 4b-c: rows of J, their entropy terms and both marginals' entropies (paper Eq. 2).
+    const int bx = xhi - xlo + S, by = yhi - ylo + S;
+    const real inv_t = (real)1 / total;
+    for (int b = 0; b < by; ++b) cs[b] = 0;
+    double hxy = 0.0, hx = 0.0;
+    for (int a = xlo; a < xlo + bx; ++a) {
+      for (int b = 0; b < by; ++b) row[b] = 0;
+      for (int jh = ha; jh <= hb; ++jh) {
+        for (int jw = wa; jw <= wb; ++jw) {
+          const int j = (jh - h0) * pw + (jw - w0), k = a - sx[j];
+          if (k < 0 || k >= S) continue;
+          const real u = wx[j * S + k];
+          real* r = row + (sy[j] - ylo);
+          const real* v = wy + j * S;
+          for (int b = 0; b < S; ++b) r[b] += u * v[b];
+        }
+      }
+      real rsum = 0;
+      for (int b = 0; b < by; ++b) rsum += row[b], cs[b] += row[b];
+      hxy += galip_lmi_entropy(row, by, inv_t);
+      hx += galip_lmi_entropy(&rsum, 1, inv_t);
+    }
+    mi[t] = galip_lmi_mi_value(hx, galip_lmi_entropy(cs, by, inv_t), hxy, s.normalize);
+    best = mi[t] > best ? mi[t] : best;
+  }
+  const int tstar = galip_lmi_argmax(mi, D * D, best);
+  *out_lmi = (float)mi[tstar];
+  *out_tau = tstar;
+}
+
+// 1 when the CUDA kernel's fixed local arrays hold these settings (float64 ones take twice the
+// room), 0 otherwise (the kernel then writes NaN / -1).
+GALIP_HD inline int galip_lmi_device_supported(int patch, int radius, int bins, float sigma) {
+  if (bins < 2 || bins > GALIP_LMI_DEVICE_MAX_BINS || radius < 0 ||
+      radius > GALIP_LMI_DEVICE_MAX_RADIUS || patch < 1 || patch > GALIP_LMI_DEVICE_MAX_PATCH)
+    return 0;
+  const int reals = galip_lmi_rows_scratch(patch, galip_lmi_support(bins, sigma), bins);
+  return reals * (galip_lmi_needs_double(bins, sigma) ? 2 : 1) <= GALIP_LMI_DEVICE_SCRATCH;
 }
 
 // Y at the chosen offset (0 where it falls outside the image).
@@ -344,19 +476,9 @@ GALIP_HD inline float galip_lmi_y_at(const float* y, int H, int W, int radius, i
 }
 
 #ifdef __CUDACC__
-template <class real>  // weights computed on the fly, in `real` precision
-__device__ inline void galip_lmi_device_pixel(const float* xn, const float* yn,
-                                              const GalipLmiShape& s, double c, int h, int w,
-                                              void* work, double* mi, float* v, int* tau) {
-  const GalipLmiImage<real> sx = {xn, s.W, s.bins, s.support, c};
-  const GalipLmiImage<real> sy = {yn, s.W, s.bins, s.support, c};
-  galip_lmi_pixel<real, 0, 0>(sx, sy, s, h, w, (real*)work, mi, v, tau);
-}
-
 // One thread per output pixel, blockIdx.y = batch index; launch grid ((H*W + bs - 1)/bs, N).
 // x, y: (N, H, W) float32; lmi, y_at: (N, H, W) float32; offset_index: (N, H, W) int32.
-// Requires bins <= GALIP_LMI_DEVICE_MAX_BINS and radius <= GALIP_LMI_DEVICE_MAX_RADIUS
-// (otherwise writes NaN / -1).
+// Settings outside galip_lmi_device_supported write NaN / -1.
 extern "C" __global__ void galip_lmi_kernel(const float* x, const float* y, int N, int H, int W,
                                             int patch, int radius, int bins, float sigma,
                                             int normalize, float* lmi, float* y_at,
@@ -366,19 +488,16 @@ extern "C" __global__ void galip_lmi_kernel(const float* x, const float* y, int 
   if (pix >= H * W || nb >= N) return;
   const long o = (long)nb * H * W + pix;
   const int D = GALIP_LMI_DEVICE_MAX_RADIUS * 2 + 1;
-  double work[GALIP_LMI_DEVICE_MAX_BINS * GALIP_LMI_DEVICE_MAX_BINS +
-              4 * GALIP_LMI_DEVICE_MAX_BINS];
+  double scratch[GALIP_LMI_DEVICE_SCRATCH / 2];  // float or double reals, 8-byte aligned
+  int start[2 * GALIP_LMI_DEVICE_MAX_PATCH * GALIP_LMI_DEVICE_MAX_PATCH];
   double mi[D * D];
-  if (bins > GALIP_LMI_DEVICE_MAX_BINS || radius > GALIP_LMI_DEVICE_MAX_RADIUS || bins < 2) {
+  if (!galip_lmi_device_supported(patch, radius, bins, sigma)) {
     lmi[o] = NAN;
     y_at[o] = NAN;
     offset_index[o] = -1;
     return;
   }
-  GalipLmiShape s;
-  s.H = H; s.W = W; s.patch = patch; s.radius = radius; s.bins = bins;
-  s.support = galip_lmi_support(bins, sigma); s.window = s.support;
-  s.normalize = normalize;
+  const GalipLmiShape s = galip_lmi_shape(H, W, patch, radius, bins, sigma, normalize);
   const float* xn = x + (long)nb * H * W;
   const float* yn = y + (long)nb * H * W;
   const double c = galip_lmi_bin_c(bins, sigma);
@@ -386,9 +505,9 @@ extern "C" __global__ void galip_lmi_kernel(const float* x, const float* y, int 
   float v;
   int tau;
   if (galip_lmi_needs_double(bins, sigma))
-    galip_lmi_device_pixel<double>(xn, yn, s, c, h, w, work, mi, &v, &tau);
+    galip_lmi_pixel_rows<double>(xn, yn, s, c, h, w, scratch, start, mi, &v, &tau);
   else
-    galip_lmi_device_pixel<float>(xn, yn, s, c, h, w, work, mi, &v, &tau);
+    galip_lmi_pixel_rows<float>(xn, yn, s, (float)c, h, w, (float*)scratch, start, mi, &v, &tau);
   lmi[o] = v;
   offset_index[o] = tau;
   y_at[o] = galip_lmi_y_at(yn, H, W, radius, h, w, tau);

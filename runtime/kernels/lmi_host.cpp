@@ -8,6 +8,13 @@
 #include <omp.h>
 #endif
 
+#ifdef _OPENMP
+#define GALIP_OMP_STR(x) #x
+#define GALIP_OMP(directive) _Pragma(GALIP_OMP_STR(omp directive))
+#else
+#define GALIP_OMP(directive)
+#endif
+
 #ifndef GALIP_LMI_HOST_WINDOW
 #define GALIP_LMI_HOST_WINDOW 12
 #endif
@@ -55,14 +62,10 @@ static int galip_lmi_run(const float* x, const float* y, int N, const GalipLmiSh
     real* work = (real*)malloc(sizeof(real) * galip_lmi_work_size(B, L - S));
     double* mi = (double*)malloc(sizeof(double) * D * D);
     if (!work || !mi) {
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
+    GALIP_OMP(atomic write)
       failed = 1;
     }
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, 64)
-#endif
+    GALIP_OMP(for schedule(dynamic, 64))
     for (long k = 0; k < npix; ++k) {
       if (!work || !mi) continue;
       const long off = (k / hw) * hw;
@@ -84,7 +87,63 @@ static int galip_lmi_run(const float* x, const float* y, int N, const GalipLmiSh
   return failed ? -1 : 0;
 }
 
+// The CUDA kernel's per-pixel path (galip_lmi_pixel_rows) run on the host, so the algorithm
+// the GPU runs is tested against the contract on machines without a GPU.
+template <class real>
+static int galip_lmi_run_rows(const float* x, const float* y, int N, const GalipLmiShape& s,
+                              real c, float* lmi, float* y_at, int* offset_index) {
+  const long hw = (long)s.H * s.W, npix = (long)N * hw;
+  const int D = 2 * s.radius + 1;
+  int failed = 0;
+  GALIP_OMP(parallel)
+  {
+    real* scratch = (real*)malloc(sizeof(real) * galip_lmi_rows_scratch(s.patch, s.support, s.bins));
+    int* start = (int*)malloc(sizeof(int) * 2 * s.patch * s.patch);
+    double* mi = (double*)malloc(sizeof(double) * D * D);
+    if (!scratch || !start || !mi) {
+    GALIP_OMP(atomic write)
+      failed = 1;
+    }
+    GALIP_OMP(for schedule(dynamic, 64))
+    for (long k = 0; k < npix; ++k) {
+      if (!scratch || !start || !mi) continue;
+      const long off = (k / hw) * hw;
+      const int h = (int)((k - off) / s.W), w = (int)((k - off) % s.W);
+      float v;
+      int tau;
+      galip_lmi_pixel_rows<real>(x + off, y + off, s, c, h, w, scratch, start, mi, &v, &tau);
+      lmi[k] = v;
+      offset_index[k] = tau;
+      y_at[k] = galip_lmi_y_at(y + off, s.H, s.W, s.radius, h, w, tau);
+    }
+    free(scratch);
+    free(start);
+    free(mi);
+  }
+  return failed ? -1 : 0;
+}
+
 extern "C" {
+
+// 1 when the CUDA kernel's local arrays hold (patch, radius, bins, sigma); see lmi.cuh.
+int galip_lmi_device_supported_host(int patch, int radius, int bins, float sigma) {
+  return galip_lmi_device_supported(patch, radius, bins, sigma);
+}
+
+// As galip_lmi_host, through the CUDA kernel's per-pixel path (float unless float64 is needed,
+// no window padding). Same arguments and return codes; threads: the OpenMP default.
+int galip_lmi_host_rows(const float* x, const float* y, int N, int H, int W, int patch,
+                        int radius, int bins, float sigma, int normalize, float* lmi,
+                        float* y_at, int* offset_index) {
+  const int bad = galip_lmi_check(N, H, W, patch, radius, bins, sigma);
+  if (bad) return bad;
+  if (N == 0) return 0;
+  GalipLmiShape s = galip_lmi_shape(H, W, patch, radius, bins, sigma, normalize);
+  const double c = galip_lmi_bin_c(bins, sigma);
+  if (galip_lmi_needs_double(bins, sigma))
+    return galip_lmi_run_rows<double>(x, y, N, s, c, lmi, y_at, offset_index);
+  return galip_lmi_run_rows<float>(x, y, N, s, (float)c, lmi, y_at, offset_index);
+}
 
 // Truncation radius K (bins) used for (bins, sigma); see lmi.cuh.
 int galip_lmi_support_radius_host(int bins, float sigma) {
@@ -106,11 +165,7 @@ int galip_lmi_host(const float* x, const float* y, int N, int H, int W, int patc
   const int bad = galip_lmi_check(N, H, W, patch, radius, bins, sigma);
   if (bad) return bad;
   if (N == 0) return 0;
-  GalipLmiShape s;
-  s.H = H; s.W = W; s.patch = patch; s.radius = radius; s.bins = bins;
-  s.support = galip_lmi_support(bins, sigma);
-  s.window = s.support;
-  s.normalize = normalize ? 1 : 0;
+  GalipLmiShape s = galip_lmi_shape(H, W, patch, radius, bins, sigma, normalize);
   const double c = galip_lmi_bin_c(bins, sigma);
 #ifdef _OPENMP
   if (num_threads <= 0) num_threads = omp_get_max_threads();

@@ -9,6 +9,8 @@ sampler (SliceSampler state), preprocess (slice preprocessing config) and data_d
 from __future__ import annotations
 
 import copy
+import json
+import time
 from pathlib import Path
 
 from galip.runtime.domains import Domain, parse_domains
@@ -48,8 +50,13 @@ def _resumed_settings(payload: dict, domains: str | None, given: dict) -> tuple[
 
 
 def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict, *, save_every: int = 1000,
-                    resume: bool = False, progress: bool = True, trainer_config=None) -> dict:
+                    resume: bool = False, progress: bool = True, trainer_config=None,
+                    check_every: int = 50) -> dict:
     """Train (or continue) an I2I-Galip generator; returns step, losses, checkpoint, interrupted.
+
+    Every ``check_every`` steps the EMA generator is probed for the failure modes of
+    :mod:`.monitor` (identity lost, target-blind); the numbers join the progress line
+    and one JSON line per check is appended to ``out/train_log.jsonl``.
 
     ``given`` holds steps/size/batch/backbone/seed as passed (None = the TrainConfig
     default, or the checkpoint's value on resume). ``trainer_config`` (a TrainConfig) overrides the
@@ -62,6 +69,7 @@ def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict,
     from galip.train.progress import TrainingProgress
     from galip.train.slices import SliceSampler, load_training_slices, preprocess_config
 
+    from .monitor import condition_check, probe_batch, warning
     from .trainer import I2ITrainer, TrainConfig, check_format
 
     payload = load_checkpoint(checkpoint) if resume else None
@@ -76,8 +84,10 @@ def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict,
             if value is not None:
                 setattr(config, key, value)
     trainer = I2ITrainer(config, domain_list)          # backbone errors before the slow data load
-    slices = load_training_slices(data_dir, domain_list, config.size)
-    sampler = SliceSampler(slices, config.batch, config.seed)
+    slices = load_training_slices(data_dir, domain_list, config.size,
+                                  min_foreground=config.min_foreground, axes=config.axes)
+    sampler = SliceSampler(slices, config.batch, config.seed, config.crop, config.crop_on_foreground)
+    probes = probe_batch(slices)
     if payload is not None:
         trainer.load_state_dict(payload)
         sampler.load_state_dict(payload["sampler"])
@@ -87,18 +97,26 @@ def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict,
     def save() -> None:
         save_checkpoint(checkpoint, {**trainer.state_dict(), "rng": capture_rng(),
                                      "sampler": sampler.state_dict(),
-                                     "preprocess": preprocess_config(config.size),
+                                     "preprocess": preprocess_config(
+                                         config.size, min_foreground=config.min_foreground),
                                      "data_dir": str(data_dir)})
 
     losses: dict[str, float] = {}
     total = trainer.config.steps
+    names = [d.name for d in domain_list]
+    log_path, started, checks = out / "train_log.jsonl", time.monotonic(), {}
     # a non-finite loss raises inside the step, before the update and without a save here,
     # so the last checkpoint on disk keeps its good weights
-    with deferred_interrupt() as stop, \
+    with deferred_interrupt() as stop, log_path.open("a") as log, \
             TrainingProgress(total, trainer.step, "generator", disable=not progress) as bar:
         while trainer.step < total and not stop.is_set():
             losses = trainer.step_from(sampler)
-            bar.update(trainer.step, losses)
+            if trainer.step % check_every == 0 or trainer.step == total:
+                checks = condition_check(trainer.ema.module, probes, names)
+                log.write(json.dumps({"step": trainer.step, "seconds": round(time.monotonic() - started, 1),
+                                      **losses, **checks, "warning": warning(checks)}) + "\n")
+                log.flush()
+            bar.update(trainer.step, {**losses, **checks}, warning(checks) if checks else "")
             if trainer.step % save_every == 0:
                 save()
     save()

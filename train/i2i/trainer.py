@@ -43,6 +43,7 @@ class TrainConfig:
     backbone: str = "biomedclip"     # biomedclip | tiny | none (clip-free)
     seed: int = 0
     lr: float = 2e-4
+    lr_d: float | None = None        # discriminator lr (None: lr); a faster D keeps G's adversarial signal alive
     betas: tuple[float, float] = (0.5, 0.99)
     ema_decay: float = 0.99
     weights: LossWeights = field(default_factory=LossWeights)
@@ -50,10 +51,14 @@ class TrainConfig:
     tiny: TinyViTConfig = field(default_factory=TinyViTConfig)
     context_tokens: int = 8          # clip-free: learned tokens per domain
     conv_channels: int = 64          # clip-free: width of the PatchGAN heads
+    crop: int = 0                    # random crop x crop windows of the slices (0: whole slices)
+    crop_on_foreground: bool = False  # centre each window on a foreground pixel where the slice has one
+    min_foreground: float = 0.05     # drop slices with less foreground (0: every slice, empty ones too)
+    axes: tuple[int, ...] = (2,)     # slicing axes the training slices are taken along
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["betas"] = list(self.betas)
+        d["betas"], d["axes"] = list(self.betas), list(self.axes)
         d["unet"], d["tiny"] = self.unet.to_dict(), self.tiny.to_dict()
         return d
 
@@ -61,6 +66,7 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         d = dict(d)
         d["betas"] = tuple(d["betas"])
+        d["axes"] = tuple(d.get("axes", (2,)))
         d["weights"] = LossWeights(**d["weights"])
         d["unet"] = UNetConfig.from_dict(d["unet"])
         tiny = dict(d["tiny"])
@@ -119,7 +125,7 @@ class I2ITrainer:
             self.discriminator = ConvDiscriminator(len(domains), config.conv_channels)
         self.ema = EMA(self.generator, config.ema_decay)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=config.lr, betas=config.betas)
-        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=config.lr, betas=config.betas)
+        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=config.lr_d or config.lr, betas=config.betas)
         schedule = lambda s: lr_factor(s, config.steps)  # noqa: E731
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, schedule)
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, schedule)

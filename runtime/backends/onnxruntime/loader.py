@@ -72,6 +72,12 @@ class SessionFromOnnx:
         self.threads = threads
         self.graph_optimization = graph_optimization
 
+    def without_cuda_graph(self) -> "SessionFromOnnx":
+        """The same loader with ``enable_cuda_graph`` dropped from every provider's options."""
+        providers = [(p[0], {k: v for k, v in p[1].items() if k != "enable_cuda_graph"})
+                     if isinstance(p, tuple) else p for p in self.providers]
+        return SessionFromOnnx(self.model, providers, self.threads, self.graph_optimization)
+
     @property
     def requested_provider(self) -> str:
         """The provider asked for first (the one a runner must really get)."""

@@ -4,11 +4,16 @@ CPU: inputs bound with ``bind_cpu_input``, outputs allocated by onnxruntime on t
 CUDA: inputs copied to device ``OrtValue``s, outputs left on the device and copied back
 once; with ``enable_cuda_graph`` in the provider options the first call captures a CUDA
 graph, so every later call must have the same shapes and reuses the same device buffers
-(inputs refreshed with ``OrtValue.update_inplace``). The CUDA paths are written against
-onnxruntime's public API and tested with fakes only (no GPU on the development machines).
+(inputs refreshed with ``OrtValue.update_inplace``). onnxruntime refuses CUDA graphs for a
+graph it cannot place wholly on the CUDA provider (the LMI function body's shape nodes may
+need Memcpy nodes): the session then fails to build, or the first run fails to capture. The
+runner falls back to plain IO binding, records why in ``cuda_graph_error`` and says so with
+a RuntimeWarning. The CUDA paths are written against onnxruntime's public API and tested
+with fakes only (no GPU on the development machines).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -56,10 +61,31 @@ class OnnxrtRunner(Runner):
         super().__init__(name or f"onnxruntime-{self.device}", precision)
         self.session = None
         self.providers_in_use: list[str] = []
+        self.cuda_graph_error: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
+    def _drop_cuda_graph(self, error: Exception) -> bool:
+        """Switch to plain IO binding after onnxruntime refused CUDA graphs; False if it cannot."""
+        if not (self.cuda_graph and hasattr(self.loader, "without_cuda_graph")):
+            return False
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        self.cuda_graph_error = first
+        self.cuda_graph = False
+        self.loader = self.loader.without_cuda_graph()
+        warnings.warn(f"{self.name}: onnxruntime refused CUDA graphs ({first}); running with plain IO binding",
+                      RuntimeWarning, stacklevel=3)
+        return True
+
+    def _session(self) -> Any:
+        try:
+            return self.loader() if callable(self.loader) else self.loader
+        except BackendError as error:
+            if not self._drop_cuda_graph(error):
+                raise
+            return self.loader()
+
     def activate_impl(self) -> None:
-        session = self.loader() if callable(self.loader) else self.loader
+        session = self._session()
         in_use = list(session.get_providers())
         if self.requested_provider not in in_use:
             del session
@@ -91,7 +117,14 @@ class OnnxrtRunner(Runner):
         if self.device == "cpu":
             return self._infer_cpu(feed)
         if self.cuda_graph:
-            return self._infer_cuda_graph(feed)
+            first = self._graph_shapes is None
+            try:
+                return self._infer_cuda_graph(feed)
+            except Exception as error:    # onnxruntime's own types: the capture was refused
+                if not first or isinstance(error, BackendError) or not self._drop_cuda_graph(error):
+                    raise
+                self.deactivate_impl()
+                self.activate_impl()
         return self._infer_cuda(feed)
 
     def _infer_cpu(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -293,8 +293,9 @@ class TrtRunner(Runner):
 
 
 def trt_factory(path, *, precision: str = "fp16", cuda_graph: bool = False,
-                name: str = "tensorrt") -> Callable[[], TrtRunner]:
+                name: str = "tensorrt", version_compatible: bool = False) -> Callable[[], TrtRunner]:
     """A zero-argument callable making an (inactive) :class:`TrtRunner` over engine ``path``."""
     def make() -> TrtRunner:
-        return TrtRunner(EngineFromBytes(path), precision=precision, name=name, cuda_graph=cuda_graph)
+        return TrtRunner(EngineFromBytes(path, version_compatible=version_compatible),
+                         precision=precision, name=name, cuda_graph=cuda_graph)
     return make

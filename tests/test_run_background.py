@@ -1,0 +1,134 @@
+"""galip-run keeps air as air: zero black level, the foreground mask, source kinds, planes/TTA."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+from typer.testing import CliRunner
+
+from galip.runtime.cli import app
+from galip.runtime.foreground import head_mask
+from galip.runtime.intensity import fit_intensity
+
+from fixtures_bundle import build_tiny_bundle, lps_affine, oblique_affine, write_volume
+
+pytest.importorskip("onnxruntime")
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def head_volume(shape=(40, 44, 12), background: float = 30.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """An MR-like head: bright ellipsoid with a dark (bone) ring inside, Rician-like air of
+    level ``background`` around it. Returns (data, true head mask)."""
+    rng = np.random.default_rng(seed)
+    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    r = np.sqrt((grid[0] / 0.75) ** 2 + (grid[1] / 0.8) ** 2 + (grid[2] / 3.0) ** 2)
+    head = r < 1.0
+    data = np.where(head, 400 + 150 * grid[0] + 100 * np.cos(6 * grid[1]), 0.0)
+    data[(r > 0.8) & (r < 0.88)] = 0.0                               # the skull: no signal
+    data = np.hypot(data + background * rng.standard_normal(shape), background * rng.standard_normal(shape))
+    return data.astype(np.float32), head
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return build_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def mri_bundle(tmp_path_factory) -> Path:
+    return build_tiny_bundle(tmp_path_factory.mktemp("bundle") / "mri", diffusion_targets=(), source_kinds=("mri",))
+
+
+def _load(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+
+
+def test_head_mask_covers_the_head_with_its_dark_skull_and_nothing_else():
+    data, head = head_volume()
+    mask = head_mask(data, fit_intensity(data, "mri"))
+    assert mask[head].mean() > 0.99                                 # the dark ring is inside
+    outside = ~ndimage.binary_dilation(head, iterations=4)           # smoothing + margin: <= 4 voxels
+    assert mask[outside].mean() < 0.01
+
+
+def test_mri_output_has_a_zero_black_level_and_background_outside_the_head(tmp_path, bundle):
+    data, head = head_volume()
+    source = write_volume(tmp_path / "h.nii.gz", data, oblique_affine())
+    for target in ("T1", "T2"):                                      # identity and inverting domains
+        out = tmp_path / f"{target}.nii.gz"
+        result = run(source, "--to", target, "--bundle", bundle, "--out", out)
+        assert result.exit_code == 0, result.output
+        got = _load(out)
+        corners = np.zeros_like(head)
+        corners[:4, :4], corners[-4:, -4:] = True, True
+        assert (got[corners] == 0).all(), target                    # air is exactly 0, not the source's floor
+        assert got[head].mean() > 0
+    # without the mask the inverting T2 lights the air up: the mask is what keeps it dark
+    out = tmp_path / "nomask.nii.gz"
+    assert run(source, "--to", "T2", "--bundle", bundle, "--out", out, "--mask", "none").exit_code == 0
+    assert (_load(out)[corners] > 0).mean() > 0.9
+
+
+def test_mask_file_is_used_and_checked(tmp_path, bundle):
+    data, head = head_volume()
+    source = write_volume(tmp_path / "h.nii.gz", data, lps_affine())
+    box = np.zeros(data.shape, np.uint8)
+    box[10:30, 10:34, :] = 1
+    mask = write_volume(tmp_path / "box.nii.gz", box, lps_affine())
+    out = tmp_path / "o.nii.gz"
+    assert run(source, "--to", "T2", "--bundle", bundle, "--out", out, "--mask", mask).exit_code == 0
+    got = _load(out)
+    assert (got[box == 0] == 0).all() and (got[box == 1] > 0).mean() > 0.9
+    wrong = write_volume(tmp_path / "wrong.nii.gz", box[:-1], lps_affine())
+    result = run(source, "--to", "T2", "--bundle", bundle, "--out", tmp_path / "w.nii.gz", "--mask", wrong)
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert "grid" in result.output and not (tmp_path / "w.nii.gz").exists()
+
+
+def test_ct_into_an_mri_only_bundle_exits_2_and_writes_nothing(tmp_path, mri_bundle):
+    data, head = head_volume()
+    ct = np.where(head, 40.0, -1000.0).astype(np.float32)
+    source = write_volume(tmp_path / "ct.nii.gz", ct, lps_affine())
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run(source, "--to", "T2", "--bundle", mri_bundle)
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert "CT" in result.output and "MRI" in result.output and "--any-source" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # an explicit override translates it
+    assert run(source, "--to", "T2", "--bundle", mri_bundle, "--any-source").exit_code == 0
+    # a bundle whose generator lists CT among its domains takes it (kinds derived from domains)
+    mixed = build_tiny_bundle(tmp_path / "mixed", diffusion_targets=())
+    assert run(source, "--to", "T2", "--bundle", mixed, "--out", tmp_path / "m.nii.gz").exit_code == 0
+
+
+@pytest.mark.parametrize("extra", [["--planes", "3"], ["--tta", "flip"], ["--planes", "3", "--tta", "flip"]])
+def test_planes_and_flip_keep_shape_affine_and_an_identity(tmp_path, bundle, extra):
+    data, _ = head_volume(shape=(24, 28, 20))
+    affine = oblique_affine()
+    source = write_volume(tmp_path / "h.nii.gz", data, affine)
+    plain, fused = tmp_path / "plain.nii.gz", tmp_path / "fused.nii.gz"
+    assert run(source, "--to", "T1", "--bundle", bundle, "--out", plain, "--mask", "none").exit_code == 0
+    result = run(source, "--to", "T1", "--bundle", bundle, "--out", fused, "--mask", "none", *extra)
+    assert result.exit_code == 0, result.output
+    image = nib.load(str(fused))
+    assert image.shape == data.shape
+    np.testing.assert_allclose(image.affine, affine, atol=1e-5)
+    # the T1 domain of the tiny generator is the identity: every pass, mirrored or along
+    # another axis, gives the same volume back, so their average does too
+    np.testing.assert_allclose(_load(fused), _load(plain), rtol=0, atol=1e-3 * float(_load(plain).max()))
+
+
+@pytest.mark.parametrize("option, value", [("--planes", "2"), ("--tta", "rotate"), ("--mask", "nothing.nii.gz")])
+def test_bad_fusion_and_mask_options_are_one_line(tmp_path, bundle, option, value):
+    data, _ = head_volume()
+    source = write_volume(tmp_path / "h.nii.gz", data, lps_affine())
+    result = run(source, "--to", "T2", "--bundle", bundle, option, value)
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1
