@@ -344,7 +344,7 @@ class Translator:
     # -- model calls ---------------------------------------------------------------------
     @property
     def graph_label(self) -> str:
-        """``graph generator.onnx of bundle tiny (/path/tiny)``: which model file ran, for errors."""
+        """``generator.onnx of bundle tiny (/path/tiny)``: which model file ran, for errors."""
         return f"{self.choice.file.name} of bundle {bundle_name(self.bundle)} ({self.bundle.root})"
 
     @_checked_model_call

@@ -181,3 +181,14 @@ def test_output_named_only_an_extension(tmp_path, bundle, no_inference):
 def test_threads_out_of_bounds(tmp_path, bundle, no_inference, threads):
     source = write_volume(tmp_path / "in.nii.gz", phantom_volume(), lps_affine())
     run(tmp_path, source, bundle, "--threads", threads, match="--threads must be between 1 and 1024")
+
+
+def test_model_space_slice_is_checked_before_it_is_allocated(monkeypatch):
+    """50 mm voxels resampled to a 0.01 mm bundle grid: refused before the probe slice exists."""
+    from galip.runtime.preprocess import PreprocessConfig, plan_volume
+    data = np.random.default_rng(0).random((64, 64, 4), dtype=np.float32) + 1
+    monkeypatch.setenv(BUDGET_ENV, "64M")
+    with pytest.raises(InputError, match=r"one slice resampled from 50 x 50 mm to 0.01 x 0.01 mm \(315001 x 315001"):
+        plan_volume(data, np.diag([50.0, 50.0, 50.0, 1.0]), "mri", PreprocessConfig(spacing=0.01))
+    plan, _ = plan_volume(data, np.diag([1.0, 1.0, 1.0, 1.0]), "mri", PreprocessConfig(spacing=1.0))
+    assert plan.model_shape == (64, 64)
