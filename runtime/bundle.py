@@ -26,19 +26,24 @@ Every ``"file"`` value under ``models`` must be listed in ``files``; ``files`` m
 ``"hardware_compatibility": "ampere+"`` (see :mod:`galip.runtime.backends.select`).
 
 Safety (a bundle is data, never code; DESIGN.md "The bundle"): every path must be relative,
-without ``..`` or backslashes, and resolve inside the folder after following symlinks.
-ONNX external data: each referenced ``.onnx`` is parsed at load time with ``onnx`` (imported
-then, not at module import; tensor data is never loaded); every tensor ``location``
-(relative to the graph's folder, as onnxruntime resolves it) must pass the same path check
-and be listed in ``files``, hence checksummed; ``write_manifest`` lists such files itself.
-sha256 checks are skipped with ``verify=False``; the path and external-data checks never are.
+canonical (no ``..``, ``.``, empty parts, trailing ``/`` or backslashes) and resolve inside
+the folder after following symlinks. The manifest is size- and depth-capped before it is
+parsed and checked field by field (:mod:`galip.runtime.manifest_schema`). ONNX external
+data: every graph the models reference (known by its place, ``graphs`` or ``lmi_graph``,
+never by its file name, so ``g.ONNX`` is parsed like ``g.onnx``) is parsed at load time
+with ``onnx`` (imported then, not at module import; tensor data is never loaded); every
+tensor ``location`` (relative to the graph's folder, as onnxruntime resolves it) must pass
+the same path check and be a listed file, hence checksummed. "Listed" compares the files
+themselves (device and inode), so no spelling, case or link of a name gets around it;
+``write_manifest`` lists such files itself. sha256 checks are skipped with
+``verify=False``; the path and external-data checks never are.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
-import re
+import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -46,11 +51,10 @@ from typing import Any
 from .atomic import atomic_path
 from .domains import Domain, get_domain
 from .errors import BackendError, BundleError, ConfigError
+from .manifest_schema import MAX_MANIFEST_BYTES, SCHEMA_VERSION, parse_manifest, validate_manifest
 
-SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 _CHUNK = 1 << 20
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _KEY_ORDER = ("schema_version", "galip_version", "preprocess", "domains", "models", "files")
 
 
@@ -64,8 +68,10 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _norm(relative: str) -> str:
-    return PurePosixPath(relative).as_posix()
+def _identity(path: Path) -> tuple[int, int]:
+    """(device, inode): the file itself, whatever name, case or link reaches it."""
+    info = path.stat()
+    return info.st_dev, info.st_ino
 
 
 def resolve_inside(root: Path, relative: Any, what: str) -> Path:
@@ -87,6 +93,9 @@ def resolve_inside(root: Path, relative: Any, what: str) -> Path:
         raise BundleError(
             f"{what}: path {relative!r} climbs out of the bundle with '..'; keep every file inside the bundle folder"
         )
+    if any(part in ("", ".") for part in relative.split("/")):   # one spelling per file: no name tricks
+        raise BundleError(f"{what}: path {relative!r} is not canonical (empty or '.' parts, or a trailing '/'); "
+                          f"write it as {PurePosixPath(relative).as_posix()!r}")
     root_real = Path(root).resolve()
     target = (root_real / relative).resolve()
     if not target.is_relative_to(root_real):
@@ -151,70 +160,24 @@ def onnx_external_locations(data: bytes) -> list[str]:
         raise ValueError(f"not a valid ONNX protobuf ({error})") from None
 
 
-def _external_files(root: Path, graph: str, where: str) -> list[str]:
-    """Normalised bundle-relative names of the external-data files ``graph`` needs."""
+def _external_files(root: Path, graph: str, where: str) -> list[tuple[str, Path]]:
+    """``(bundle-relative name, resolved path)`` of every external-data file ``graph`` needs."""
     path = resolve_inside(root, graph, where)
     try:
         locations = onnx_external_locations(path.read_bytes())
     except ValueError as error:
         raise BundleError(f"{where}: {graph!r} is {error}; re-export the bundle") from None
-    names = []
+    found = []
     for location in locations:
+        # onnxruntime resolves a location against the graph's folder; so do we.
         joined = (PurePosixPath(graph).parent / location).as_posix() if location else ""
-        resolve_inside(root, joined, f"{graph} external data location {location!r}")
-        names.append(_norm(joined))
-    return names
+        found.append((joined, resolve_inside(root, joined, f"{graph} external data location {location!r}")))
+    return found
 
 
-# ----------------------------------------------------------------------------- structure
-def _require(condition: bool, where: str, expected: str, found: Any, source: Path) -> None:
-    if not condition:
-        raise BundleError(f"{source}: {where} should be {expected}, found {found!r}; re-export the bundle")
-
-
-def _check_structure(manifest: Any, source: Path, *, require_files: bool = True) -> None:
-    """Shape checks with messages that name the key; raises BundleError."""
-    _require(isinstance(manifest, dict), "the manifest", "a JSON object", type(manifest).__name__, source)
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise BundleError(
-            f"{source}: unknown schema_version {version!r}; this galip reads schema {SCHEMA_VERSION}: "
-            "upgrade galip (pip install -U galip) or re-export the bundle with this version"
-        )
-    pre = manifest.get("preprocess")
-    _require(isinstance(pre, dict), "preprocess", "an object", pre, source)
-    for key in ("axis", "spacing", "size_multiple", "percentiles"):
-        _require(key in pre, f"preprocess.{key}", "present", None, source)
-    domains = manifest.get("domains")
-    _require(isinstance(domains, dict) and bool(domains), "domains", "a non-empty object", domains, source)
-    for name, entry in domains.items():
-        _require(isinstance(entry, dict) and {"caption", "class_id", "kind", "suffix"} <= set(entry),
-                 f"domains.{name}", "an object with caption, class_id, kind, suffix", entry, source)
-    models = manifest.get("models")
-    _require(isinstance(models, dict) and bool(models), "models", "a non-empty object", models, source)
-    specs = [("generator", models["generator"])] if "generator" in models else []
-    if "diffusion" in models:
-        _require(isinstance(models["diffusion"], dict), "models.diffusion", "an object per domain",
-                 models["diffusion"], source)
-        specs += [(f"diffusion.{d}", spec) for d, spec in models["diffusion"].items()]
-    for where, spec in specs:
-        _require(isinstance(spec, dict) and isinstance(spec.get("graphs"), dict) and bool(spec["graphs"]),
-                 f"models.{where}.graphs", "a non-empty object {precision: {file}}", spec, source)
-        engines = spec.get("engines", [])
-        _require(isinstance(engines, list), f"models.{where}.engines", "a list", engines, source)
-        for i, engine in enumerate(engines):
-            _require(isinstance(engine, dict) and {"file", "precision", "tensorrt_version",
-                                                   "compute_capability"} <= set(engine),
-                     f"models.{where}.engines[{i}]",
-                     "an object with file, precision, tensorrt_version, compute_capability", engine, source)
-    targets = list(models.get("generator", {}).get("domains", [])) + list(models.get("diffusion", {}))
-    unknown = [d for d in targets if d not in domains]
-    _require(not unknown, "every model domain", f"one of domains ({', '.join(domains)})", unknown, source)
-    files = manifest.get("files", {} if not require_files else None)
-    _require(isinstance(files, dict), "files", "an object {name: sha256}", files, source)
-    for name, digest in files.items():
-        _require(isinstance(digest, str) and bool(_SHA256.match(digest)), f"files[{name!r}]",
-                 "a 64-digit lowercase sha256 hex string", digest, source)
+def _is_graph(where: str) -> bool:
+    """ONNX graphs are known by their place in the manifest, never by their file name."""
+    return ".engines[" not in where
 
 
 # ----------------------------------------------------------------------------- the bundle
@@ -300,15 +263,9 @@ def _read_manifest(root: Path) -> tuple[dict, Path]:
     source = root / MANIFEST_NAME
     if not source.is_file():
         raise BundleError(f"{root} has no {MANIFEST_NAME}; it is not a galip bundle (re-run galip-export)")
-    try:
-        manifest = json.loads(source.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise BundleError(
-            f"{source} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
-            "re-export the bundle"
-        ) from None
-    except UnicodeDecodeError:
-        raise BundleError(f"{source} is not UTF-8 text; re-export the bundle") from None
+    with open(source, "rb") as handle:    # capped: a huge manifest is refused, not read whole
+        raw = handle.read(MAX_MANIFEST_BYTES + 1)
+    manifest = parse_manifest(raw, source)
     return manifest, source
 
 
@@ -322,14 +279,15 @@ def load_bundle(root: str | Path, *, verify: bool = True) -> Bundle:
     """
     root = Path(root)
     manifest, source = _read_manifest(root)
-    _check_structure(manifest, source)
-    listed = {_norm(name): name for name in manifest["files"]}
+    validate_manifest(manifest, source)
+    listed = {}
     for name in manifest["files"]:
         path = resolve_inside(root, name, f"files[{name!r}]")
         if not path.is_file():
             raise BundleError(
                 f"bundle file {name!r} listed in {source} is missing; copy it back or re-export the bundle"
             )
+        listed[_identity(path)] = name
     bundle = Bundle(root=root, manifest=manifest)
     if verify:   # before parsing any graph, so a tampered one is reported as such
         bad = verify_checksums(bundle)
@@ -338,17 +296,19 @@ def load_bundle(root: str | Path, *, verify: bool = True) -> Bundle:
                 f"sha256 mismatch for {', '.join(bad)} in bundle {root}: the file changed after export; "
                 "restore it or re-export the bundle"
             )
+
+    def require_listed(name: str, path: Path, where: str) -> None:
+        if not path.is_file() or _identity(path) not in listed:
+            raise BundleError(
+                f"{where}: {name!r} is not listed in the manifest's files, so it cannot be "
+                "checksummed; re-export the bundle (write_manifest lists it)"
+            )
+
     for relative, where in referenced_files(manifest):
-        resolve_inside(root, relative, where)
-        needed = [_norm(relative)]
-        if relative.endswith(".onnx") and _norm(relative) in listed:
-            needed += _external_files(root, relative, where)
-        for name in needed:
-            if name not in listed:
-                raise BundleError(
-                    f"{where}: {name!r} is not listed in the manifest's files, so it cannot be "
-                    "checksummed; re-export the bundle (write_manifest lists it)"
-                )
+        require_listed(relative, resolve_inside(root, relative, where), where)
+        if _is_graph(where):   # parsed only once listed, hence checksummed
+            for name, path in _external_files(root, relative, where):
+                require_listed(name, path, where)
     return bundle
 
 
@@ -368,17 +328,19 @@ def write_manifest(root: str | Path, manifest: dict) -> Path:
     if "galip_version" not in manifest:
         from galip import __version__
         manifest["galip_version"] = __version__
-    _check_structure(manifest, root / MANIFEST_NAME, require_files=False)
+    validate_manifest(manifest, root / MANIFEST_NAME, require_files=False)
     names: dict[str, str] = {}
     for relative, where in referenced_files(manifest):
         resolve_inside(root, relative, where)
-        names.setdefault(_norm(relative), where)
+        names.setdefault(relative, where)
     for name in list(manifest.get("files", {})):
-        names.setdefault(_norm(name), f"files[{name!r}]")
+        resolve_inside(root, name, f"files[{name!r}]")
+        names.setdefault(name, f"files[{name!r}]")
     for name, where in list(names.items()):
-        if name.endswith(".onnx") and (root / name).is_file():
-            for extra in _external_files(root, name, where):
-                names.setdefault(extra, f"{name} external data")
+        if (_is_graph(where) and not where.startswith("files[")) or name.lower().endswith(".onnx"):
+            if resolve_inside(root, name, where).is_file():
+                for extra, _ in _external_files(root, name, where):
+                    names.setdefault(extra, f"{name} external data")
     files = {}
     for name, where in sorted(names.items()):
         if name == MANIFEST_NAME:

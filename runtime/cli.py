@@ -12,7 +12,6 @@ failed run leaves no output and never touches the input.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from enum import Enum
 from pathlib import Path
@@ -21,11 +20,13 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .atomic import check_name, probe_writable
 from .bundle import Bundle, load_bundle
 from .cli_support import err_console, user_errors
 from .errors import BundleError, OutputError
 from .foreground import mask_from_file
 from .pipeline import CT_GUESS_BELOW, MASKS, Settings, Translator, guess_kind, prepare
+from .signals import stop_on_signals
 from .volume import load_volume, save_volume
 
 SHIPPED_BUNDLE = Path(__file__).resolve().parent / "bundles" / "demo"
@@ -83,9 +84,7 @@ def check_writable(path: Path, *, overwrite: bool, suffixes: tuple[str, ...], wh
                    source: Path | None = None) -> None:
     """OutputError unless ``path`` can be written: right suffix, not a folder, not the input,
     new (or ``overwrite``), in an existing folder where a file can really be created."""
-    if not path.name.lower().endswith(suffixes):
-        raise OutputError(f"{path}: expected a name ending in {' or '.join(suffixes)} for the {what}, found {path.name!r}; "
-                          "rename it")
+    check_name(path, suffixes, what)
     if path.is_dir():
         raise OutputError(f"{path}: expected a {what} file name, found a folder; give a file name inside it")
     if source is not None and path.exists() and source.exists() and os.path.samefile(path, source):
@@ -97,12 +96,10 @@ def check_writable(path: Path, *, overwrite: bool, suffixes: tuple[str, ...], wh
     if not folder.is_dir():
         raise OutputError(f"{path}: expected an existing {what} folder, found no folder {folder}; create it first")
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+        probe_writable(folder, path.name)
     except OSError as exc:
         raise OutputError(f"{path}: expected a writable {what} folder, found {folder} unwritable "
                           f"({exc.strerror or exc}); check its permissions or choose another --out") from None
-    os.close(fd)
-    os.unlink(probe)
 
 
 def _progress() -> Progress:
@@ -182,7 +179,7 @@ def main(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output (and preview).")] = False,
 ) -> None:
     started = time.perf_counter()
-    with user_errors():
+    with user_errors(), stop_on_signals():
         settings = Settings(model=model.value, backend=backend.value, precision=precision.value if precision else None,
                             batch=batch, steps=steps, sampler=sampler.value if sampler else None, eta=eta,
                             seed=seed, threads=threads, mask=mask if mask in MASKS else "none",
@@ -224,7 +221,7 @@ def main(
             def on_step(done: int, total: int) -> None:
                 bar.update(steps_task, completed=done, total=total)
 
-            result = translator.translate(volume.data, volume.affine, kind, foreground=foreground,
+            result = translator.translate(volume.data, volume.affine_mm, kind, foreground=foreground,
                                           on_slices=on_slices, on_step=on_step)
         save_volume(out, result.data, volume.affine, volume.header, description=translator.description,
                     overwrite=overwrite)

@@ -168,6 +168,13 @@ def _anti_alias_sigma(s_in: float, s_out: float, enabled: bool) -> float:
     return max(0.0, (s_out / s_in - 1) / 2) if enabled else 0.0
 
 
+def resampled_shape(in_shape: tuple[int, int], spacing: tuple[float, float],
+                    target_spacing: tuple[float, float]) -> tuple[int, int]:
+    """(H', W') of :func:`resample_slices`'s output for slices of ``in_shape`` (no allocation)."""
+    return tuple(n if _same_spacing(s, t) else math.ceil((n - 1) * s / t - 1e-9) + 1
+                 for n, s, t in zip(in_shape, spacing, target_spacing))
+
+
 def resample_slices(stack: np.ndarray, spacing: tuple[float, float], target_spacing: tuple[float, float],
                     order: int = 1, *, anti_alias: bool = True) -> tuple[np.ndarray, ResampleRecord]:
     """Resample every slice of ``stack`` from ``spacing`` to exactly ``target_spacing``.
@@ -203,10 +210,7 @@ def resample_slices(stack: np.ndarray, spacing: tuple[float, float], target_spac
             math.isfinite(v) and v > 0 for v in spacing + target_spacing):
         raise ValueError(f"expected two positive spacings each, got {spacing} -> {target_spacing}")
     in_shape = (int(stack.shape[1]), int(stack.shape[2]))
-    out_shape = tuple(
-        n if _same_spacing(s, t) else math.ceil((n - 1) * s / t - 1e-9) + 1
-        for n, s, t in zip(in_shape, spacing, target_spacing)
-    )
+    out_shape = resampled_shape(in_shape, spacing, target_spacing)
     record = ResampleRecord(in_shape, out_shape, spacing, target_spacing, int(order), bool(anti_alias))
     return _apply(stack, record, forward=True), record
 

@@ -26,6 +26,7 @@ index)``, so a slice's translation does not depend on ``batch``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Literal
@@ -36,9 +37,10 @@ from .backends.base import Runner, RunnerFactory
 from .backends.select import Choice, select_backend
 from .bundle import Bundle
 from .domains import Domain
-from .errors import BundleError, ConfigError
+from .errors import BackendError, BundleError, ConfigError, GalipError
 from .foreground import head_mask
 from .intensity import CT_WINDOW, IntensityMap
+from .limits import affordable_batch, check_threads
 from .preprocess import PreprocessConfig, SlicePlan, plan_volume, slices_to_volume
 from .schedule import DEFAULT_SPACING, SAMPLERS, SPACINGS, NoiseSchedule, StepTable, step_table
 
@@ -98,8 +100,7 @@ class Settings:
             raise ConfigError(f"--eta must be between 0 and 1, got {self.eta}")
         if self.seed < 0:
             raise ConfigError(f"--seed must be a non-negative integer, got {self.seed}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+        check_threads(self.threads)
         if self.mask not in MASKS:
             raise ConfigError(f"--mask must be one of {', '.join(MASKS)} or a mask file, got {self.mask!r}")
         if self.planes not in PLANES:
@@ -227,6 +228,32 @@ def _sampler_table(spec: dict, settings: Settings) -> StepTable:
     return step_table(schedule, sampler, steps, eta, spacing)
 
 
+def _checked_model_call(call: Callable) -> Callable:
+    """Make a batch's model call a user-facing result: a crash inside the backend, an output of
+    the wrong shape or with NaN/Inf becomes one BackendError naming the graph and the bundle,
+    raised before anything is written."""
+    @functools.wraps(call)
+    def checked(self: "Translator", runners: list[Runner], x: np.ndarray, start: int, on_step: Progress) -> np.ndarray:
+        try:
+            y = np.asarray(call(self, runners, x, start, on_step))
+        except GalipError:
+            raise
+        except Exception as error:   # onnxruntime/TensorRT raise their own types (Fail, RuntimeError, ...)
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            raise BackendError(f"{self.choice.name}: {self.graph_label} failed at run time ({first}); "
+                               "re-export the bundle or try another --backend/--precision") from None
+        if y.shape != x.shape:
+            raise BackendError(f"{self.graph_label} returned shape {y.shape} for input {x.shape}, expected the "
+                               "input's shape (docs/contracts.md); re-export the bundle")
+        bad = int(np.count_nonzero(~np.isfinite(y)))
+        if bad:
+            raise BackendError(f"{self.graph_label} returned {bad} NaN/Inf values of {y.size} (slices {start} to "
+                               f"{start + len(x) - 1}), nothing written; the model or its conversion is broken: "
+                               "try --precision fp32 or re-export the bundle")
+        return y
+    return checked
+
+
 @dataclass
 class Translator:
     """A prepared run: bundle, target, model entry, backend choice and (diffusion) step table.
@@ -299,7 +326,7 @@ class Translator:
         plan, raw = plan_volume(data, affine, kind, config)
         target_map = target_intensity(self.target, plan)
         out = np.empty(raw.shape, dtype=np.float32)
-        n, batch = len(raw), self.settings.batch
+        n, batch = len(raw), affordable_batch(self.settings.batch, plan.model_shape)
         diffusion = self.settings.model == "diffusion"
         call = self._diffuse if diffusion else self._generate
         on_slices(0, n)
@@ -315,6 +342,12 @@ class Translator:
         return slices_to_volume(out, plan), plan, target_map
 
     # -- model calls ---------------------------------------------------------------------
+    @property
+    def graph_label(self) -> str:
+        """``generator.onnx of bundle tiny (/path/tiny)``: which model file ran, for errors."""
+        return f"{self.choice.file.name} of bundle {bundle_name(self.bundle)} ({self.bundle.root})"
+
+    @_checked_model_call
     def _generate(self, runners: list[Runner], x: np.ndarray, start: int, on_step: Progress) -> np.ndarray:
         """I2I-Galip generator: one call per batch, the target's class id per slice."""
         (runner,) = runners
@@ -322,6 +355,7 @@ class Translator:
         outputs = runner.infer({"image": x, "domain": domain})
         return _output(outputs, "translated").astype(np.float32, copy=False)
 
+    @_checked_model_call
     def _diffuse(self, runners: list[Runner], source: np.ndarray, start: int, on_step: Progress) -> np.ndarray:
         """MIDiffusion sampling of one batch (paper Alg. 1 with the DDIM/DDPM step graph)."""
         step, lmi = runners

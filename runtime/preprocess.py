@@ -17,10 +17,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .errors import InputError
 from .geometry import (PadRecord, ResampleRecord, crop_to_record, from_canonical, inplane_spacing,
-                       pad_to_multiple, resample_slices, restore_slices, slices2volume,
+                       pad_to_multiple, resample_slices, resampled_shape, restore_slices, slices2volume,
                        to_canonical, volume2slices)
 from .intensity import IntensityMap, denormalize, fit_intensity, normalize
+from .limits import BYTES_PER_MODEL_PIXEL, over_budget
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class SlicePlan:
         shape = list(self.canonical_shape)
         del shape[self.config.axis]
         self.slice_shape = (shape[0], shape[1])
+        self._check_fits()   # before the probe below allocates a model-space slice
         # The records depend on the slice shape only, not on the batch: make them once.
         probe, self._resample, self._pad = self._forward(np.zeros((1, *self.slice_shape), np.float32))
         self.model_shape = probe.shape[1:]
@@ -87,6 +90,19 @@ class SlicePlan:
         batch = crop_to_record(np.asarray(model_out, dtype=np.float32), self._pad)
         batch = denormalize(batch, target_map or self.source_map)
         return restore_slices(batch, self._resample)
+
+    def _check_fits(self) -> None:
+        """InputError when one model-space slice would not fit the memory budget."""
+        target = (self.config.spacing,) * 2 if self.config.spacing else self.spacing
+        height, width = resampled_shape(self.slice_shape, self.spacing, target)
+        m = self.config.size_multiple
+        pixels = -(-height // m) * m * -(-width // m) * m
+        why = over_budget(f"one slice resampled from {self.spacing[0]:.4g} x {self.spacing[1]:.4g} mm to "
+                          f"{target[0]:.4g} x {target[1]:.4g} mm ({height} x {width} pixels)",
+                          pixels * BYTES_PER_MODEL_PIXEL)
+        if why is not None:
+            raise InputError(f"expected slices that fit in memory in the model's space, found {why}; "
+                             "check the input's voxel sizes")
 
     def _forward(self, raw: np.ndarray) -> tuple[np.ndarray, ResampleRecord, PadRecord]:
         target = self.config.spacing

@@ -71,7 +71,7 @@ def write_preview(path: str | os.PathLike, source: np.ndarray, output: np.ndarra
     if title:
         fig.suptitle(title)
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path, overwrite=overwrite) as tmp:
             fig.savefig(tmp, format="png")
     except OSError as exc:
         raise OutputError(f"{path}: could not write the preview ({exc.strerror or exc}); "

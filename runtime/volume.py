@@ -8,9 +8,7 @@ affine, qform/sform codes and units of a reference header.
 """
 from __future__ import annotations
 
-import gzip
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +18,14 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError, HeaderTypeError, ImageDataError
 from nibabel.wrapstruct import WrapStructError
 
-from .atomic import atomic_path
+from .atomic import atomic_path, check_name
 from .errors import InputError, OutputError
+from .limits import check_voxel_sizes
+from .nifti_read import corrupt, quiet, read_image, reason
 
-_GZIP_MAGIC = b"\x1f\x8b"
-# What nibabel and the decompressors raise on unreadable files, also lazily on data read.
+# What nibabel and numpy raise lazily when the voxels of a checked header are read.
 _READ_ERRORS = (ImageFileError, HeaderDataError, HeaderTypeError, ImageDataError, WrapStructError,
-                OSError, EOFError, zlib.error, ValueError, TypeError)
+                OSError, EOFError, ValueError, TypeError, OverflowError, KeyError)
 
 
 @dataclass
@@ -34,70 +33,24 @@ class Volume:
     """One 3-D image in scanner units.
 
     data : (X, Y, Z) float32, scl_slope/scl_inter applied, NaN/Inf replaced by 0
-    affine : (4, 4) float64 voxel-to-world (the header's best affine)
+    affine : (4, 4) float64 voxel-to-world in the file's units (the header's best affine)
     header : copy of the file's ``Nifti1Header`` (or ``Nifti2Header``, a subclass)
     n_nonfinite : how many NaN/Inf voxels were replaced by 0 (the caller warns)
+    mm_per_unit : the header's spatial unit in mm (1 for mm and unknown, 0.001 for µm)
     """
 
     data: np.ndarray
     affine: np.ndarray
     header: nib.Nifti1Header
     n_nonfinite: int = 0
+    mm_per_unit: float = 1.0
 
-
-def _reason(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def _not_nifti(path: Path, found: str) -> InputError:
-    return InputError(f"{path}: expected a NIfTI-1/2 image (.nii or .nii.gz), found {found}; "
-                      f"check the path or convert the file to NIfTI (e.g. with dcm2niix or nibabel)")
-
-
-def _corrupt(path: Path, exc: BaseException) -> InputError:
-    return InputError(f"{path}: expected a complete NIfTI file, found a truncated or corrupt one "
-                      f"({_reason(exc)}); copy or export the file again")
-
-
-def _nifti_class(head: bytes) -> type[nib.Nifti1Pair] | None:
-    """The nibabel class of a file whose first bytes are ``head`` (from the magic), or None."""
-    if len(head) >= 540 and head[4:7] in (b"n+2", b"ni2"):
-        return nib.Nifti2Image if head[4:7] == b"n+2" else nib.Nifti2Pair
-    if len(head) >= 348 and head[344:347] in (b"n+1", b"ni1"):
-        return nib.Nifti1Image if head[344:347] == b"n+1" else nib.Nifti1Pair
-    return None
-
-
-def _open_image(path: Path) -> nib.Nifti1Pair:
-    """nibabel image of ``path``, chosen by content; a .gz is decompressed whole (CRC-checked)."""
-    with open(path, "rb") as f:
-        head = f.read(540)
-    if head[:2] == _GZIP_MAGIC:
-        try:
-            with gzip.open(path, "rb") as f:
-                raw = f.read()  # reads to the end of the stream, which verifies the CRC
-        except (OSError, EOFError, zlib.error) as exc:
-            raise _corrupt(path, exc) from None
-        image_class = _nifti_class(raw[:540])
-        if image_class not in (nib.Nifti1Image, nib.Nifti2Image):
-            raise _not_nifti(path, f"gzip-compressed data without a NIfTI header ({len(raw)} bytes)")
-        try:
-            return image_class.from_bytes(raw)
-        except _READ_ERRORS as exc:
-            raise _corrupt(path, exc) from None
-    if path.name.lower().endswith(".gz"):
-        raise _not_nifti(path, f"a .gz name on a file that is not gzip-compressed (starts with {head[:8]!r})")
-    header_path = path.with_suffix(".hdr") if path.suffix.lower() == ".img" else path
-    if header_path != path and header_path.is_file():
-        with open(header_path, "rb") as f:
-            head = f.read(540)
-    image_class = _nifti_class(head)
-    if image_class is None:
-        raise _not_nifti(path, f"a file without a NIfTI header (starts with {head[:8]!r})")
-    try:
-        return image_class.from_filename(path, mmap=False)
-    except _READ_ERRORS as exc:
-        raise _corrupt(path, exc) from None
+    @property
+    def affine_mm(self) -> np.ndarray:
+        """The affine with world coordinates in mm (what the pipeline's geometry expects)."""
+        scaled = self.affine.copy()
+        scaled[:3] *= self.mm_per_unit
+        return scaled
 
 
 def _spatial_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -134,23 +87,25 @@ def load_volume(path: str | os.PathLike, *, require_signal: bool = True) -> Volu
         raise InputError(f"{path}: expected an existing NIfTI file, found nothing at that path; check the path")
     if path.is_dir():
         raise InputError(f"{path}: expected a NIfTI file, found a folder; give the path of a .nii or .nii.gz file")
-    image = _open_image(path)
-    shape = _spatial_shape(path, tuple(int(n) for n in image.shape))
-    dtype = image.get_data_dtype()
-    if dtype.kind not in "biuf":
-        raise InputError(f"{path}: expected real-valued voxels, found on-disk dtype {dtype}; "
-                         f"convert the image to a real (e.g. magnitude, grayscale) volume first")
-    try:
-        data = image.get_fdata(dtype=np.float32, caching="unchanged")
-    except _READ_ERRORS as exc:
-        raise _corrupt(path, exc) from None
+    image, layout = read_image(path)
+    shape = _spatial_shape(path, layout.shape)
+    with quiet():   # scaling overflow and NaN show up as non-finite voxels, counted below
+        try:
+            affine = np.array(image.affine, dtype=np.float64)
+            sizes = np.linalg.norm(affine[:3, :3], axis=0) * layout.mm_per_unit
+            degenerate = not np.all(np.isfinite(affine)) or not np.all(sizes > 0)
+            if not degenerate:   # voxel sizes first: they name the likelier fix (units)
+                unit = "" if layout.mm_per_unit == 1.0 else f" (header units: {layout.mm_per_unit:g} mm)"
+                check_voxel_sizes(str(path), sizes, unit)
+            if degenerate or abs(np.linalg.det(affine[:3, :3] / (sizes / layout.mm_per_unit))) < 1e-6:
+                raise InputError(f"{path}: expected an invertible voxel-to-world affine, found "
+                                 f"{np.round(affine, 4).tolist()}; fix the file's qform/sform (e.g. fslorient)")
+            data = image.get_fdata(dtype=np.float32, caching="unchanged")
+        except _READ_ERRORS as exc:
+            raise corrupt(path, reason(exc)) from None
     data = data.reshape(shape)
     if not data.flags.writeable:
         data = data.copy()
-    affine = np.array(image.affine, dtype=np.float64)
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise InputError(f"{path}: expected an invertible voxel-to-world affine, found "
-                         f"{np.round(affine, 4).tolist()}; fix the file's qform/sform (e.g. fslorient)")
     nonfinite = ~np.isfinite(data)
     n_nonfinite = int(nonfinite.sum())
     if n_nonfinite:
@@ -158,12 +113,20 @@ def load_volume(path: str | os.PathLike, *, require_signal: bool = True) -> Volu
     if require_signal and not np.any(data):
         raise InputError(f"{path}: expected a volume with signal, found all {data.size} voxels 0"
                          f"{f' ({n_nonfinite} of them NaN/Inf)' if n_nonfinite else ''}; check the input file")
-    return Volume(data=data, affine=affine, header=image.header.copy(), n_nonfinite=n_nonfinite)
+    return Volume(data=data, affine=affine, header=image.header.copy(), n_nonfinite=n_nonfinite,
+                  mm_per_unit=layout.mm_per_unit)
 
 
 def _descrip(description: str) -> bytes:
     """UTF-8 ``description`` cut to the 79 bytes the 80-byte NIfTI field holds (NUL-ended)."""
     return description.encode("utf-8")[:79].decode("utf-8", errors="ignore").encode("utf-8")
+
+
+def _units(header: nib.Nifti1Header) -> tuple[int, int]:
+    """The header's spatial and temporal unit codes; an undefined one becomes 0 (unknown)."""
+    codes = int(header["xyzt_units"])
+    known = nib.nifti1.unit_codes.code
+    return tuple(c if c in known else 0 for c in (codes & 7, codes & 56))
 
 
 def _float32_image(data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None,
@@ -176,7 +139,7 @@ def _float32_image(data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Heade
     hdr.set_data_shape(data.shape)
     if header is not None:
         qcode, scode = int(header["qform_code"]), int(header["sform_code"])
-        xyz_unit, t_unit = header.get_xyzt_units()
+        xyz_unit, t_unit = _units(header)
         hdr.set_dim_info(*header.get_dim_info())
     else:
         qcode, scode, xyz_unit, t_unit = 1, 1, "mm", "unknown"
@@ -214,9 +177,7 @@ def save_volume(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, h
     affine = np.asarray(affine, dtype=np.float64)
     if data.ndim != 3 or affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
         raise ValueError(f"expected 3-D data and a finite 4x4 affine, got shapes {data.shape} and {affine.shape}")
-    if not path.name.lower().endswith((".nii", ".nii.gz")):
-        raise OutputError(f"{path}: expected an output name ending in .nii or .nii.gz, found {path.name!r}; "
-                          f"rename the output")
+    check_name(path, (".nii", ".nii.gz"), "output")
     if path.is_dir():
         raise OutputError(f"{path}: expected an output file name, found a folder; give a file name inside it")
     if path.exists() and not overwrite:
@@ -227,9 +188,9 @@ def save_volume(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, h
                           f"create it first")
     image = _float32_image(data, affine, header, description)
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path, overwrite=overwrite) as tmp:
             image.to_filename(tmp)
     except OSError as exc:
         raise OutputError(f"{path}: expected a writable output folder with free space, found "
-                          f"{_reason(exc)}; check permissions and disk space") from None
+                          f"{reason(exc)}; check permissions and disk space") from None
     return path

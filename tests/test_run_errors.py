@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fixtures_bundle import build_tiny_bundle, lps_affine, phantom_volume, write_volume
+from helpers_cli import run_fails
 from galip.runtime import cli
 
 pytest.importorskip("onnxruntime")
@@ -25,24 +26,6 @@ pytest.importorskip("onnxruntime")
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     return build_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def run_fails(folder: Path, *args, match: str | None = None) -> str:
-    """Run galip-run; assert exit 2, one stderr line, no traceback, the folder unchanged. Returns the line."""
-    before = snapshot(folder)
-    result = CliRunner().invoke(cli.app, [str(a) for a in args])
-    lines = result.stderr.strip().splitlines()
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output and result.stdout == ""
-    assert snapshot(folder) == before
-    if match is not None:
-        assert match in lines[0], lines[0]
-    return lines[0]
 
 
 def good_volume(folder: Path, name: str = "in.nii.gz") -> Path:

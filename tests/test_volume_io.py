@@ -110,7 +110,8 @@ def test_load_applies_int16_scaling_and_keeps_geometry(tmp_path):
 
 def test_save_load_round_trip_keeps_values_affine_codes_units(tmp_path):
     raw = np.arange(6 * 7 * 8, dtype=np.int16).reshape(6, 7, 8)
-    src = write_nifti(tmp_path / "in.nii.gz", raw, oblique_affine(), slope=2.5, inter=-3.0, codes=(2, 4),
+    micron = oblique_affine() * [[1000], [1000], [1000], [1]]   # 1.3 x 0.9 x 1.6 mm voxels, in µm
+    src = write_nifti(tmp_path / "in.nii.gz", raw, micron, slope=2.5, inter=-3.0, codes=(2, 4),
                       units=("micron", "msec"))
     volume = load_volume(src)
     data_before = volume.data.copy()

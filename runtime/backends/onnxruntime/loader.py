@@ -89,6 +89,9 @@ class SessionFromOnnx:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads or os.cpu_count() or 1
         options.inter_op_num_threads = 1
+        # onnxruntime's own log lines would break galip's one-line errors; its failures also
+        # arrive as exceptions, which the pipeline reports (naming the graph and the bundle).
+        options.log_severity_level = 4
         options.graph_optimization_level = getattr(
             ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION[self.graph_optimization]
         )
