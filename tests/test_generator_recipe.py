@@ -92,3 +92,19 @@ def test_foreground_windows_show_anatomy_and_empty_slices_still_come():
     assert 0.35 < has.mean() < 0.65
     uniform = SliceSampler({"T1": stack}, 200, seed=0, crop=16).sample("T1")[:, 0]
     assert (uniform.reshape(200, -1).max(axis=1) > 0).mean() < 0.25
+
+
+def test_histogram_head_sees_intensity_distributions_and_passes_gradients():
+    from galip.train.i2i.heads import ConvDiscriminator, HistogramHead
+    head = HistogramHead(bins=8).eval()                                # no power-iteration step per call
+    dark = torch.full((2, 1, 16, 16), 0.2, requires_grad=True)
+    bright = torch.full((2, 1, 16, 16), 0.8)
+    assert not torch.allclose(head(dark), head(bright))               # different distributions
+    shuffled = bright.flatten(2)[..., torch.randperm(256)].reshape(2, 1, 16, 16)
+    torch.testing.assert_close(head(bright), head(shuffled))           # layout does not matter
+    head(dark).sum().backward()
+    assert dark.grad.abs().sum() > 0                                   # the generator gets a signal
+    disc = ConvDiscriminator(3, 8, histogram=True).eval()
+    logits = disc(torch.rand(2, 1, 32, 32), 1)
+    assert logits.shape == (2, 2 * 4 * 4)                              # patches, then the histogram logit
+    torch.testing.assert_close(logits[:, 16:], logits[:, 16:17].expand(-1, 16))

@@ -51,6 +51,7 @@ class TrainConfig:
     tiny: TinyViTConfig = field(default_factory=TinyViTConfig)
     context_tokens: int = 8          # clip-free: learned tokens per domain
     conv_channels: int = 64          # clip-free: width of the PatchGAN heads
+    histogram_head: bool = False     # clip-free: add a whole-image intensity-histogram head per domain
     crop: int = 0                    # random crop x crop windows of the slices (0: whole slices)
     crop_on_foreground: bool = False  # centre each window on a foreground pixel where the slice has one
     min_foreground: float = 0.05     # drop slices with less foreground (0: every slice, empty ones too)
@@ -122,7 +123,7 @@ class I2ITrainer:
             self.discriminator: nn.Module = ViTDiscriminator(
                 len(domains), self.backbone.n_taps, self.backbone.width, self.backbone.embed_dim)
         else:
-            self.discriminator = ConvDiscriminator(len(domains), config.conv_channels)
+            self.discriminator = ConvDiscriminator(len(domains), config.conv_channels, config.histogram_head)
         self.ema = EMA(self.generator, config.ema_decay)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=config.lr, betas=config.betas)
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=config.lr_d or config.lr, betas=config.betas)
