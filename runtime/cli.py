@@ -21,13 +21,14 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .bundle import Bundle, load_bundle
+from .api import SHIPPED_BUNDLE, default_output, shipped_bundle  # noqa: F401  (re-exported)
+from .batch_cli import is_batch, run_batch
+from .bundle import load_bundle
 from .cli_support import err_console, user_errors
-from .errors import BundleError, OutputError
+from .errors import OutputError
 from .pipeline import CT_GUESS_BELOW, Settings, Translator, guess_kind, prepare
 from .volume import load_volume, save_volume
 
-SHIPPED_BUNDLE = Path(__file__).resolve().parent / "bundles" / "demo"
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
@@ -60,24 +61,6 @@ class SourceKind(str, Enum):
 
 
 # ----------------------------------------------------------------------------- plain helpers
-def shipped_bundle() -> Bundle:
-    """The bundle installed with the package (``galip/runtime/bundles/demo``), checked."""
-    if not (SHIPPED_BUNDLE / "manifest.json").is_file():
-        raise BundleError(f"no bundle is shipped with this galip yet (none at {SHIPPED_BUNDLE}); "
-                          "export one with galip-export and pass its folder with --bundle DIR")
-    return load_bundle(SHIPPED_BUNDLE)
-
-
-def default_output(source: Path, domain: str) -> Path:
-    """``<input stem>_<domain>.nii.gz`` next to the input (``a/x_T1w.nii.gz`` → ``a/x_T1w_T2.nii.gz``)."""
-    name = source.name
-    for suffix in (".nii.gz", ".nii", ".img", ".hdr"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return source.with_name(f"{name}_{domain}.nii.gz")
-
-
 def check_writable(path: Path, *, overwrite: bool, suffixes: tuple[str, ...], what: str,
                    source: Path | None = None) -> None:
     """OutputError unless ``path`` can be written: right suffix, not a folder, not the input,
@@ -136,8 +119,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
     )
 )
 def main(
-    source: Annotated[Path, typer.Argument(metavar="INPUT", show_default=False,
-                                           help="Source volume (.nii or .nii.gz); never modified.")],
+    sources: Annotated[list[Path], typer.Argument(
+        metavar="INPUT...", show_default=False,
+        help="Source volume(s) (.nii or .nii.gz), never modified. Several, a folder, a glob or @list.txt: a batch (needs --out-dir).")],
     to: Annotated[str, typer.Option("--to", show_default=False,
                                     help="Target domain, one of the bundle's (T1, T2, PD, CT, or a suffix like T2w).")],
     model: Annotated[ModelName, typer.Option(help="I2I-Galip generator (one pass) or MIDiffusion (sampling loop).")]
@@ -172,6 +156,24 @@ def main(
     threads: Annotated[Optional[int], typer.Option(show_default=False,
                                                    help="CPU threads for onnxruntime [default: all cores].")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output (and preview).")] = False,
+    # -- batch mode (runtime/batch_cli.py) --------------------------------------------------
+    out_dir: Annotated[Optional[Path], typer.Option("--out-dir", show_default=False,
+                                                    help="Batch: folder for <input stem>_<domain>.nii.gz, its provenance .json and failures.tsv (created).")]
+        = None,
+    skip_existing: Annotated[bool, typer.Option("--skip-existing",
+                                                help="Batch: keep outputs that exist with their .json (resume an interrupted batch).")]
+        = False,
+    part: Annotated[Optional[str], typer.Option(metavar="K/N", show_default=False,
+                                                help="Batch: translate only the K-th of N deterministic shares of the inputs.")]
+        = None,
+    ray: Annotated[Optional[str], typer.Option(metavar="ADDRESS", show_default=False,
+                                               help="Batch on Ray (pip install 'galip[ray]'): local, auto (ray start --head / $RAY_ADDRESS) or HOST:PORT.")]
+        = None,
+    workers: Annotated[Optional[int], typer.Option(show_default=False,
+                                                   help="Batch on Ray: actors [default: one per GPU, else per CPU of the cluster].")]
+        = None,
+    bids_root: Annotated[Optional[Path], typer.Option(hidden=True, help="Set by galip-bids: BIDS derivative names.")]
+        = None,
 ) -> None:
     started = time.perf_counter()
     with user_errors():
@@ -179,6 +181,12 @@ def main(
                             batch=batch, steps=steps, sampler=sampler.value if sampler else None, eta=eta,
                             seed=seed, threads=threads)
         settings.check()
+        if is_batch(sources, out_dir, skip_existing, part, ray, workers, bids_root):
+            raise typer.Exit(run_batch(
+                sources, to=to, settings=settings, out_dir=out_dir, bundle_dir=bundle_dir, kind=source_kind.value,
+                overwrite=overwrite, skip_existing=skip_existing, part=part, ray=ray, workers=workers, out=out,
+                preview=preview, bids_root=bids_root))
+        source = sources[0]
         bundle = load_bundle(bundle_dir) if bundle_dir is not None else shipped_bundle()
         translator = prepare(bundle, to, settings)
         volume = load_volume(source)
