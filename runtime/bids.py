@@ -5,6 +5,7 @@ pybids (``pip install 'galip[bids]'``) finds the ``anat`` images with suffix ``-
 they run as one galip-run batch, and ``OUT_DIR`` becomes a BIDS derivative dataset::
 
     OUT_DIR/dataset_description.json                   DatasetType "derivative", GeneratedBy galip
+    OUT_DIR/.bidsignore                                failures*.tsv (galip-run's failure lists)
     OUT_DIR/sub-01/[ses-1/]anat/sub-01_[ses-1_]..._desc-galip_T2w.nii.gz
     OUT_DIR/sub-01/[ses-1/]anat/sub-01_[ses-1_]..._desc-galip_T2w.json
                                                        Sources (BIDS URI) + galip provenance
@@ -78,9 +79,12 @@ def description(bids_dir: Path) -> dict:
 
 
 def write_description(out_dir: Path, bids_dir: Path) -> Path:
+    """``dataset_description.json``, and a ``.bidsignore`` for galip's failure lists."""
     path = Path(out_dir) / "dataset_description.json"
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(description(bids_dir), indent=2) + "\n", encoding="utf-8")
+    for target, text in ((path, json.dumps(description(bids_dir), indent=2) + "\n"),
+                         (path.with_name(".bidsignore"), "failures*.tsv\n")):
+        with atomic_path(target) as tmp:
+            tmp.write_text(text, encoding="utf-8")
     return path
 
 
@@ -88,12 +92,12 @@ def find_sources(bids_dir: Path, suffix: str, participants: list[str] | None = N
     """The dataset's ``anat`` NIfTI files with ``suffix`` (of the given participants), sorted."""
     try:
         from bids import BIDSLayout
-        from bids.exceptions import BIDSError
+        from bids.exceptions import PyBIDSError
     except ImportError as exc:
         raise ConfigError(f"galip-bids needs pybids, which does not import here ({exc}); install it: {INSTALL_BIDS}") from None
     try:
         layout = BIDSLayout(str(bids_dir), validate=True)
-    except (BIDSError, ValueError, OSError) as exc:
+    except (PyBIDSError, ValueError, OSError) as exc:
         raise ConfigError(f"{bids_dir}: expected a BIDS dataset (with dataset_description.json), found "
                           f"{' '.join(str(exc).split())}; check the path") from None
     subjects = layout.get_subjects()
