@@ -228,6 +228,8 @@ def run_cases(session: Session, cases: Sequence[Case], *, kind: str = "auto", ov
     any thread); ``progress`` (``on_slices``, ``on_step``) goes to the translation. Returns the
     outcomes in case order. KeyboardInterrupt stops the threads and propagates.
     """
+    if not cases:
+        return []
     session.activate()
     loaded: queue.Queue = queue.Queue(maxsize=1)     # the next volume, read ahead
     translated: queue.Queue = queue.Queue(maxsize=1)

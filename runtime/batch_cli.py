@@ -27,7 +27,7 @@ from .pipeline import Settings
 
 def is_batch(inputs: Sequence[Path | str], out_dir: Path | None, *options) -> bool:
     """More than one input, a folder / glob / @list, ``--out-dir`` or any batch option set."""
-    if len(inputs) != 1 or out_dir is not None or any(o not in (None, False) for o in options):
+    if len(inputs) != 1 or out_dir is not None or any(o is not None and o is not False for o in options):
         return True
     text = str(inputs[0])
     return text.startswith("@") or glob.has_magic(text) or Path(text).is_dir()
@@ -110,6 +110,7 @@ def run_batch(inputs: Sequence[Path | str], *, to: str, settings: Settings, out_
         with _progress() as bar:
             cases = bar.add_task("volumes", total=len(todo))
             inside = bar.add_task("", total=None, visible=False)
+            steps = bar.add_task("    sampling steps", total=None, visible=False)
 
             def on_done(outcome: Outcome) -> None:
                 done.append(outcome)
@@ -122,6 +123,9 @@ def run_batch(inputs: Sequence[Path | str], *, to: str, settings: Settings, out_
             def on_slices(n: int, total: int) -> None:
                 bar.update(inside, completed=n, total=total)
 
+            def on_step(n: int, total: int) -> None:
+                bar.update(steps, completed=n, total=total, visible=True)
+
             if ray is not None:
                 from .ray_batch import run_ray
                 with user_errors():
@@ -130,7 +134,7 @@ def run_batch(inputs: Sequence[Path | str], *, to: str, settings: Settings, out_
             else:
                 with session:
                     run_cases(session, todo, kind=kind, overwrite=replace,
-                              on_start=on_start, on_done=on_done, on_slices=on_slices)
+                              on_start=on_start, on_done=on_done, on_slices=on_slices, on_step=on_step)
     except KeyboardInterrupt:
         write_failures(failures, done)
         _say(f"interrupted: {sum(o.status == 'written' for o in done)} of {len(todo)} written; "

@@ -115,12 +115,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
         "with a galip bundle: slices along the bundle's axis, batched inference (TensorRT, "
         "onnxruntime CUDA or CPU), written back with the input's affine and header. "
         "Without --bundle the bundle shipped with galip is used. "
-        "Example: galip-run sub-000_T1w.nii.gz --to T2"
+        "Example: galip-run sub-000_T1w.nii.gz --to T2. "
+        "Several inputs (files, folders, globs, @list.txt) with --out-dir DIR run as one batch "
+        "(bundle loaded once; --ray for a Ray cluster); its exit code is 0 when every volume was "
+        "translated, 1 when some failed (listed in DIR/failures.tsv), 2 when nothing ran."
     )
 )
 def main(
     sources: Annotated[list[Path], typer.Argument(
-        metavar="INPUT...", show_default=False,
+        metavar="INPUT", show_default=False,
         help="Source volume(s) (.nii or .nii.gz), never modified. Several, a folder, a glob or @list.txt: a batch (needs --out-dir).")],
     to: Annotated[str, typer.Option("--to", show_default=False,
                                     help="Target domain, one of the bundle's (T1, T2, PD, CT, or a suffix like T2w).")],

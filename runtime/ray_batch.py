@@ -75,6 +75,8 @@ def run_ray(session: Session, cases: Sequence[Case], *, address: str, workers: i
     ray = import_ray()
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
+    if not cases:
+        return []
     started_here = not ray.is_initialized()
     if started_here:
         try:

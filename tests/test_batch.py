@@ -162,6 +162,8 @@ def test_skip_existing_resumes_only_what_is_missing(tmp_path, bundle):
     assert "2 volume(s) to translate to T1 by generator (1 already done)" in result.output
     assert kept.stat().st_mtime_ns == stamp
     assert all((out / f"sub-{i:02d}_T1w_T1.{ext}").is_file() for i in range(3) for ext in ("json", "nii.gz"))
+    again = run(tmp_path / "in", "--to", "T1", "--bundle", bundle, "--out-dir", out, "--skip-existing")
+    assert again.exit_code == 0 and "0 volume(s) to translate to T1 by generator (3 already done)" in again.output
 
 
 # ----------------------------------------------------------------------------- results

@@ -66,3 +66,5 @@ def test_ray_resumes_with_skip_existing(tmp_path, bundle, local_ray):
     assert result.exit_code == 0, result.output
     assert "1 volume(s) to translate to T1 by generator on Ray (auto) (1 already done)" in result.output
     assert sorted(p.name for p in out.glob("*.nii.gz")) == ["sub-00_T1w_T1.nii.gz", "sub-01_T1w_T1.nii.gz"]
+    done = run(inputs, "--to", "T1", "--bundle", bundle, "--out-dir", out, "--skip-existing", "--ray", "auto")
+    assert done.exit_code == 0 and "translated 0 of 0 volume(s)" in done.output
