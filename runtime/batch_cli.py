@@ -40,7 +40,9 @@ def _progress() -> Progress:
 
 
 def _say(text: str, *, error: bool = False) -> None:
-    if error:
+    # While the bar is drawn (stderr is a terminal) every line goes above it through its
+    # console: writes to stdout from the writer thread would land inside the bar's row.
+    if error or err_console.is_terminal:
         err_console.print(text, markup=False, highlight=False, soft_wrap=True)
     else:
         typer.echo(text)
@@ -118,7 +120,8 @@ def run_batch(inputs: Sequence[Path | str], *, to: str, settings: Settings, out_
                 bar.advance(cases)
 
             def on_start(case: Case) -> None:
-                bar.update(inside, description=f"  {case.source.name}", completed=0, total=None, visible=True)
+                bar.reset(inside, description=f"  {case.source.name}", total=None, visible=True)
+                bar.reset(steps, total=None, visible=False)
 
             def on_slices(n: int, total: int) -> None:
                 bar.update(inside, completed=n, total=total)
