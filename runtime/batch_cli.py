@@ -3,9 +3,9 @@
 
 Batch mode starts when galip-run gets more than one input, a folder, a glob, an
 ``@list.txt``, ``--out-dir``, or any batch option. One progress bar over the cases with an
-ETA (slices and diffusion steps of the current case below it), one line per case on
-stdout (failures on stderr), ``failures.tsv`` in ``--out-dir``; exit codes in
-:mod:`galip.runtime.batch`.
+ETA (slices and diffusion steps of the current case below it), one line per case (on
+stdout when piped, failures on stderr; all above the bar on a terminal), ``failures.tsv``
+in ``--out-dir``; exit codes in :mod:`galip.runtime.batch`.
 """
 from __future__ import annotations
 
