@@ -13,7 +13,7 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.stamp-test: pyproject.toml setup.py | $(VENV)/bin/python
-	$(PIP) install -e '.[cpu,train,data,bench,dev]'
+	$(PIP) install -e '.[cpu,train,data,bench,dev,bids,ray]'
 	@touch $@
 
 $(VENV)/.stamp-demo: pyproject.toml setup.py | $(VENV)/bin/python

@@ -20,16 +20,17 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .api import SHIPPED_BUNDLE, default_output, shipped_bundle  # noqa: F401  (re-exported)
 from .atomic import check_name, probe_writable
-from .bundle import Bundle, load_bundle
+from .batch_cli import is_batch, run_batch
+from .bundle import load_bundle
 from .cli_support import err_console, user_errors
-from .errors import BundleError, OutputError
+from .errors import OutputError
 from .foreground import mask_from_file
 from .pipeline import CT_GUESS_BELOW, MASKS, Settings, Translator, guess_kind, prepare
 from .signals import stop_on_signals
 from .volume import load_volume, save_volume
 
-SHIPPED_BUNDLE = Path(__file__).resolve().parent / "bundles" / "demo"
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
@@ -62,24 +63,6 @@ class SourceKind(str, Enum):
 
 
 # ----------------------------------------------------------------------------- plain helpers
-def shipped_bundle() -> Bundle:
-    """The bundle installed with the package (``galip/runtime/bundles/demo``), checked."""
-    if not (SHIPPED_BUNDLE / "manifest.json").is_file():
-        raise BundleError(f"no bundle is shipped with this galip yet (none at {SHIPPED_BUNDLE}); "
-                          "export one with galip-export and pass its folder with --bundle DIR")
-    return load_bundle(SHIPPED_BUNDLE)
-
-
-def default_output(source: Path, domain: str) -> Path:
-    """``<input stem>_<domain>.nii.gz`` next to the input (``a/x_T1w.nii.gz`` → ``a/x_T1w_T2.nii.gz``)."""
-    name = source.name
-    for suffix in (".nii.gz", ".nii", ".img", ".hdr"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return source.with_name(f"{name}_{domain}.nii.gz")
-
-
 def check_writable(path: Path, *, overwrite: bool, suffixes: tuple[str, ...], what: str,
                    source: Path | None = None) -> None:
     """OutputError unless ``path`` can be written: right suffix, not a folder, not the input,
@@ -130,12 +113,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
         "with a galip bundle: slices along the bundle's axis, batched inference (TensorRT, "
         "onnxruntime CUDA or CPU), written back with the input's affine and header. "
         "Without --bundle the bundle shipped with galip is used. "
-        "Example: galip-run sub-000_T1w.nii.gz --to T2"
+        "Example: galip-run sub-000_T1w.nii.gz --to T2. "
+        "Several inputs (files, folders, globs, @list.txt) with --out-dir DIR run as one batch "
+        "(bundle loaded once; --ray for a Ray cluster); its exit code is 0 when every volume was "
+        "translated, 1 when some failed (listed in DIR/failures.tsv), 2 when nothing ran."
     )
 )
 def main(
-    source: Annotated[Path, typer.Argument(metavar="INPUT", show_default=False,
-                                           help="Source volume (.nii or .nii.gz); never modified.")],
+    sources: Annotated[list[Path], typer.Argument(
+        metavar="INPUT", show_default=False,
+        help="Source volume(s) (.nii or .nii.gz), never modified. Several, a folder, a glob or @list.txt: a batch (needs --out-dir).")],
     to: Annotated[str, typer.Option("--to", show_default=False,
                                     help="Target domain, one of the bundle's (T1, T2, PD, CT, or a suffix like T2w).")],
     model: Annotated[ModelName, typer.Option(help="I2I-Galip generator (one pass) or MIDiffusion (sampling loop).")]
@@ -177,6 +164,24 @@ def main(
     tta: Annotated[str, typer.Option(metavar="none|flip", help="flip: also translate the left-right mirror and average (2x the time).")] = "none",
     any_source: Annotated[bool, typer.Option("--any-source", help="Translate a source kind (MRI/CT) the model was not trained on instead of refusing it.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output (and preview).")] = False,
+    # -- batch mode (runtime/batch_cli.py) --------------------------------------------------
+    out_dir: Annotated[Optional[Path], typer.Option("--out-dir", show_default=False,
+                                                    help="Batch: folder for <input stem>_<domain>.nii.gz, its provenance .json and failures.tsv (created).")]
+        = None,
+    skip_existing: Annotated[bool, typer.Option("--skip-existing",
+                                                help="Batch: keep outputs that exist with their .json (resume an interrupted batch).")]
+        = False,
+    part: Annotated[Optional[str], typer.Option(metavar="K/N", show_default=False,
+                                                help="Batch: translate only the K-th of N deterministic shares of the inputs.")]
+        = None,
+    ray: Annotated[Optional[str], typer.Option(metavar="ADDRESS", show_default=False,
+                                               help="Batch on Ray (pip install 'galip[ray]'): local, auto (ray start --head / $RAY_ADDRESS) or HOST:PORT.")]
+        = None,
+    workers: Annotated[Optional[int], typer.Option(show_default=False,
+                                                   help="Batch on Ray: actors [default: one per GPU, else per CPU of the cluster].")]
+        = None,
+    bids_root: Annotated[Optional[Path], typer.Option(hidden=True, help="Set by galip-bids: BIDS derivative names.")]
+        = None,
 ) -> None:
     started = time.perf_counter()
     with user_errors(), stop_on_signals():
@@ -185,6 +190,14 @@ def main(
                             seed=seed, threads=threads, mask=mask if mask in MASKS else "none",
                             planes=planes, tta=tta, any_source=any_source)
         settings.check()
+        if is_batch(sources, out_dir, skip_existing, part, ray, workers, bids_root):
+            if mask not in MASKS:
+                raise OutputError(f"--mask {mask}: a mask file belongs to one input; in batch mode use --mask auto or none")
+            raise typer.Exit(run_batch(
+                sources, to=to, settings=settings, out_dir=out_dir, bundle_dir=bundle_dir, kind=source_kind.value,
+                overwrite=overwrite, skip_existing=skip_existing, part=part, ray=ray, workers=workers, out=out,
+                preview=preview, bids_root=bids_root))
+        source = sources[0]
         bundle = load_bundle(bundle_dir) if bundle_dir is not None else shipped_bundle()
         translator = prepare(bundle, to, settings)
         volume = load_volume(source)

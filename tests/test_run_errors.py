@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from fixtures_bundle import build_tiny_bundle, lps_affine, phantom_volume, write_volume
 from helpers_cli import run_fails
-from galip.runtime import cli
+from galip.runtime import api, cli
 
 pytest.importorskip("onnxruntime")
 
@@ -133,7 +133,7 @@ def test_missing_bundle_folder(tmp_path):
 
 
 def test_no_shipped_bundle_says_how_to_make_one(tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "SHIPPED_BUNDLE", tmp_path / "not-shipped")
+    monkeypatch.setattr(api, "SHIPPED_BUNDLE", tmp_path / "not-shipped")
     source = good_volume(tmp_path)
     line = run_fails(tmp_path, source, "--to", "T2")
     assert "no bundle is shipped" in line and "galip-export" in line and "--bundle" in line
