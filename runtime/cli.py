@@ -25,7 +25,7 @@ from .atomic import check_name, probe_writable
 from .batch_cli import is_batch, run_batch
 from .bundle import load_bundle
 from .cli_support import err_console, user_errors
-from .errors import OutputError
+from .errors import ConfigError, OutputError
 from .foreground import mask_from_file
 from .pipeline import CT_GUESS_BELOW, MASKS, Settings, Translator, guess_kind, prepare
 from .signals import stop_on_signals
@@ -192,7 +192,7 @@ def main(
         settings.check()
         if is_batch(sources, out_dir, skip_existing, part, ray, workers, bids_root):
             if mask not in MASKS:
-                raise OutputError(f"--mask {mask}: a mask file belongs to one input; in batch mode use --mask auto or none")
+                raise ConfigError(f"--mask {mask}: a mask file belongs to one input; in batch mode use --mask auto or none")
             raise typer.Exit(run_batch(
                 sources, to=to, settings=settings, out_dir=out_dir, bundle_dir=bundle_dir, kind=source_kind.value,
                 overwrite=overwrite, skip_existing=skip_existing, part=part, ray=ray, workers=workers, out=out,
