@@ -114,7 +114,7 @@ def load_subjects(folder: Path, names: dict[str, str], limit: int, axis_world: i
         mask = load_volume(mask_file, require_signal=False)
         head_file = path / f"{sid}_head.nii.gz"
         head = load_volume(head_file, require_signal=False).data > 0 if head_file.is_file() else None
-        affine = mask.affine.copy()
+        affine = mask.affine_mm.copy()
         images, brain = {n: v.data for n, v in volumes.items()}, mask.data > 0
         if slices is not None:
             axis = voxel_axis(affine, axis_world)

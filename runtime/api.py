@@ -25,7 +25,7 @@ import numpy as np
 
 from .bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
 from .errors import BundleError, ConfigError
-from .pipeline import Result, Settings, Translator, guess_kind, prepare
+from .pipeline import CT_GUESS_BELOW, Result, Settings, Translator, guess_kind, prepare
 from .provenance import provenance_record, sidecar_path, write_json
 from .volume import Volume, load_volume, save_volume
 
@@ -172,7 +172,7 @@ class Session:
         if kind == "auto":
             kind = guess_kind(volume.data)
             if kind == "ct":
-                notes.append(f"note: reading {path} as CT (voxels below -500 HU); "
+                notes.append(f"note: reading {path} as CT (voxels below {CT_GUESS_BELOW:g} HU); "
                              "pass --source-kind mri if it is MRI")
         digest = sha256_file(path)
         return Source(path, volume, kind, digest, notes, time.perf_counter() - started)

@@ -18,11 +18,12 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .api import Session
-from .batch import (EXIT_INTERRUPTED, Case, Outcome, exit_code, expand_inputs, failures_name, flat_naming,
+from .batch import (EXIT_CASES_FAILED, EXIT_INTERRUPTED, Case, Outcome, exit_code, expand_inputs, failures_name, flat_naming,
                     parse_part, pending, plan_cases, run_cases, write_failures)
 from .cli_support import err_console, user_errors
-from .errors import ConfigError, OutputError
+from .errors import ConfigError, GalipError, OutputError
 from .pipeline import Settings
+from .signals import Interrupted
 
 
 def is_batch(inputs: Sequence[Path | str], out_dir: Path | None, *options) -> bool:
@@ -131,18 +132,27 @@ def run_batch(inputs: Sequence[Path | str], *, to: str, settings: Settings, out_
 
             if ray is not None:
                 from .ray_batch import run_ray
-                with user_errors():
+                try:
                     run_ray(session, todo, address=ray, workers=workers, kind=kind, overwrite=replace,
                             on_done=on_done)
+                except GalipError as error:
+                    if not done:                  # nothing ran: one line, exit 2
+                        with user_errors():
+                            raise
+                    listed = write_failures(failures, done)
+                    _say(f"{error}; Ray stopped after {len(done)} of {len(todo)} cases"
+                         f"{', failures listed in ' + str(listed) if listed else ''}; rerun with --skip-existing",
+                         error=True)
+                    return EXIT_CASES_FAILED
             else:
                 with session:
                     run_cases(session, todo, kind=kind, overwrite=replace,
                               on_start=on_start, on_done=on_done, on_slices=on_slices, on_step=on_step)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted) as stop:     # Ctrl-C, SIGTERM, SIGHUP (runtime/signals.py)
         write_failures(failures, done)
         _say(f"interrupted: {sum(o.status == 'written' for o in done)} of {len(todo)} written; "
              "run the same command with --skip-existing to resume", error=True)
-        return EXIT_INTERRUPTED
+        return 128 + stop.signum if isinstance(stop, Interrupted) else EXIT_INTERRUPTED
     written = sum(o.status == "written" for o in done)
     n_failed = len(done) - written
     listed = write_failures(failures, done)

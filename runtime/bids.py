@@ -143,6 +143,10 @@ def main(
             raise ConfigError(f"analysis level {analysis_level!r}: galip-bids has only the participant level")
         if any(arg in ("--out-dir", "--out", "--bids-root") or arg.startswith(("--out-dir=", "--out=")) for arg in ctx.args):
             raise ConfigError("galip-bids writes into OUT_DIR; drop --out/--out-dir")
+        raw, out = Path(bids_dir).resolve(), Path(out_dir).resolve()
+        if out == raw or raw.is_relative_to(out):
+            raise ConfigError(f"OUT_DIR {out_dir} would write into the raw dataset {bids_dir}; use a folder "
+                              f"outside it or under its derivatives/, e.g. {Path(bids_dir) / 'derivatives' / 'galip'}")
         sources = find_sources(bids_dir, source_suffix, participant_label)
         try:
             Path(out_dir).mkdir(parents=True, exist_ok=True)

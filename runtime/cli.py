@@ -138,7 +138,7 @@ def main(
     precision: Annotated[Optional[PrecisionName], typer.Option(show_default=False,
                                                                help="Graph/engine precision [default: fp16 on GPUs, fp32 on CPU].")]
         = None,
-    batch: Annotated[int, typer.Option(help="Slices per inference call (memory grows with it, not with the volume).")] = 8,
+    batch: Annotated[int, typer.Option(help="Slices per inference call (model-space memory grows with it; the whole-volume arrays take about 32 bytes per voxel).")] = 8,
     steps: Annotated[Optional[int], typer.Option(show_default=False,
                                                  help="Diffusion: DDIM steps [default: the bundle's, e.g. 50].")] = None,
     sampler: Annotated[Optional[SamplerName], typer.Option(show_default=False,
@@ -243,4 +243,4 @@ def main(
             write_preview(preview, volume.data, result.data, volume.affine, source_map=result.plan.source_map,
                           output_map=result.target_map, labels=(f"source ({kind})", translator.target.name),
                           title=translator.description, overwrite=overwrite)
-    typer.echo(_summary(out, translator, result.plan.n_slices, time.perf_counter() - started))
+    typer.echo(_summary(out, translator, result.n_slices, time.perf_counter() - started))

@@ -29,7 +29,7 @@ import contextlib
 import functools
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -40,15 +40,11 @@ from .domains import Domain
 from .errors import BackendError, BundleError, ConfigError, GalipError
 from .foreground import head_mask
 from .intensity import CT_WINDOW, IntensityMap
-from .limits import affordable_batch, check_threads
+from .limits import affordable_batch
 from .preprocess import PreprocessConfig, SlicePlan, plan_volume, slices_to_volume
-from .schedule import DEFAULT_SPACING, SAMPLERS, SPACINGS, NoiseSchedule, StepTable, step_table
+from .schedule import DEFAULT_SPACING, SPACINGS, NoiseSchedule, StepTable, step_table
+from .settings import MASKS, MODELS, PLANES, TTAS, Model, Settings  # noqa: F401  (re-exported)
 
-Model = Literal["generator", "diffusion"]
-MODELS = ("generator", "diffusion")
-MASKS = ("auto", "none")
-PLANES = (1, 3)
-TTAS = ("none", "flip")
 #: A voxel below this (HU) makes ``guess_kind`` call a volume CT: air is about −1000 HU.
 CT_GUESS_BELOW = -500.0
 
@@ -57,56 +53,6 @@ Progress = Callable[[int, int], None]   # (done, total)
 
 def _no_progress(done: int, total: int) -> None:
     pass
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How to run: model, backend, batch size and the diffusion sampler.
-
-    ``steps``, ``sampler`` and ``eta`` default (None) to the bundle's ``sampler`` entry;
-    ``precision`` None lets :func:`~galip.runtime.backends.select.select_backend` choose.
-    ``mask``: ``auto`` keeps voxels outside the source's head at the target's background,
-    ``none`` keeps the model's output everywhere. ``planes``: 1 (the bundle's slicing
-    axis) or 3 (all axes, averaged); ``tta``: ``flip`` also translates the left-right
-    mirror and averages. ``any_source``: translate a source kind (MRI/CT) the model was
-    not trained on instead of refusing it.
-    """
-
-    model: Model = "generator"
-    backend: str = "auto"
-    precision: str | None = None
-    batch: int = 8
-    steps: int | None = None
-    sampler: str | None = None
-    eta: float | None = None
-    seed: int = 0
-    threads: int | None = None
-    mask: str = "auto"
-    planes: int = 1
-    tta: str = "none"
-    any_source: bool = False
-
-    def check(self) -> None:
-        """ConfigError naming the first unusable value."""
-        if self.model not in MODELS:
-            raise ConfigError(f"--model must be one of {', '.join(MODELS)}, got {self.model!r}")
-        if self.batch < 1:
-            raise ConfigError(f"--batch must be at least 1 (slices per inference call), got {self.batch}")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"--steps must be at least 1, got {self.steps}")
-        if self.sampler is not None and self.sampler not in SAMPLERS:
-            raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        if self.eta is not None and not (np.isfinite(self.eta) and 0.0 <= self.eta <= 1.0):
-            raise ConfigError(f"--eta must be between 0 and 1, got {self.eta}")
-        if self.seed < 0:
-            raise ConfigError(f"--seed must be a non-negative integer, got {self.seed}")
-        check_threads(self.threads)
-        if self.mask not in MASKS:
-            raise ConfigError(f"--mask must be one of {', '.join(MASKS)} or a mask file, got {self.mask!r}")
-        if self.planes not in PLANES:
-            raise ConfigError(f"--planes must be 1 or 3, got {self.planes}")
-        if self.tta not in TTAS:
-            raise ConfigError(f"--tta must be one of {', '.join(TTAS)}, got {self.tta!r}")
 
 
 @dataclass
@@ -120,6 +66,7 @@ class Result:
     seconds: float              # inference time (runner activation included)
     table: StepTable | None = None
     foreground: np.ndarray | None = None   # (X, Y, Z) bool; outside it the output is background
+    n_slices: int = 0                      # slices translated, over all planes/TTA passes
 
 
 def guess_kind(data: np.ndarray) -> str:
@@ -148,11 +95,15 @@ def source_kinds(bundle: Bundle, spec: dict, model: Model) -> set[str]:
     return {bundle.domains[name].kind for name in spec.get("domains", bundle.domains) if name in bundle.domains}
 
 
+def nib_orientation(affine: np.ndarray) -> np.ndarray:
+    """nibabel's ``io_orientation``: row i = (world axis of voxel axis i, direction)."""
+    import nibabel as nib   # the runtime's NIfTI library; imported here to keep this module light
+    return nib.orientations.io_orientation(affine)
+
+
 def left_right_axis(affine: np.ndarray) -> int:
     """The voxel axis of an ``affine`` that runs left-right (world x)."""
-    import nibabel as nib   # the runtime's NIfTI library; imported here to keep this module light
-    ornt = nib.orientations.io_orientation(affine)
-    return int(np.flatnonzero(ornt[:, 0] == 0)[0])
+    return int(np.flatnonzero(nib_orientation(affine)[:, 0] == 0)[0])
 
 
 def _list(names) -> str:
@@ -298,17 +249,23 @@ class Translator:
         (same affine).
         """
         self.check_source(kind)
+        if foreground is not None and np.shape(foreground) != np.shape(data):
+            raise ConfigError(f"foreground mask has shape {np.shape(foreground)}, the volume {np.shape(data)}; "
+                              "give a mask on the input's grid")
         axes = [self.config.axis] + ([a for a in range(3) if a != self.config.axis] if self.settings.planes == 3 else [])
         flips = [False, True] if self.settings.tta == "flip" else [False]
         passes = [(axis, flip) for axis in axes for flip in flips]
         mirror = left_right_axis(affine)
+        # slices along canonical axis a = the input's extent on the voxel axis that maps to it
+        extent = {int(out_axis): n for (out_axis, _), n in zip(nib_orientation(affine), np.shape(data))}
+        total = sum(extent[axis] for axis, _ in passes)
         started, fused, done = time.perf_counter(), None, 0
         for axis, flip in passes:
             source = np.flip(data, mirror) if flip else data
             # the mirrored volume keeps the affine: the model sees a mirrored head, undone below
             out, plan, target_map = self._translate_along(
                 source, affine, kind, replace(self.config, axis=axis),
-                lambda d, t, base=done: on_slices(base + d, t * len(passes)), on_step)
+                lambda d, t, base=done: on_slices(base + d, total), on_step)
             done += plan.n_slices
             out = np.flip(out, mirror) if flip else out
             fused = out.astype(np.float64) if fused is None else fused + out
@@ -318,7 +275,7 @@ class Translator:
         if foreground is not None:
             volume[~foreground] = target_map.lo               # the target's background
         seconds = time.perf_counter() - started
-        return Result(volume, plan, target_map, self.choice, seconds, self.table, foreground)
+        return Result(volume, plan, target_map, self.choice, seconds, self.table, foreground, done)
 
     def _translate_along(self, data: np.ndarray, affine: np.ndarray, kind: str, config: PreprocessConfig,
                          on_slices: Progress, on_step: Progress) -> tuple[np.ndarray, SlicePlan, IntensityMap]:

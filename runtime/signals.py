@@ -37,7 +37,13 @@ def critical() -> Iterator[None]:
     recording its name (:func:`galip.runtime.atomic.atomic_path`): raised in between, the
     file would exist with nobody left to remove it. (Blocking the signal with
     ``pthread_sigmask`` is not enough: onnxruntime's threads would still receive it.)
+    Only the main thread defers: handlers run there, and a signal held back for another
+    thread would be raised in that thread (a batch's writer), killing it while the main
+    thread waits on it forever.
     """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _critical["depth"] += 1
     try:
         yield

@@ -108,8 +108,12 @@ def test_participant_label_and_errors(tmp_path, dataset, bundle):
         ((dataset, out, "participant", "--to", "T2", "--from", "FLAIR"), "found none"),
         ((tmp_path / "nothing", out, "participant", "--to", "T2"), "expected a BIDS dataset"),
         ((dataset, out, "participant", "--to", "T2", "--out-dir", tmp_path), "drop --out"),
+        ((dataset, dataset, "participant", "--to", "T2"), "raw dataset"),      # never into the raw data
+        ((dataset, dataset.parent, "participant", "--to", "T2"), "raw dataset"),
     ]
+    raw_description = (dataset / "dataset_description.json").read_bytes()
     for args, message in cases:
         result = run(*args, "--bundle", bundle)
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output and "Traceback" not in result.output
+    assert (dataset / "dataset_description.json").read_bytes() == raw_description

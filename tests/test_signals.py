@@ -157,3 +157,24 @@ def test_no_clobber_and_overwrite(tmp_path):
             tmp.write_text("half")
             raise KeyboardInterrupt
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.txt"]
+
+
+def test_critical_defers_signals_only_in_the_main_thread():
+    """A batch writer thread must never inherit a held-back signal (it would die with it
+    while the main thread waits on it): outside the main thread critical() is a no-op."""
+    import threading
+
+    from galip.runtime import signals
+    seen = []
+
+    def worker():
+        with signals.critical():
+            seen.append(signals._critical["depth"])
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == [0]
+    with signals.critical():
+        assert signals._critical["depth"] == 1
+    assert signals._critical["depth"] == 0

@@ -75,7 +75,7 @@ def volume_slices(path: str | Path, domain: Domain, config: dict,
     volume = load_volume(path)
     stacks = []
     for axis in axes if axes is not None else [config["axis"]]:
-        plan, raw = plan_volume(volume.data, volume.affine, domain.kind,
+        plan, raw = plan_volume(volume.data, volume.affine_mm, domain.kind,
                                 PreprocessConfig.from_dict({**config, "axis": axis}))
         stack = centre_fit(plan.prepare(raw), config["size"])
         foreground = (stack > 0.05).mean(axis=(1, 2))
