@@ -109,3 +109,14 @@ def test_histogram_head_sees_intensity_distributions_and_passes_gradients():
     logits = disc(torch.rand(2, 1, 32, 32), 1)
     assert logits.shape == (2, 2 * 4 * 4)                              # patches, then the histogram logit
     torch.testing.assert_close(logits[:, 16:], logits[:, 16:17].expand(-1, 16))
+
+
+def test_identity_weight_drops_from_the_given_step_and_survives_the_checkpoint():
+    from galip.train.i2i.trainer import I2ITrainer, TrainConfig
+    config = tiny_config("none")
+    config.identity_late, config.identity_late_from = 2.0, 3
+    trainer = I2ITrainer(config, parse_domains(DOMAINS))
+    assert [trainer.weights_at(s).identity for s in (0, 2, 3, 10)] == [config.weights.identity] * 2 + [2.0, 2.0]
+    assert trainer.weights_at(3).cycle == config.weights.cycle
+    restored = TrainConfig.from_dict(trainer.config.to_dict())
+    assert (restored.identity_late, restored.identity_late_from) == (2.0, 3)

@@ -9,6 +9,7 @@ resume + N/2.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,6 +53,11 @@ class TrainConfig:
     context_tokens: int = 8          # clip-free: learned tokens per domain
     conv_channels: int = 64          # clip-free: width of the PatchGAN heads
     histogram_head: bool = False     # clip-free: add a whole-image intensity-histogram head per domain
+    # identity weight from step identity_late_from on (None: weights.identity throughout):
+    # a high weight early keeps the generator out of the brightness-flip attractor, a lower
+    # one later leaves it room to invert a contrast where the target needs it
+    identity_late: float | None = None
+    identity_late_from: int = 0
     crop: int = 0                    # random crop x crop windows of the slices (0: whole slices)
     crop_on_foreground: bool = False  # centre each window on a foreground pixel where the slice has one
     min_foreground: float = 0.05     # drop slices with less foreground (0: every slice, empty ones too)
@@ -145,13 +151,21 @@ class I2ITrainer:
         per_tap = [t.chunk(parts) for t in feats.patch_tokens]
         return [[tap[i] for tap in per_tap] for i in range(parts)], feats
 
+    def weights_at(self, step: int) -> LossWeights:
+        """The loss weights of step ``step`` (0-based): the identity weight drops to
+        ``identity_late`` from ``identity_late_from`` on."""
+        w = self.config.weights
+        if self.config.identity_late is None or step < self.config.identity_late_from:
+            return w
+        return dataclasses.replace(w, identity=self.config.identity_late)
+
     def train_step(self, x_a: torch.Tensor, x_b: torch.Tensor, a: int, b: int) -> dict[str, float]:
         """One G and one D update on unpaired batches x_a (domain a) and x_b (domain b).
 
         x_a, x_b: (N, 1, H, W) float32 in [0, 1]. Returns the loss values as floats. A
         non-finite G or D loss raises ConfigError before that network's optimiser step.
         """
-        G, D, w = self.generator, self.discriminator, self.config.weights
+        G, D, w = self.generator, self.discriminator, self.weights_at(self.step)
         n = x_a.shape[0]
         t_a, t_b = torch.full((n,), a, dtype=torch.long), torch.full((n,), b, dtype=torch.long)
         e_a = e_b = None
