@@ -31,7 +31,7 @@ from galip.runtime.bundle import write_manifest
 
 DEMO_DATA = dict(subjects=12, seed=1, spacing=2.0, noise=0.02)
 DEMO_DOMAINS = "T1,T2,PD"
-DEMO_STEPS = 3600
+DEMO_STEPS = 3200
 DEMO_IDENTITY_LATE_FROM = 1200   # identity weight 5 -> 2 here (docs/training.md)
 
 
