@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import check_name
 from .bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
-from .errors import BundleError, ConfigError
+from .errors import BundleError, ConfigError, OutputError
 from .pipeline import CT_GUESS_BELOW, Result, Settings, Translator, guess_kind, prepare
 from .provenance import provenance_record, sidecar_path, write_json
 from .volume import Volume, load_volume, save_volume
@@ -201,8 +202,14 @@ class Session:
 
     def translate_file(self, source: str | Path, out: str | Path | None = None, *, kind: str = "auto",
                        overwrite: bool = False, extra: dict | None = None) -> Path:
-        """Read, translate and write one file (default ``<stem>_<domain>.nii.gz`` beside it)."""
+        """Read, translate and write one file (default ``<stem>_<domain>.nii.gz`` beside it).
+
+        The output name is checked before any inference, so a bad ``out`` costs nothing."""
+        out = Path(out) if out is not None else default_output(Path(source), self.translator.target.name)
+        check_name(out, (".nii.gz", ".nii"), "output")
+        if out.exists() and not overwrite:
+            raise OutputError(f"{out}: expected a new output file, found an existing one; pass overwrite=True "
+                              "or choose another path")
         loaded = self.read(source, kind)
         result = self.run(loaded)
-        out = Path(out) if out is not None else default_output(Path(source), self.translator.target.name)
         return self.write(loaded, result, out, overwrite=overwrite, extra=extra)

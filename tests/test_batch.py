@@ -217,3 +217,16 @@ def test_session_activates_the_runners_once_for_many_volumes(tmp_path, bundle):
     fresh.close()
     with pytest.raises(ConfigError, match="unknown setting"):
         Session("T2", bundle, batchsize=3)
+
+
+def test_session_checks_the_output_name_before_any_inference(tmp_path, bundle):
+    from galip.runtime.errors import OutputError
+    source = write_volume(tmp_path / "s.nii.gz", phantom_volume(), oblique_affine())
+    taken = tmp_path / "taken.nii.gz"
+    taken.write_bytes(b"keep")
+    with Session("T2", bundle) as session:
+        session.run = lambda *a, **k: pytest.fail("inference ran before the output was checked")
+        for out, message in ((tmp_path / "x.png", "ending in"), (taken, "existing")):
+            with pytest.raises(OutputError, match=message):
+                session.translate_file(source, out)
+    assert taken.read_bytes() == b"keep"
