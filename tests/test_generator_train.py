@@ -195,7 +195,7 @@ def cli():
 @pytest.mark.parametrize("case, needle", [
     ("unknown", "unknown domain"), ("single", "at least 2"), ("missing", "does not exist"),
     ("empty", "index.json"), ("size", "multiple of 32"), ("resume", "does not exist"),
-    ("no-domains", "--domains is missing"),
+    ("no-domains", "--domains is missing"), ("crop", "--crop 48"), ("crop-big", "up to --size 64"),
 ])
 def test_bad_arguments_exit_2_with_one_line(cli, data_dir, tmp_path, case, needle):
     empty = tmp_path / "empty"
@@ -208,6 +208,8 @@ def test_bad_arguments_exit_2_with_one_line(cli, data_dir, tmp_path, case, needl
         "size": ["--data", data_dir, "--domains", DOMAINS, "--size", "48"],
         "resume": ["--data", data_dir, "--domains", DOMAINS, "--resume"],
         "no-domains": ["--data", data_dir],
+        "crop": ["--data", data_dir, "--domains", DOMAINS, "--crop", "48"],
+        "crop-big": ["--data", data_dir, "--domains", DOMAINS, "--size", "64", "--crop", "96"],
     }[case]
     result = cli(*args, "--out", tmp_path / "out")
     assert result.exit_code == 2, result.output

@@ -37,6 +37,9 @@ def generator(
         help="Vision-language backbone: biomedclip (open_clip, offline HF cache), tiny (test ViT) "
              "or none (clip-free: learned context, conv heads) \\[default: biomedclip].")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of weights, domain pairs and batches \\[default: 0].")] = None,
+    crop: Annotated[Optional[int], typer.Option(min=0, help="Train on random CROP x CROP windows (a multiple of 32, at most --size; 0 = whole slices) \\[default: 0].")] = None,
+    min_foreground: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Skip slices with less foreground than this (0 keeps empty slices, at their natural rate) \\[default: 0.05].")] = None,
+    histogram_head: Annotated[Optional[bool], typer.Option("--histogram-head/--no-histogram-head", help="Clip-free: add an intensity-histogram discriminator head per domain \\[default: off].")] = None,
     save_every: Annotated[int, typer.Option(min=1, help="Write the checkpoint every K steps.")] = 1000,
     resume: Annotated[bool, typer.Option("--resume", help="Continue OUT/checkpoint.pt on the same schedule.")] = False,
 ) -> None:
@@ -45,7 +48,8 @@ def generator(
     with user_errors():
         from .loop import train_generator          # checks the arguments before torch loads
         given = {"steps": steps, "size": size, "batch": batch, "seed": seed,
-                 "backbone": None if backbone is None else backbone.value}
+                 "backbone": None if backbone is None else backbone.value, "crop": crop,
+                 "min_foreground": min_foreground, "histogram_head": histogram_head}
         result = train_generator(out, data, domains, given, save_every=save_every, resume=resume,
                                  progress=is_interactive())
     losses = " ".join(f"{k} {v:.4g}" for k, v in result["losses"].items())

@@ -31,6 +31,9 @@ def check_arguments(data_dir: Path, domains: str | None, given: dict, out: Path,
     size = given.get("size")
     if size is not None and (size < 32 or size % 32):
         raise ConfigError(f"--size {size} is not a positive multiple of 32 (the U-Net halves 5 times)")
+    crop = given.get("crop")
+    if crop and (crop % 32 or crop > (size or 128)):
+        raise ConfigError(f"--crop {crop} is not a multiple of 32 up to --size {size or 128} (0 trains on whole slices)")
     return checkpoint
 
 
@@ -43,8 +46,8 @@ def _resumed_settings(payload: dict, domains: str | None, given: dict) -> tuple[
         raise ConfigError(f"--domains {domains} differs from the checkpoint's "
                           f"{','.join(d.name for d in saved_domains)}; drop it or train into another --out")
     for key, value in given.items():
-        if value is not None and value != saved[key]:
-            raise ConfigError(f"--{key} {value} differs from the checkpoint's {saved[key]}; "
+        if value is not None and value != saved.get(key):
+            raise ConfigError(f"--{key} {value} differs from the checkpoint's {saved.get(key)}; "
                               "drop it to continue the same schedule, or train into another --out")
     return saved_domains, saved
 
