@@ -26,6 +26,7 @@ import numpy as np
 
 from galip.runtime.bundle import Bundle
 from galip.runtime.errors import ConfigError
+from galip.runtime.geometry import voxel_axis
 
 from . import artifacts
 from .baselines import BASELINES
@@ -78,13 +79,6 @@ def parse_slices(text: str | None) -> tuple[int, int] | None:
     if not sep or not 0 <= start < stop:
         raise ConfigError(f"--slices expects A:B with 0 <= A < B (slices along the bundle's axis), got {text!r}")
     return start, stop
-
-
-def voxel_axis(affine: np.ndarray, world_axis: int) -> int:
-    """The voxel axis closest to world (RAS) axis ``world_axis``: 0 x, 1 y, 2 z."""
-    import nibabel as nib
-    ornt = nib.io_orientation(affine)
-    return int(np.flatnonzero(ornt[:, 0] == world_axis)[0])
 
 
 def _crop(volume: np.ndarray, axis: int, span: tuple[int, int]) -> np.ndarray:

@@ -58,6 +58,13 @@ def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.n
     return data_c, affine_c, ornt
 
 
+def voxel_axis(affine: np.ndarray, world_axis: int) -> int:
+    """The voxel axis of ``affine`` that runs closest to world (RAS) axis ``world_axis``
+    (0 x / left-right, 1 y, 2 z); it becomes axis ``world_axis`` of :func:`to_canonical`."""
+    ornt = orientations.io_orientation(np.asarray(affine, dtype=np.float64))
+    return int(np.flatnonzero(ornt[:, 0] == _check_axis(world_axis))[0])
+
+
 def from_canonical(data_c: np.ndarray, ornt: np.ndarray) -> np.ndarray:
     """Exactly undo :func:`to_canonical`: return ``data_c`` in the original voxel order.
 

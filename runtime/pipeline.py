@@ -41,6 +41,7 @@ from .errors import BackendError, BundleError, ConfigError, GalipError
 from .foreground import head_mask
 from .intensity import CT_WINDOW, IntensityMap
 from .limits import affordable_batch
+from .geometry import voxel_axis
 from .preprocess import PreprocessConfig, SlicePlan, plan_volume, slices_to_volume
 from .schedule import DEFAULT_SPACING, SPACINGS, NoiseSchedule, StepTable, step_table
 from .settings import MASKS, MODELS, PLANES, TTAS, Model, Settings  # noqa: F401  (re-exported)
@@ -93,17 +94,6 @@ def source_kinds(bundle: Bundle, spec: dict, model: Model) -> set[str]:
     if listed:
         return set(listed)
     return {bundle.domains[name].kind for name in spec.get("domains", bundle.domains) if name in bundle.domains}
-
-
-def nib_orientation(affine: np.ndarray) -> np.ndarray:
-    """nibabel's ``io_orientation``: row i = (world axis of voxel axis i, direction)."""
-    import nibabel as nib   # the runtime's NIfTI library; imported here to keep this module light
-    return nib.orientations.io_orientation(affine)
-
-
-def left_right_axis(affine: np.ndarray) -> int:
-    """The voxel axis of an ``affine`` that runs left-right (world x)."""
-    return int(np.flatnonzero(nib_orientation(affine)[:, 0] == 0)[0])
 
 
 def _list(names) -> str:
@@ -255,10 +245,9 @@ class Translator:
         axes = [self.config.axis] + ([a for a in range(3) if a != self.config.axis] if self.settings.planes == 3 else [])
         flips = [False, True] if self.settings.tta == "flip" else [False]
         passes = [(axis, flip) for axis in axes for flip in flips]
-        mirror = left_right_axis(affine)
+        mirror = voxel_axis(affine, 0)                         # left-right
         # slices along canonical axis a = the input's extent on the voxel axis that maps to it
-        extent = {int(out_axis): n for (out_axis, _), n in zip(nib_orientation(affine), np.shape(data))}
-        total = sum(extent[axis] for axis, _ in passes)
+        total = sum(np.shape(data)[voxel_axis(affine, axis)] for axis, _ in passes)
         started, fused, done = time.perf_counter(), None, 0
         for axis, flip in passes:
             source = np.flip(data, mirror) if flip else data

@@ -530,3 +530,12 @@ def test_noop_translation_is_exact_when_spacing_matches(tmp_path, axis):
     np.testing.assert_array_equal(after.data, before.data)
     before, after = translate_noop(src, tmp_path / "norm.nii.gz", axis, (1.0, 1.0))
     np.testing.assert_allclose(after.data, before.data, rtol=1e-6, atol=1e-6 * np.abs(before.data).max())
+
+
+def test_voxel_axis_names_the_voxel_axis_of_each_world_axis():
+    from galip.runtime.geometry import to_canonical, voxel_axis
+    affine = np.array([[0, 0, -2.0, 10], [1.5, 0, 0, -5], [0, 1.0, 0, 3], [0, 0, 0, 1]])   # (y, z, -x) voxels
+    assert [voxel_axis(affine, w) for w in range(3)] == [2, 0, 1]
+    data = np.zeros((4, 5, 6), np.float32)
+    canonical, _, _ = to_canonical(data, affine)
+    assert canonical.shape == tuple(data.shape[voxel_axis(affine, w)] for w in range(3))
