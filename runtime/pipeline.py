@@ -257,8 +257,9 @@ class Translator:
                 lambda d, t, base=done: on_slices(base + d, total), on_step)
             done += plan.n_slices
             out = np.flip(out, mirror) if flip else out
-            fused = out.astype(np.float64) if fused is None else fused + out
-        volume = (fused / len(passes)).astype(np.float32)
+            fused = out if fused is None else fused + out.astype(np.float64)
+        # one pass (the default) is the volume itself: no float64 copy of it on the hot path
+        volume = fused if len(passes) == 1 else (fused / len(passes)).astype(np.float32)
         if foreground is None and self.settings.mask == "auto":
             foreground = head_mask(data, plan.source_map)
         if foreground is not None:
