@@ -246,12 +246,14 @@ def test_one_condition_function_serves_training_and_sampling(monkeypatch, tmp_pa
     # training: the reference is the clean target batch; LMI(x0, u(x_t)) and LMI(x0, x0)
     train_diffusion(tmp_path, {"steps": 1, "size": 16, "batch": 2}, slices=slices, net_config=TINY,
                     schedule=SHORT, lmi_config=lmi_config, progress=False)
+    # LMI(x0, x0) once for every training slice (the cache), then LMI(x0, u(x_t)) per step
     assert len(calls["condition"]) == 1 and len(calls["lmi"]) == 2
-    (x1, y1, c1), (x2, y2, c2) = calls["lmi"]
+    (x_cache, y_cache, c_cache), (x1, y1, c1) = calls["lmi"]
     reference = calls["condition"][0]
-    assert torch.equal(x1, reference) and torch.equal(x2, reference) and torch.equal(y2, reference)
+    assert torch.equal(x_cache, torch.from_numpy(slices[:, None])) and torch.equal(y_cache, x_cache)
+    assert torch.equal(x1, reference)
     assert any(torch.equal(reference[0, 0], torch.from_numpy(s)) for s in slices)
-    assert 0 <= y1.min() and y1.max() <= 1 and c1 == c2 == lmi_config
+    assert 0 <= y1.min() and y1.max() <= 1 and c1 == c_cache == lmi_config
     # sampling with the trained model: the reference is the source; LMI(G, G) once, then LMI(G, u(x_t))
     calls["condition"].clear()
     calls["lmi"].clear()

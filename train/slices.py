@@ -124,6 +124,9 @@ class SliceSampler:
     ``on_foreground`` centres it on a random foreground pixel (> 0.05) of the slice when
     it has one, so windows of a slice with anatomy show anatomy (a discriminator learns
     nothing from air against air) while empty slices still come at their natural rate.
+    A stack may also be ``(n, channels, H, W)``: every channel is cut at the same window
+    (diffusion keeps a cached condition map beside each slice) and channel 0 is the image
+    whose foreground steers the window.
     """
 
     def __init__(self, slices_by_domain: dict[str, np.ndarray], batch: int, seed: int, crop: int = 0,
@@ -139,22 +142,25 @@ class SliceSampler:
         self._rngs = {name: np.random.default_rng(s) for name, s in zip(sorted(slices_by_domain), seeds)}
 
     def sample(self, domain: str) -> np.ndarray:
-        """A batch ``(batch, 1, size, size)`` (or ``crop``-sized) float32 drawn with replacement."""
+        """A batch ``(batch, channels, size, size)`` (or ``crop``-sized) float32 drawn with
+        replacement; ``channels`` is 1 for an ``(n, H, W)`` stack."""
         stack, rng = self.slices[domain], self._rngs[domain]
+        if stack.ndim == 3:
+            stack = stack[:, None]
         rows = rng.integers(0, len(stack), size=self.batch)
         if not self.crop:
-            return stack[rows][:, None]
+            return stack[rows]
         h, w = stack.shape[-2:]
         ys = rng.integers(0, h - self.crop + 1, size=self.batch)
         xs = rng.integers(0, w - self.crop + 1, size=self.batch)
         if self.on_foreground:
             for i, r in enumerate(rows):
-                inside = np.argwhere(stack[r] > 0.05)
+                inside = np.argwhere(stack[r, 0] > 0.05)
                 if len(inside):
                     cy, cx = inside[rng.integers(len(inside))]
                     ys[i] = np.clip(cy - self.crop // 2, 0, h - self.crop)
                     xs[i] = np.clip(cx - self.crop // 2, 0, w - self.crop)
-        return np.stack([stack[r, y:y + self.crop, x:x + self.crop] for r, y, x in zip(rows, ys, xs)])[:, None]
+        return np.stack([stack[r, :, y:y + self.crop, x:x + self.crop] for r, y, x in zip(rows, ys, xs)])
 
     def state_dict(self) -> dict:
         return {name: json.dumps(rng.bit_generator.state) for name, rng in self._rngs.items()}

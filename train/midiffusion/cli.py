@@ -41,6 +41,10 @@ def diffusion(
     size: Annotated[Optional[int], typer.Option(min=8, help="Slice size in pixels, a multiple of 8 \\[default: 128].")] = None,
     batch: Annotated[Optional[int], typer.Option(min=1, help="Batch size \\[default: 4].")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of weights, noise and batches \\[default: 0].")] = None,
+    crop: Annotated[Optional[int], typer.Option(min=0, help="Train on random CROP x CROP windows (centred on anatomy) instead of whole slices; 0 = whole \\[default: 0].")] = None,
+    lr: Annotated[Optional[float], typer.Option(min=0.0, help="Adam learning rate \\[default: 3e-4].")] = None,
+    ema_decay: Annotated[Optional[float], typer.Option(min=0.0, max=0.999999, help="EMA decay of the weights; about 1/(1-decay) steps are averaged \\[default: 0.9999].")] = None,
+    channels: Annotated[Optional[int], typer.Option(min=8, help="Base width of the score network (fresh runs; the paper's 64 has 8.95M parameters, 32 has 2.25M) \\[default: 64].")] = None,
     save_every: Annotated[int, typer.Option(min=1, help="Write the checkpoint every K steps.")] = 1000,
     resume: Annotated[bool, typer.Option("--resume", help="Continue OUT/checkpoint.pt.")] = False,
 ) -> None:
@@ -48,10 +52,15 @@ def diffusion(
     console = Console(stderr=True)
     with user_errors():
         given = {"target": target, "steps": steps, "size": size, "batch": batch, "seed": seed,
-                 "save_every": save_every}
+                 "save_every": save_every, "crop": crop, "lr": lr, "ema_decay": ema_decay}
         check_arguments(data, target, given, out, resume)       # before torch loads
+        if channels is not None and resume:
+            raise ConfigError("--channels applies to a fresh run; a resumed run keeps its checkpoint's network")
+        from .scorenet import ScoreNetConfig
         from .trainer import train_diffusion
-        result = train_diffusion(out, given, data_dir=data, resume=resume, progress=is_interactive())
+        net_config = None if channels is None else ScoreNetConfig.with_width(channels)
+        result = train_diffusion(out, given, data_dir=data, resume=resume, net_config=net_config,
+                                 progress=is_interactive())
     if result["interrupted"]:
         console.print(f"interrupted at step {result['step']}; checkpoint saved to {result['checkpoint']} "
                       "(continue with --resume)")

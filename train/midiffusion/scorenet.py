@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from galip.runtime.errors import ConfigError
+
 
 @dataclass
 class ScoreNetConfig:
@@ -42,6 +44,14 @@ class ScoreNetConfig:
     def size_multiple(self) -> int:
         """H and W must be multiples of this (one halving per level but the last)."""
         return 2 ** (len(self.ch_mult) - 1)
+
+    @classmethod
+    def with_width(cls, ch: int) -> "ScoreNetConfig":
+        """The reference design at base width ``ch``, two channels per GroupNorm group at
+        the first level as in the reference (64 channels, 32 groups)."""
+        if ch % 2:
+            raise ConfigError(f"the score network's width must be even, got {ch}")
+        return cls(ch=ch, groups=min(32, ch // 2))
 
     def to_dict(self) -> dict:
         d = asdict(self)

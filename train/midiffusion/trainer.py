@@ -8,6 +8,8 @@ end and on Ctrl-C, holding everything needed to continue bit-for-bit.
 """
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from .scorenet import ScoreNet, ScoreNetConfig
 
 PAYLOAD_FORMAT = "galip-midiffusion"
 PAYLOAD_VERSION = 1
+LOG_EVERY = 50
 
 
 @dataclass
@@ -47,10 +50,14 @@ class DiffusionTrainConfig:
     ema_decay: float = 0.9999
     axis: int = 2
     spacing: float | None = None
+    crop: int = 0                   # > 0: train on random crop x crop windows of the slices
+    crop_on_foreground: bool = True  # centre each window on anatomy when the slice has some
+    min_foreground: float = 0.05    # drop slices with less foreground than this
 
 
 # Settings a resumed run must share with its checkpoint (steps and save_every may change).
-FIXED_ON_RESUME = ("target", "size", "batch", "seed", "lr", "grad_clip", "ema_decay", "axis", "spacing")
+FIXED_ON_RESUME = ("target", "size", "batch", "seed", "lr", "grad_clip", "ema_decay", "axis", "spacing",
+                   "crop", "crop_on_foreground", "min_foreground")
 
 
 def resolve_config(given: dict, stored: dict | None) -> DiffusionTrainConfig:
@@ -79,14 +86,18 @@ def _validate(config: DiffusionTrainConfig) -> None:
     for key in ("steps", "batch", "save_every"):
         if getattr(config, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(config, key)}")
+    if config.crop < 0 or config.crop > config.size:
+        raise ConfigError(f"--crop must be between 0 (whole slices) and --size {config.size}, got {config.crop}")
     if not 0.0 <= config.ema_decay < 1.0 or config.lr <= 0 or config.grad_clip <= 0:
         raise ConfigError(f"expected lr > 0, grad_clip > 0 and 0 <= ema_decay < 1, got "
                           f"{config.lr}, {config.grad_clip}, {config.ema_decay}")
 
 
 def training_loss(denoiser: LMIDenoiser, x0_img: torch.Tensor, alpha_bar: torch.Tensor,
-                  generator: torch.Generator) -> torch.Tensor:
-    """L_simple = ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t | x_0)‖² (Ho et al. Alg. 1; paper Eq. 12)."""
+                  generator: torch.Generator, lmi_ref_ref: torch.Tensor | None = None) -> torch.Tensor:
+    """L_simple = ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t | x_0)‖² (Ho et al. Alg. 1; paper Eq. 12).
+
+    ``lmi_ref_ref``: LMI(x_0, x_0) from :func:`cached_reference_lmi` (None recomputes it)."""
     n, device = x0_img.shape[0], x0_img.device
     # 1. t ~ U{0, …, T−1}, ε ~ N(0, I), drawn from the run's own generator (resumable)
     t = torch.randint(0, len(alpha_bar), (n,), generator=generator).to(device)
@@ -94,7 +105,18 @@ def training_loss(denoiser: LMIDenoiser, x0_img: torch.Tensor, alpha_bar: torch.
     # 2. forward process q(x_t | x_0) (Ho et al. Eq. 4) in model space [−1, 1]
     x_t = q_sample(img2x(x0_img), t, eps, alpha_bar.to(device))
     # 3. the target slice itself is the LMI reference (zero-shot training, paper Fig. 1 left)
-    return F.mse_loss(denoiser(x_t, t, x0_img), eps)
+    return F.mse_loss(denoiser(x_t, t, x0_img, lmi_ref_ref), eps)
+
+
+def cached_reference_lmi(denoiser: LMIDenoiser, slices: np.ndarray, chunk: int = 16) -> np.ndarray:
+    """LMI(x_0, x_0) of every training slice, (n, H, W) float32, computed once.
+
+    It depends on the slice only, so recomputing it every step (as the reference code
+    does) only costs time. Taken on the whole slice, so a crop of it is the map the
+    runtime computes on a whole source slice, cut at the same window."""
+    maps = [denoiser.reference_lmi(torch.from_numpy(slices[i:i + chunk, None]))[:, 0].numpy()
+            for i in range(0, len(slices), chunk)]
+    return np.concatenate(maps).astype(np.float32)
 
 
 def check_size(size: int, net_config: ScoreNetConfig) -> None:
@@ -133,7 +155,8 @@ def train_diffusion(out_dir: str | Path, given: dict, *, data_dir: str | Path | 
         if data_dir is None:
             raise ValueError("train_diffusion needs data_dir or slices")
         slices = load_training_slices(data_dir, [domain], config.size, axis=config.axis,
-                                      spacing=config.spacing, split="all")[domain.name]
+                                      spacing=config.spacing, split="all",
+                                      min_foreground=config.min_foreground)[domain.name]
     if slices.ndim != 3 or slices.shape[1:] != (config.size, config.size):
         raise ConfigError(f"training slices have shape {slices.shape}, expected (n, {config.size}, {config.size})")
 
@@ -144,7 +167,10 @@ def train_diffusion(out_dir: str | Path, given: dict, *, data_dir: str | Path | 
     ema = EMA(denoiser.net, config.ema_decay)
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
-    sampler = SliceSampler({domain.name: slices}, config.batch, config.seed)
+    # each slice travels with its cached LMI(x_0, x_0), cut at the same window
+    stack = np.stack([slices, cached_reference_lmi(denoiser, slices)], axis=1)
+    sampler = SliceSampler({domain.name: stack}, config.batch, config.seed, config.crop,
+                           config.crop_on_foreground)
     alpha_bar = schedule.alphas_cumprod.to(device)
     step = 0
     if payload:
@@ -167,17 +193,22 @@ def train_diffusion(out_dir: str | Path, given: dict, *, data_dir: str | Path | 
                        "schedule": schedule.to_dict(), "lmi": lmi_config.to_dict(),
                        "data_range": list(DATA_RANGE)},
             "target": domain.to_dict(),
-            "preprocess": preprocess_config(config.size, axis=config.axis, spacing=config.spacing),
+            "preprocess": preprocess_config(config.size, axis=config.axis, spacing=config.spacing,
+                                            min_foreground=config.min_foreground),
             "data_dir": None if data_dir is None else str(data_dir),
         })
 
     # 2. the loop; Ctrl-C is deferred to the end of the current step, then saved
-    loss_value, interrupted = float("nan"), False
-    with deferred_interrupt() as stop, \
+    # one JSON line per LOG_EVERY steps in OUT/train_log.jsonl: the window's mean loss
+    # (single-step losses swing with t) and the run's wall time, for runs in the background
+    loss_value, interrupted, window = float("nan"), False, []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path, started = out_dir / "train_log.jsonl", time.monotonic()
+    with deferred_interrupt() as stop, log_path.open("a") as log, \
             TrainingProgress(config.steps, step, f"diffusion {domain.name}", disable=not progress) as bar:
         while step < config.steps:
-            x0_img = torch.from_numpy(sampler.sample(domain.name)).to(device)
-            loss = training_loss(denoiser, x0_img, alpha_bar, generator)
+            batch = torch.from_numpy(sampler.sample(domain.name)).to(device)
+            loss = training_loss(denoiser, batch[:, :1], alpha_bar, generator, batch[:, 1:])
             loss_value = float(loss.detach())
             if not np.isfinite(loss_value):      # checked before the update: the weights stay good
                 save()
@@ -190,6 +221,12 @@ def train_diffusion(out_dir: str | Path, given: dict, *, data_dir: str | Path | 
             ema.update(denoiser.net)
             step += 1
             bar.update(step, {"loss": loss_value})
+            window.append(loss_value)
+            if step % LOG_EVERY == 0 or step == config.steps:
+                log.write(json.dumps({"step": step, "loss": float(np.mean(window)),
+                                      "seconds": round(time.monotonic() - started, 1)}) + "\n")
+                log.flush()
+                window = []
             if stop.is_set():
                 interrupted = True
                 break
