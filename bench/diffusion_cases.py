@@ -156,8 +156,9 @@ def _step_feed(ctx: Context, source: np.ndarray) -> dict:
     row = list(table.feeds())[len(table) // 2]
     lmi_source = lmi_numpy(source, source, **lmi_settings(ctx))[0]
     noise = np.random.default_rng([ctx.config.seed, 1]).standard_normal(source.shape).astype(np.float32)
-    return {"x_t": noisy_sample(source, float(row["alpha_bar_t"][0]), ctx.config.seed), "source": source,
-            "lmi_source": lmi_source, **row, "noise": noise}
+    x_t = noisy_sample(source, float(row["alpha_bar_t"][0]), ctx.config.seed)
+    return {"x_t": x_t, "source": source, "lmi_source": lmi_source, **row, "noise": noise,
+            "x0_last": np.clip(x_t, -1.0, 1.0)}      # any x̂₀ of the step before: the cost is the same
 
 
 def _step_build(ctx: Context):

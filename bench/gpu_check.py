@@ -250,7 +250,7 @@ def check_trt_runner(work: Path) -> str:
             with TrtRunner(engine, cuda_graph=graph) as runner:
                 once = runner.infer({"x_t": x, "noise": noises[0]})["x_prev"]
                 np.testing.assert_allclose(once, 0.5 * x + noises[0], rtol=1e-6)
-                out = runner.run_loop({"x_t": x}, [{"noise": n} for n in noises])["x_prev"]
+                out = runner.run_loop({"x_t": x}, [{"noise": n} for n in noises], carry={"x_t": "x_prev"})["x_prev"]
                 np.testing.assert_allclose(out, ref, rtol=1e-5)
                 if graph and runner.cuda_graph_error:
                     raise AssertionError(f"CUDA graph capture failed: {runner.cuda_graph_error}")

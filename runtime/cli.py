@@ -54,6 +54,7 @@ class PrecisionName(str, Enum):
 class SamplerName(str, Enum):
     ddim = "ddim"
     ddpm = "ddpm"
+    dpmpp2m = "dpmpp2m"
 
 
 class SourceKind(str, Enum):
@@ -142,7 +143,7 @@ def main(
     steps: Annotated[Optional[int], typer.Option(show_default=False,
                                                  help="Diffusion: DDIM steps [default: the bundle's, e.g. 50].")] = None,
     sampler: Annotated[Optional[SamplerName], typer.Option(show_default=False,
-                                                           help="Diffusion: ddim (--steps) or ddpm (all timesteps) [default: the bundle's].")]
+                                                           help="Diffusion: dpmpp2m (DPM-Solver++(2M), --steps), ddim (--steps, --eta) or ddpm (all timesteps, the paper's) [default: the bundle's].")]
         = None,
     eta: Annotated[Optional[float], typer.Option(show_default=False,
                                                  help="Diffusion: DDIM eta, 0 deterministic to 1 ancestral [default: the bundle's or 0].")]

@@ -6,7 +6,8 @@ numpy only around the backends (never torch). The chain, per batch of ``batch`` 
     SlicePlan.prepare       raw canonical slices → model space [0, 1]
     generator:  translated = G(image, domain class id)
     diffusion:  lmi_source = LMI(source, source) (lmi.onnx), x_T ~ N(0, I), then the step
-                graph once per row of the schedule table, x_prev fed back as x_t;
+                graph once per row of the step table, x_prev fed back as x_t and
+                x0_pred as x0_last (schedule.py: one linear update for every sampler);
                 x_0 mapped from the model's data range to [0, 1]. On onnxruntime-cpu
                 with the native LMI kernel (Choice.lmi == "native") every LMI, the
                 step graph's and lmi.onnx's, runs on that kernel (SplitLmiRunner)
@@ -21,7 +22,8 @@ Whole-volume arrays: the input, the raw canonical slice stack from ``plan_volume
 output slice stack (filled batch by batch) and the output volume; every model-space array
 (padded, resampled, model input and output, diffusion state and noise) is one batch.
 Diffusion noise comes from one numpy Generator per slice, seeded with ``(seed, slice
-index)``, so a slice's translation does not depend on ``batch``.
+index)`` (schedule.SliceNoise, which the eager PyTorch sampler shares), so a slice's
+translation does not depend on ``batch``.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import contextlib
 import functools
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
@@ -43,18 +45,12 @@ from .intensity import CT_WINDOW, IntensityMap
 from .limits import affordable_batch
 from .geometry import voxel_axis
 from .preprocess import PreprocessConfig, SlicePlan, plan_volume, slices_to_volume
-from .schedule import DEFAULT_SPACING, SPACINGS, NoiseSchedule, StepTable, step_table
+from .sampling import Progress, _no_progress, run_sampler
+from .schedule import DEFAULT_SPACING, SPACINGS, NoiseSchedule, SliceNoise, StepTable, step_table
 from .settings import MASKS, MODELS, PLANES, TTAS, Model, Settings  # noqa: F401  (re-exported)
 
 #: A voxel below this (HU) makes ``guess_kind`` call a volume CT: air is about −1000 HU.
 CT_GUESS_BELOW = -500.0
-
-Progress = Callable[[int, int], None]   # (done, total)
-
-
-def _no_progress(done: int, total: int) -> None:
-    pass
-
 
 @dataclass
 class Result:
@@ -304,33 +300,18 @@ class Translator:
 
     @_checked_model_call
     def _diffuse(self, runners: list[Runner], source: np.ndarray, start: int, on_step: Progress) -> np.ndarray:
-        """MIDiffusion sampling of one batch (paper Alg. 1 with the DDIM/DDPM step graph)."""
+        """MIDiffusion sampling of one batch (paper Alg. 1; the step graph runs DDPM, DDIM or
+        DPM-Solver++(2M) from the table's coefficients)."""
         step, lmi = runners
         table = self.table
         # 1. LMI(source, source): fixed over the whole loop (paper Eq. 13, second channel).
         lmi_source = _output(lmi.infer({"x": source, "y": source}), "lmi").astype(np.float32, copy=False)
         # 2. x_T ~ N(0, I) and every step's z from one Generator per slice (seed, slice index).
-        rngs = [np.random.default_rng([self.settings.seed, start + i]) for i in range(len(source))]
-
-        def draw() -> np.ndarray:
-            return np.stack([rng.standard_normal(source.shape[1:], dtype=np.float32) for rng in rngs])
-
-        no_noise = np.zeros_like(source)
-
-        def updates() -> Iterator[dict[str, np.ndarray]]:
-            on_step(0, len(table))
-            for index, row in enumerate(table.feeds()):
-                # σ = 0 (every DDIM-η=0 step, the last DDPM step) ignores z: draw nothing.
-                row["noise"] = draw() if float(row["sigma"].reshape(-1)[0]) != 0.0 else no_noise
-                yield row
-                on_step(index + 1, len(table))   # resumed once the step has run
-
-        # 3. The loop: x_prev of each step is the next step's x_t (kept on device by TensorRT).
-        init = {"x_t": draw(), "source": source, "lmi_source": lmi_source}
-        outputs = step.run_loop(init, updates(), carry=("x_t", "x_prev"))
+        noise = SliceNoise(self.settings.seed, start, len(source), source.shape[1:])
+        # 3. The loop (kept on device by TensorRT).
+        x0 = run_sampler(step, source, lmi_source, table, noise, on_step)
         # 4. The last step lands on ᾱ = 1: x_prev = x̂_0 in the model's data range → [0, 1].
         lo, hi = self.data_range
-        x0 = _output(outputs, "x_prev").astype(np.float32, copy=False)
         return (x0 - lo) / (hi - lo)
 
 

@@ -1,16 +1,14 @@
-"""MIDiffusion conditioning against the real LMI operator (galip.train.lmi); skipped until it exists."""
+"""MIDiffusion conditioning and sampling with the real LMI operator (galip.train.lmi)."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
-lmi_module = pytest.importorskip("galip.train.lmi", reason="galip.train.lmi (LMI operator) not built yet")
-
-from galip.train.midiffusion import conditioning, samplers  # noqa: E402
-from galip.train.midiffusion.conditioning import LMIConfig, LMIDenoiser  # noqa: E402
-from galip.train.midiffusion.schedule import DDPMSchedule, img2x, q_sample  # noqa: E402
-from galip.train.midiffusion.scorenet import ScoreNet, ScoreNetConfig  # noqa: E402
+from galip.runtime.schedule import SliceNoise, step_table
+from galip.train.midiffusion import conditioning, samplers
+from galip.train.midiffusion.conditioning import LMIConfig, LMIDenoiser
+from galip.train.midiffusion.schedule import DDPMSchedule, img2x, q_sample
+from galip.train.midiffusion.scorenet import ScoreNet, ScoreNetConfig
 
 
 TINY = ScoreNetConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, attention_ds=(2,), groups=4)
@@ -35,9 +33,12 @@ def test_condition_with_the_real_operator_is_finite_and_bounded_by_self_informat
     assert cond[:, 1].mean() < cond[:, 2].mean()
 
 
-def test_sampling_step_with_the_real_operator():
+def test_sampling_with_the_real_operator_reads_the_source():
+    """Same seed, different source: the LMI channels must change the sample."""
     torch.manual_seed(0)
     model = LMIDenoiser(ScoreNet(TINY)).eval()
-    out = samplers.sample_ddim(model, smooth_slices(1), DDPMSchedule(), 2,
-                               generator=torch.Generator().manual_seed(0))
-    assert out.shape == (1, 1, 16, 16) and 0 <= out.min() and out.max() <= 1
+    table = step_table(DDPMSchedule().noise_schedule, "dpmpp2m", 3)
+    a, b = (samplers.sample(model, smooth_slices(1, seed=seed), table, SliceNoise(0, 0, 1, (1, 16, 16)))
+            for seed in (0, 1))
+    assert a.shape == (1, 1, 16, 16) and torch.isfinite(a).all()
+    assert (a - b).abs().max() > 1e-4

@@ -251,11 +251,15 @@ def test_ddpm_table_is_the_closed_form_posterior():
     np.testing.assert_array_equal(table.timestep, np.arange(T - 1, -1, -1))
     np.testing.assert_allclose(table.alpha_bar_t, alpha_bar[::-1], rtol=1e-12)
     prev = np.concatenate([alpha_bar[-2::-1], [1.0]])
-    np.testing.assert_allclose(table.alpha_bar_prev, prev, rtol=1e-12)
     t = table.timestep
     posterior = (1 - prev) / (1 - alpha_bar[t]) * betas[t]            # β̃_t, Ho et al. Eq. 7
     np.testing.assert_allclose(table.sigma ** 2, posterior, rtol=1e-9, atol=1e-15)
-    assert table.sigma[-1] == 0.0 and table.alpha_bar_prev[-1] == 1.0
+    # posterior mean μ̃ = √ᾱ_prev β/(1−ᾱ_t) x̂₀ + √α (1−ᾱ_prev)/(1−ᾱ_t) x_t (Ho et al. Eq. 7)
+    np.testing.assert_allclose(table.coef_x0, np.sqrt(prev) * betas[t] / (1 - alpha_bar[t]), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(table.coef_xt, np.sqrt(1 - betas[t]) * (1 - prev) / (1 - alpha_bar[t]),
+                               rtol=1e-9, atol=1e-12)
+    assert np.all(table.coef_x0_last == 0.0)
+    assert table.sigma[-1] == 0.0 and table.coef_xt[-1] == 0.0 and table.coef_x0[-1] == 1.0
 
 
 def test_ddim_eta_zero_is_deterministic_and_eta_one_over_all_steps_is_ddpm():
@@ -264,14 +268,30 @@ def test_ddim_eta_zero_is_deterministic_and_eta_one_over_all_steps_is_ddpm():
     assert np.all(ddim.sigma == 0.0)
     full = S.step_table(schedule, "ddim", schedule.timesteps, eta=1.0)
     ddpm = S.step_table(schedule, "ddpm")
-    for field in ("timestep", "alpha_bar_t", "alpha_bar_prev", "sigma"):
-        np.testing.assert_allclose(getattr(full, field), getattr(ddpm, field), rtol=1e-12)
+    for field in S.STEP_SCALARS:
+        np.testing.assert_allclose(getattr(full, field), getattr(ddpm, field), rtol=1e-12, atol=1e-15)
     half = S.step_table(schedule, "ddim", 20, eta=0.5)
     one = S.step_table(schedule, "ddim", 20, eta=1.0)
     np.testing.assert_allclose(half.sigma, 0.5 * one.sigma)
     feeds = list(half.feeds())
-    assert len(feeds) == 20 and set(feeds[0]) == {"timestep", "alpha_bar_t", "alpha_bar_prev", "sigma"}
+    assert len(feeds) == 20 and tuple(feeds[0]) == S.STEP_SCALARS
     assert all(v.dtype == np.float32 and v.shape == (1,) for v in feeds[0].values())
+
+
+def test_ddim_eta_zero_is_dpm_solver_first_order():
+    """DDIM (η = 0) is DPM-Solver++'s first-order update (Lu et al. 2022, §4.1): the
+    multistep table equals it wherever it has no x̂₀^last term (first and last step)."""
+    schedule = S.NoiseSchedule()
+    ddim, dpm = S.step_table(schedule, "ddim", 10), S.step_table(schedule, "dpmpp2m", 10)
+    for i in (0, 9):
+        assert dpm.coef_x0_last[i] == 0.0
+        np.testing.assert_allclose([dpm.coef_xt[i], dpm.coef_x0[i]], [ddim.coef_xt[i], ddim.coef_x0[i]], rtol=1e-10)
+    # in between, the second-order terms still sum to the first-order weight of x̂₀
+    np.testing.assert_allclose(dpm.coef_x0 + dpm.coef_x0_last, ddim.coef_x0, rtol=1e-10)
+    np.testing.assert_allclose(dpm.coef_xt, ddim.coef_xt, rtol=1e-10)
+    assert np.all(dpm.coef_x0_last[1:9] < 0) and np.all(dpm.sigma == 0)
+    with pytest.raises(S.ConfigError, match="deterministic"):
+        S.step_table(schedule, "dpmpp2m", 10, eta=0.5)
 
 
 @pytest.mark.parametrize("T", [1000, 50, 7])
