@@ -28,6 +28,7 @@ from .cli_support import err_console, user_errors
 from .errors import ConfigError, OutputError
 from .foreground import mask_from_file
 from .pipeline import CT_GUESS_BELOW, MASKS, Settings, Translator, guess_kind, prepare
+from .settings import parse_slices
 from .signals import stop_on_signals
 from .volume import load_volume, save_volume
 
@@ -162,6 +163,10 @@ def main(
                                            "FILE is a mask on the input's grid (nonzero = head); none keeps every voxel as the model made it.")]
         = "auto",
     planes: Annotated[int, typer.Option(help="1: slice along the bundle's axis; 3: along all three axes and average (3x the time, fewer through-plane stripes).")] = 1,
+    slices: Annotated[Optional[str], typer.Option(metavar="A:B", show_default=False,
+                                                  help="Translate only the input's voxel slices A to B-1 along the bundle's slicing axis "
+                                                       "(a quick preview slab; the rest of the output is background).")]
+        = None,
     tta: Annotated[str, typer.Option(metavar="none|flip", help="flip: also translate the left-right mirror and average (2x the time).")] = "none",
     any_source: Annotated[bool, typer.Option("--any-source", help="Translate a source kind (MRI/CT) the model was not trained on instead of refusing it.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output (and preview).")] = False,
@@ -189,7 +194,7 @@ def main(
         settings = Settings(model=model.value, backend=backend.value, precision=precision.value if precision else None,
                             batch=batch, steps=steps, sampler=sampler.value if sampler else None, eta=eta,
                             seed=seed, threads=threads, mask=mask if mask in MASKS else "none",
-                            planes=planes, tta=tta, any_source=any_source)
+                            planes=planes, tta=tta, any_source=any_source, slices=parse_slices(slices))
         settings.check()
         if is_batch(sources, out_dir, skip_existing, part, ray, workers, bids_root):
             if mask not in MASKS:
@@ -243,5 +248,6 @@ def main(
             from .preview import write_preview
             write_preview(preview, volume.data, result.data, volume.affine, source_map=result.plan.source_map,
                           output_map=result.target_map, labels=(f"source ({kind})", translator.target.name),
-                          title=translator.description, overwrite=overwrite)
+                          title=translator.description, overwrite=overwrite,
+                          centre=translator.preview_centre(volume.data.shape, volume.affine_mm))
     typer.echo(_summary(out, translator, result.n_slices, time.perf_counter() - started))

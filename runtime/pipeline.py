@@ -43,7 +43,7 @@ from .errors import BackendError, BundleError, ConfigError, GalipError
 from .foreground import head_mask
 from .intensity import CT_WINDOW, IntensityMap
 from .limits import affordable_batch
-from .geometry import voxel_axis
+from .geometry import canonical_span, voxel_axis
 from .preprocess import PreprocessConfig, SlicePlan, plan_volume, slices_to_volume
 from .sampling import Progress, _no_progress, run_sampler
 from .schedule import DEFAULT_SPACING, SPACINGS, NoiseSchedule, SliceNoise, StepTable, step_table
@@ -242,16 +242,18 @@ class Translator:
         flips = [False, True] if self.settings.tta == "flip" else [False]
         passes = [(axis, flip) for axis in axes for flip in flips]
         mirror = voxel_axis(affine, 0)                         # left-right
+        span = self._slab(data, affine)
         # slices along canonical axis a = the input's extent on the voxel axis that maps to it
-        total = sum(np.shape(data)[voxel_axis(affine, axis)] for axis, _ in passes)
+        total = sum(span[1] - span[0] if span else np.shape(data)[voxel_axis(affine, axis)] for axis, _ in passes)
         started, fused, done = time.perf_counter(), None, 0
         for axis, flip in passes:
             source = np.flip(data, mirror) if flip else data
             # the mirrored volume keeps the affine: the model sees a mirrored head, undone below
             out, plan, target_map = self._translate_along(
                 source, affine, kind, replace(self.config, axis=axis),
-                lambda d, t, base=done: on_slices(base + d, total), on_step)
-            done += plan.n_slices
+                lambda d, t, base=done: on_slices(base + d, total), on_step,
+                self._mirrored(span, data, affine, mirror) if flip else span)
+            done += span[1] - span[0] if span else plan.n_slices
             out = np.flip(out, mirror) if flip else out
             fused = out if fused is None else fused + out.astype(np.float64)
         # one pass (the default) is the volume itself: no float64 copy of it on the hot path
@@ -263,25 +265,57 @@ class Translator:
         seconds = time.perf_counter() - started
         return Result(volume, plan, target_map, self.choice, seconds, self.table, foreground, done)
 
+    def _slab(self, data: np.ndarray, affine: np.ndarray) -> tuple[int, int] | None:
+        """``settings.slices`` checked against the input's extent on the slicing axis."""
+        if self.settings.slices is None:
+            return None
+        a, b = self.settings.slices
+        n = np.shape(data)[voxel_axis(affine, self.config.axis)]
+        if b > n:
+            raise ConfigError(f"--slices {a}:{b} runs past the input's {n} slices along the bundle's "
+                              f"slicing axis (voxel axis {voxel_axis(affine, self.config.axis)}); use B <= {n}")
+        return a, b
+
+    def preview_centre(self, shape: tuple[int, ...], affine: np.ndarray) -> tuple[int, int, int] | None:
+        """Voxel through which a preview shows a slab run (its middle slice), else None."""
+        if self.settings.slices is None:
+            return None
+        centre = [n // 2 for n in shape[:3]]
+        a, b = self.settings.slices
+        centre[voxel_axis(affine, self.config.axis)] = (a + b - 1) // 2
+        return tuple(centre)
+
+    def _mirrored(self, span: tuple[int, int] | None, data: np.ndarray, affine: np.ndarray,
+                  mirror: int) -> tuple[int, int] | None:
+        """The slab in the left-right mirrored volume (moves only if the slicing axis is left-right)."""
+        if span is None or voxel_axis(affine, self.config.axis) != mirror:
+            return span
+        n = np.shape(data)[mirror]
+        return n - span[1], n - span[0]
+
     def _translate_along(self, data: np.ndarray, affine: np.ndarray, kind: str, config: PreprocessConfig,
-                         on_slices: Progress, on_step: Progress) -> tuple[np.ndarray, SlicePlan, IntensityMap]:
-        """One pass: slices along ``config.axis`` → model → volume in the input's voxel order."""
+                         on_slices: Progress, on_step: Progress, span: tuple[int, int] | None = None
+                         ) -> tuple[np.ndarray, SlicePlan, IntensityMap]:
+        """One pass: slices along ``config.axis`` → model → volume in the input's voxel order.
+        ``span``: only the input's voxel slices ``[a, b)`` go through the model, the others are
+        the target's background (normalisation and mask still come from the whole volume)."""
         plan, raw = plan_volume(data, affine, kind, config)
         target_map = target_intensity(self.target, plan)
-        out = np.empty(raw.shape, dtype=np.float32)
-        n, batch = len(raw), affordable_batch(self.settings.batch, plan.model_shape)
+        first, last = canonical_span(plan.ornt, config.axis, span, len(raw)) if span else (0, len(raw))
+        out = np.full(raw.shape, target_map.lo, dtype=np.float32)
+        n, batch = last - first, affordable_batch(self.settings.batch, plan.model_shape)
         diffusion = self.settings.model == "diffusion"
         call = self._diffuse if diffusion else self._generate
         on_slices(0, n)
         with contextlib.ExitStack() as stack:    # deactivates every runner, also on errors
             runners = [stack.enter_context(make()) for make in
                        ((self.factory, self.lmi_factory) if diffusion else (self.factory,))]
-            for start in range(0, n, batch):
-                stop = min(start + batch, n)
+            for start in range(first, last, batch):
+                stop = min(start + batch, last)
                 x = plan.prepare(raw[start:stop])[:, None]                  # (b, 1, H', W') in [0, 1]
                 y = call(runners, x, start, on_step)                         # (b, 1, H', W') in [0, 1]
                 out[start:stop] = plan.restore(np.clip(y[:, 0], 0.0, 1.0), target_map)
-                on_slices(stop, n)
+                on_slices(stop - first, n)
         return slices_to_volume(out, plan), plan, target_map
 
     # -- model calls ---------------------------------------------------------------------

@@ -42,3 +42,19 @@ def test_sampling_with_the_real_operator_reads_the_source():
             for seed in (0, 1))
     assert a.shape == (1, 1, 16, 16) and torch.isfinite(a).all()
     assert (a - b).abs().max() > 1e-4
+
+
+def test_cached_reference_lmi_equals_the_recomputed_one():
+    """Training caches LMI(x0, x0) once per slice (in chunks); it must be the map the
+    conditioning would compute for that slice on its own, in order."""
+    from galip.train.lmi import lmi
+    from galip.train.midiffusion.trainer import cached_reference_lmi
+    model = LMIDenoiser(ScoreNet(TINY)).eval()
+    slices = smooth_slices(5, seed=3)[:, 0].numpy()
+    cached = cached_reference_lmi(model, slices, chunk=2)
+    for i, image in enumerate(slices):
+        x = torch.from_numpy(image)[None, None]
+        recomputed = lmi(x, x, **LMIConfig().lmi_kwargs())[0][0, 0].numpy()
+        np.testing.assert_allclose(cached[i], recomputed, rtol=0, atol=1e-6)
+    assert cached.shape == slices.shape and cached.dtype == np.float32
+    assert not np.allclose(cached[0], cached[1])

@@ -205,6 +205,40 @@ def test_seeded_diffusion_is_deterministic_and_independent_of_batch(tmp_path, bu
     np.testing.assert_array_equal(ddim.data, translate(seed=8, eta=0.0).data)
 
 
+@pytest.mark.parametrize("affine_name", ["lps", "oblique"])
+def test_slices_translate_a_slab_and_leave_the_rest_background(tmp_path, bundle, affine_name):
+    """--slices A:B: same shape and affine, the slab equals the whole run's slices (same
+    seed, whole-volume normalisation), everything outside it is the target's background."""
+    data = phantom_volume(shape=(18, 22, 9))
+    affine = lps_affine() if affine_name == "lps" else oblique_affine()
+    source = write_volume(tmp_path / "s.nii.gz", data, affine, (1, 1))
+    runs = {}
+    for name, extra in (("whole", []), ("slab", ["--slices", "2:5"])):
+        out = tmp_path / f"{name}.nii.gz"
+        result = run(source, "--to", "T2", "--model", "diffusion", "--bundle", bundle, "--out", out,
+                     "--steps", 3, "--eta", 1, "--mask", "none", "--seed", 4, *extra)
+        assert result.exit_code == 0, result.output
+        image, runs[name] = _load(out)
+        assert runs[name].shape == data.shape
+        np.testing.assert_allclose(image.affine, affine, atol=1e-5)
+    from galip.runtime.geometry import voxel_axis
+    axis = voxel_axis(affine, load_bundle(bundle).preprocess["axis"])
+    inside = np.zeros(data.shape, bool)
+    np.moveaxis(inside, axis, 0)[2:5] = True
+    span = np.abs(runs["whole"]).max()
+    np.testing.assert_allclose(runs["slab"][inside], runs["whole"][inside], rtol=0, atol=1e-5 * span)
+    assert np.all(runs["slab"][~inside] == 0.0) and np.abs(runs["whole"][~inside]).max() > 0
+    assert "3 slices" in result.stdout
+
+
+def test_slices_outside_the_volume_exit_2(tmp_path, bundle):
+    source = write_volume(tmp_path / "s.nii.gz", phantom_volume(shape=(18, 22, 9)), lps_affine(), (1, 1))
+    for bad, message in (("5:40", "runs past"), ("4:4", "A:B"), ("x", "A:B")):
+        result = run(source, "--to", "T2", "--bundle", bundle, "--out", tmp_path / "o.nii.gz", "--slices", bad)
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (tmp_path / "o.nii.gz").exists()
+
+
 def test_ddpm_runs_every_timestep(tmp_path):
     bundle = build_tiny_bundle(tmp_path / "t50", timesteps=50)
     data = phantom_volume(shape=(18, 22, 3))
