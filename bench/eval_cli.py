@@ -211,3 +211,47 @@ def quality(
         paths = write_outputs(report, views, out)
     typer.echo(paths["markdown"].read_text(encoding="utf-8"))
     typer.echo(f"wrote {paths['json']}, {paths['markdown']} and {paths['montage']} ({report['wall_s']:.0f} s)")
+
+
+@app.command("samplers", help="The diffusion model's samplers on the same held-out slab: PSNR/SSIM inside the brain, "
+             "seconds per slice, gap to the 1000-step ancestral sampler, and the cheapest setting within 0.5 dB of it. "
+             "Writes samplers.json and samplers.md. Example: galip-eval samplers runtime/bundles/demo --slices 44:48 "
+             "--run-option threads=1")
+def samplers(
+    bundle_dir: Annotated[Optional[Path], typer.Argument(metavar="BUNDLE", show_default=False,
+                                                         help="Bundle folder [default: the shipped demo bundle].")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for samplers.json, samplers.md (and data/).")] = Path("samplers"),
+    source: Annotated[str, typer.Option(help="Source domain.")] = "T1",
+    target: Annotated[str, typer.Option(help="Target domain (the diffusion model's).")] = "T2",
+    slices: Annotated[str, typer.Option(help="Voxel slices A:B along the bundle's slicing axis.")] = "44:48",
+    subjects: Annotated[int, typer.Option(help="Held-out subjects (at least 2).")] = 2,
+    seed: Annotated[int, typer.Option(help="galip-data seed of the held-out subjects.")] = HELD_OUT_SEED,
+    data: Annotated[Optional[Path], typer.Option(show_default=False, help="Use this galip-data folder.")] = None,
+    setting: Annotated[Optional[list[str]], typer.Option("--setting", show_default=False,
+                                                         help="ddpm, ddim:STEPS[:ETA] or dpmpp2m:STEPS; repeat "
+                                                              "(the first is the reference) [default: ddpm, DDIM "
+                                                              "50/20/10 and 20 with eta 0.5/1, DPM-Solver++(2M) 20/10/5].")] = None,
+    run_option: Annotated[Optional[list[str]], typer.Option("--run-option", show_default=False,
+                                                            help="key=value Settings field for every run (e.g. threads=1).")] = None,
+) -> None:
+    import shlex
+
+    from galip.runtime.bundle import load_bundle
+    from galip.runtime.cli import shipped_bundle
+
+    from .sampler_table import DEFAULT_SETTINGS, SamplerSetting, SamplerTableRequest, run_sampler_table
+    command = ["galip-eval", "samplers", *([str(bundle_dir)] if bundle_dir else []), "--out", str(out),
+               "--source", source, "--target", target, "--slices", slices, "--subjects", str(subjects)]
+    command += ["--data", str(data)] if data else ["--seed", str(seed)]
+    command += [arg for text in setting or [] for arg in ("--setting", text)]
+    command += [arg for pair in run_option or [] for arg in ("--run-option", pair)]
+    with user_errors():
+        options = parse_run_options(run_option or [])
+        request = SamplerTableRequest(
+            bundle=load_bundle(bundle_dir) if bundle_dir is not None else shipped_bundle(), out=out,
+            source=source, target=target, slices=parse_slices(slices), subjects=subjects, seed=seed, data=data,
+            settings=[SamplerSetting.parse(text) for text in setting or DEFAULT_SETTINGS],
+            run_options=options.settings, command=shlex.join(command))
+        result = run_sampler_table(request, log=lambda line: console.print(line, markup=False, highlight=False))
+    typer.echo((out / "samplers.md").read_text(encoding="utf-8"))
+    typer.echo(f"cheapest within {result['tolerance_db']:g} dB: {result['cheapest_within_tolerance']}")

@@ -51,7 +51,8 @@ class QualityRequest:
     seed: int = HELD_OUT_SEED
     spacing: float = 2.0
     model: str = "generator"
-    slices: tuple[int, int] | None = None
+    slices: tuple[int, int] | None = None     # translate (runtime --slices) and score only this slab
+    sources: tuple[str, ...] | None = None    # only directions from these source domains
     options: RunOptions = field(default_factory=RunOptions)
     command: str = ""
 
@@ -73,8 +74,7 @@ def _crop(volume: np.ndarray, axis: int, span: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(volume[tuple(index)])
 
 
-def load_subjects(folder: Path, names: dict[str, str], limit: int, axis_world: int,
-                  slices: tuple[int, int] | None) -> list[Subject]:
+def load_subjects(folder: Path, names: dict[str, str], limit: int) -> list[Subject]:
     """The first ``limit`` ``sub-*`` folders of ``folder``: images of ``names`` (domain ->
     file suffix) that exist, the brain mask (required), the head mask if there is one."""
     from galip.runtime.volume import load_volume
@@ -96,17 +96,17 @@ def load_subjects(folder: Path, names: dict[str, str], limit: int, axis_world: i
         head = load_volume(head_file, require_signal=False).data > 0 if head_file.is_file() else None
         affine = mask.affine_mm.copy()
         images, brain = {n: v.data for n, v in volumes.items()}, mask.data > 0
-        if slices is not None:
-            axis = voxel_axis(affine, axis_world)
-            if slices[1] > brain.shape[axis]:
-                raise ConfigError(f"--slices {slices[0]}:{slices[1]} runs past the {brain.shape[axis]} slices "
-                                  f"along voxel axis {axis}")
-            images = {n: _crop(v, axis, slices) for n, v in images.items()}
-            brain = _crop(brain, axis, slices)
-            head = _crop(head, axis, slices) if head is not None else None
-            affine[:3, 3] += affine[:3, axis] * slices[0]
         subjects.append(Subject(sid, images, brain, head, affine))
     return subjects
+
+
+def crop_subject(subject: Subject, axis: int, span: tuple[int, int]) -> Subject:
+    """The slab ``span`` of voxel axis ``axis`` of a subject (what a ``--slices`` run translated)."""
+    affine = subject.affine.copy()
+    affine[:3, 3] += affine[:3, axis] * span[0]
+    return Subject(subject.id, {n: _crop(v, axis, span) for n, v in subject.images.items()},
+                   _crop(subject.brain, axis, span),
+                   None if subject.head is None else _crop(subject.head, axis, span), affine)
 
 
 def plan_directions(bundle: Bundle, model: str, present: set[str]) -> list[tuple[str, str]]:
@@ -221,7 +221,7 @@ def run_quality(request: QualityRequest, log: Log = lambda line: None) -> tuple[
     bundle, axis_world = request.bundle, int(request.bundle.preprocess.get("axis", 2))
     if "model" in request.options.settings:
         raise ConfigError("pass the model with --model, not --run-option model=...")
-    settings = pipeline.Settings(**{**request.options.settings, "model": request.model})
+    settings = pipeline.Settings(**{**request.options.settings, "model": request.model, "slices": request.slices})
     data = request.data
     if request.subjects < 2:
         raise ConfigError(f"--subjects must be at least 2 (histogram matching takes another subject's target), "
@@ -234,13 +234,18 @@ def run_quality(request: QualityRequest, log: Log = lambda line: None) -> tuple[
     elif not data.is_dir():
         raise ConfigError(f"--data {data} is not a folder; give a galip-data folder or leave --data out")
     names = {name: domain.suffix for name, domain in bundle.domains.items()}
-    subjects = load_subjects(data, names, request.subjects, axis_world, request.slices)
+    subjects = load_subjects(data, names, request.subjects)
     present = set.intersection(*(set(s.images) for s in subjects))
     pairs = plan_directions(bundle, request.model, present)
+    if request.sources is not None:
+        pairs = [(s, t) for s, t in pairs if s in request.sources]
+        if not pairs:
+            raise ConfigError(f"no direction from {', '.join(request.sources)} to score")
     translators = {t: pipeline.prepare(bundle, t, settings, **request.options.prepare) for t in dict.fromkeys(t for _, t in pairs)}
     axis = voxel_axis(subjects[0].affine, axis_world)
     per_direction: dict[tuple[str, str], list[dict]] = {pair: [] for pair in pairs}
     seconds: dict[tuple[str, str], float] = dict.fromkeys(pairs, 0.0)
+    translated: dict[tuple[str, str], int] = dict.fromkeys(pairs, 0)
     for i, subject in enumerate(subjects):
         outputs = {}
         for source, target in pairs:
@@ -248,8 +253,12 @@ def run_quality(request: QualityRequest, log: Log = lambda line: None) -> tuple[
                                                    bundle.domains[source].kind, **request.options.translate)
             outputs[(source, target)] = result.data
             seconds[(source, target)] += result.seconds
+            translated[(source, target)] += result.n_slices
         log(f"{subject.id}: translated {len(pairs)} directions; scoring")
         reference = subjects[(i + 1) % len(subjects)]
+        if request.slices is not None:      # score the slab the runtime translated
+            subject, reference = (crop_subject(s, axis, request.slices) for s in (subject, reference))
+            outputs = {pair: _crop(v, axis, request.slices) for pair, v in outputs.items()}
         for pair, row in score_subject(subject, reference, outputs, axis, keep_views=i == 0).items():
             per_direction[pair].append(row)
     directions, views = {}, {}
@@ -257,6 +266,7 @@ def run_quality(request: QualityRequest, log: Log = lambda line: None) -> tuple[
         name = direction_name(*pair)
         directions[name], views[name] = summarise(rows)
         directions[name]["translate_s"] = seconds[pair]
+        directions[name]["slices_translated"] = translated[pair]
     choice = next(iter(translators.values())).choice
     report = {
         "command": request.command,

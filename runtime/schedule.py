@@ -117,6 +117,20 @@ def ddim_timesteps(timesteps: int, steps: int, spacing: Spacing = DEFAULT_SPACIN
     raise ConfigError(f"unknown timestep spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
 
 
+def parse_sampler(text: str) -> tuple[str, int | None, float]:
+    """``ddpm``, ``ddim:STEPS[:ETA]`` or ``dpmpp2m:STEPS`` → (sampler, steps, eta); ConfigError otherwise."""
+    name, *rest = text.strip().split(":")
+    try:
+        steps = int(rest[0]) if rest else None
+        eta = float(rest[1]) if len(rest) > 1 else (1.0 if name == "ddpm" else 0.0)
+    except ValueError:
+        steps, eta = -1, 0.0
+    if name not in SAMPLERS or len(rest) > 2 or (name != "ddpm" and (steps is None or steps < 1)) \
+            or (name == "ddpm" and rest) or (name == "dpmpp2m" and len(rest) > 1) or not 0.0 <= eta <= 1.0:
+        raise ConfigError(f"expected a sampler ddpm, ddim:STEPS[:ETA] or dpmpp2m:STEPS, got {text!r}")
+    return name, steps, eta
+
+
 @dataclass(frozen=True)
 class StepTable:
     """Per-step inputs of the step graph, float64 arrays of length ``len(table)``.

@@ -68,6 +68,8 @@ def test_unreadable_and_unknown_checkpoints_are_one_line(tmp_path):
     (["--opt-size", "64", "--max-size", "32"], "--min-size <= --opt-size <= --max-size"),
     (["--max-batch", "0"], "--max-batch"),
     (["--opset", "13"], "--opset"),
+    (["--sampler", "dpmpp2m:10:0.5"], "ddim:STEPS[:ETA]"),
+    (["--sampler", "euler:10"], "dpmpp2m:STEPS"),
 ])
 def test_bad_sizes_are_one_line(checkpoints, tmp_path, args, needle):
     _one_line_error(invoke(checkpoints["generator"], "--out", tmp_path / "b", *args), needle)
@@ -84,7 +86,7 @@ def test_generator_then_diffusion_share_one_bundle(checkpoints, tmp_path, no_ten
     first = invoke(checkpoints["generator"], "--out", bundle)
     assert first.exit_code == 0, first.output
     assert first.output.count("engines skipped") == 1 and SKIP_LINE in first.output
-    second = invoke(checkpoints["diffusion"], "--out", bundle)
+    second = invoke(checkpoints["diffusion"], "--out", bundle, "--sampler", "ddim:8:0.5")
     assert second.exit_code == 0, second.output
     loaded = load_bundle(bundle)                             # checksums verified
     models = loaded.manifest["models"]
@@ -96,7 +98,7 @@ def test_generator_then_diffusion_share_one_bundle(checkpoints, tmp_path, no_ten
     assert step["graphs"]["fp32"] == {"file": "diffusion_T2_step.onnx"}
     assert step["lmi_graph"]["file"] == "lmi.onnx"
     assert step["schedule"] == {"kind": "ddpm_linear", "beta_start": 1e-3, "beta_end": 0.2, "timesteps": 20}
-    assert step["sampler"] == {"default": "ddim", "steps": 20, "eta": 0.0, "spacing": "trailing"}
+    assert step["sampler"] == {"default": "ddim", "steps": 8, "eta": 0.5, "spacing": "trailing"}
     assert step["data_range"] == [-1.0, 1.0]
     assert set(step["lmi"]) == {"patch", "radius", "bins", "sigma", "normalize"}
     assert set(loaded.manifest["files"]) == {"generator.onnx", "generator_fp16.onnx", "diffusion_T2_step.onnx",
