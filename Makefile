@@ -28,12 +28,19 @@ test: $(VENV)/.stamp-test
 	$(VENV)/bin/pytest -q
 
 SHIPPED_BUNDLE := runtime/bundles/demo/manifest.json
+# make demo previews the diffusion model on a slab (a whole volume takes minutes on 2 cores)
+DIFFUSION_SLAB := 44:52
 
 demo: $(VENV)/.stamp-demo
 	$(VENV)/bin/galip-data --out $(DEMO)/data --subjects 1 --spacing 2 --seed 0 --overwrite
 	@if [ -f $(SHIPPED_BUNDLE) ]; then \
 		$(VENV)/bin/galip-run $(DEMO)/data/sub-000/sub-000_T1w.nii.gz --to T2 \
 			--out $(DEMO)/sub-000_T2_galip.nii.gz --preview $(DEMO)/sub-000_T2_galip.png --overwrite; \
+		if grep -q '"diffusion"' $(SHIPPED_BUNDLE); then \
+			$(VENV)/bin/galip-run $(DEMO)/data/sub-000/sub-000_T1w.nii.gz --to T2 --model diffusion \
+				--slices $(DIFFUSION_SLAB) --out $(DEMO)/sub-000_T2_midiffusion_slab.nii.gz \
+				--preview $(DEMO)/sub-000_T2_midiffusion_slab.png --overwrite; \
+		fi; \
 	else \
 		echo "demo: sample volume written to $(DEMO)/data; no demo bundle is shipped yet, so no translation (train with galip-train, export with galip-export, then galip-run --bundle DIR)"; \
 	fi
@@ -48,6 +55,10 @@ demo-bundle: $(VENV)/.stamp-test
 quality: $(VENV)/.stamp-quality
 	$(VENV)/bin/galip-eval quality runtime/bundles/demo --out $(QUALITY) --subjects 3 --seed 123 --spacing 2 \
 		--overwrite $(QUALITY_ARGS)
+	@if grep -q '"diffusion"' $(SHIPPED_BUNDLE); then \
+		$(VENV)/bin/galip-eval quality runtime/bundles/demo --out $(QUALITY)/diffusion --data $(QUALITY)/data \
+			--model diffusion --slices $(DIFFUSION_SLAB) --overwrite $(QUALITY_ARGS); \
+	fi
 
 bench: $(VENV)/.stamp-test
 	$(VENV)/bin/galip-bench --quick --out bench/results
