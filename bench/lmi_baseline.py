@@ -38,6 +38,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from galip.runtime.contract import DEFAULT_LMI
+
 __all__ = ["lmi_authors"]
 
 EPS = 1e-10           # the guard their entropy and normalisation terms use
@@ -78,8 +80,8 @@ def _mi(kx: torch.Tensor, ky: torch.Tensor, normalize: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def lmi_authors(x: torch.Tensor, y: torch.Tensor, patch: int = 3, radius: int | None = None,
-                bins: int | None = None, sigma: float = 8 / 255, normalize: bool = True,
+def lmi_authors(x: torch.Tensor, y: torch.Tensor, patch: int = DEFAULT_LMI.patch, radius: int | None = None,
+                bins: int | None = None, sigma: float = DEFAULT_LMI.sigma, normalize: bool = DEFAULT_LMI.normalize,
                 chunk: int = 128 * 128) -> tuple[torch.Tensor, torch.Tensor]:
     """LMI of ``x`` against ``y`` by the authors' unfold-and-expand algorithm (module docstring).
 

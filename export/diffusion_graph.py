@@ -37,6 +37,9 @@ import torch
 from torch import nn
 
 from galip.export import lmi_onnx
+from galip.runtime.contract import DEFAULT_STEPS, LMI_GRAPH_INPUTS, LMI_GRAPH_OUTPUTS, SamplerDefaults, io_entry
+from galip.runtime.contract import STEP_IMAGE_INPUTS as IMAGE_INPUTS, STEP_INPUTS as INPUTS  # noqa: F401
+from galip.runtime.contract import STEP_OUTPUTS as OUTPUTS, STEP_SCALAR_INPUTS as SCALAR_INPUTS
 from galip.export.generator_graph import DEFAULT_OPSET, check_graph, torch_to_onnx
 from galip.train.midiffusion import conditioning
 from galip.train.midiffusion.conditioning import LMIConfig, LMIDenoiser
@@ -44,14 +47,8 @@ from galip.train.midiffusion import schedule as _schedule
 from galip.train.midiffusion.samplers import predict_x0
 from galip.train.midiffusion.schedule import DATA_RANGE, DDPMSchedule
 
-IMAGE_INPUTS = ("x_t", "source", "lmi_source")
-SCALAR_INPUTS = ("timestep", "alpha_bar_t", "alpha_bar_prev", "sigma")
-INPUTS = {**{n: "float32[N,1,H,W]" for n in IMAGE_INPUTS},
-          **{n: "float32[1]" for n in SCALAR_INPUTS}, "noise": "float32[N,1,H,W]"}
-OUTPUTS = {"x_prev": "float32[N,1,H,W]", "x0_pred": "float32[N,1,H,W]"}
 NET_SCOPE = "/denoiser/net/"     # TorchScript-exporter scope of the score network's nodes
-LMI_IO = {"inputs": {"x": "float32[N,1,H,W]", "y": "float32[N,1,H,W]"},
-          "outputs": {"lmi": "float32[N,1,H,W]", "y_at": "float32[N,1,H,W]"}}
+LMI_IO = io_entry(LMI_GRAPH_INPUTS, LMI_GRAPH_OUTPUTS)
 
 
 # ----------------------------------------------------------------------------- LMI placeholder
@@ -166,11 +163,10 @@ def export_lmi(params: dict, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     return check_graph(model, allowed_custom=[(lmi_onnx.DOMAIN, lmi_onnx.OP_TYPE)])
 
 
-def sampler_entry(schedule: DDPMSchedule, steps: int = 50) -> dict:
+def sampler_entry(schedule: DDPMSchedule, steps: int = DEFAULT_STEPS) -> dict:
     """The manifest's ``sampler`` defaults: DDIM, ``steps`` (at most T), η = 0, and the
     timestep spacing the PyTorch samplers use (so runtime and eager pick the same steps)."""
-    spacing = _schedule.DEFAULT_SPACING
-    return {"default": "ddim", "steps": min(steps, schedule.num_timesteps), "eta": 0.0, "spacing": spacing}
+    return SamplerDefaults(steps=min(steps, schedule.num_timesteps), spacing=_schedule.DEFAULT_SPACING).to_manifest()
 
 
 def data_range_entry(info: dict) -> list[float]:

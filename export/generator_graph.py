@@ -38,14 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from galip.runtime.atomic import atomic_path
+from galip.runtime.contract import GEN_DOMAIN, GEN_IMAGE, GEN_OUTPUT
+from galip.runtime.contract import GENERATOR_INPUTS as INPUTS, GENERATOR_OUTPUTS as OUTPUTS
 from galip.runtime.errors import ConfigError
 from galip.train.i2i.model import generator_from_checkpoint
 from galip.train.i2i.trainer import PAYLOAD_FORMAT as GENERATOR_FORMAT
 from galip.train.i2i.unet import Attention, I2IGalipUNet, ResBlock, SpatialTransformer
 
 DEFAULT_OPSET = 18
-INPUTS = {"image": "float32[N,1,H,W]", "domain": "int64[N]"}
-OUTPUTS = {"translated": "float32[N,1,H,W]"}
 
 
 # ----------------------------------------------------------------------------- the wrapper
@@ -206,9 +206,9 @@ def export_generator(payload: dict, *, opset: int = DEFAULT_OPSET, trace_size: i
     size = max(multiple, trace_size // multiple * multiple)
     image = torch.rand(2, 1, size, size)
     domain = torch.tensor([int(d["class_id"]) for d in domains][:2] * 2)[:2]
-    model = torch_to_onnx(graph, (image, domain), ["image", "domain"], ["translated"],
-                          {"image": {0: "N", 2: "H", 3: "W"}, "domain": {0: "N"},
-                           "translated": {0: "N", 2: "H", 3: "W"}}, opset=opset)
+    spatial = {0: "N", 2: "H", 3: "W"}
+    model = torch_to_onnx(graph, (image, domain), list(INPUTS), list(OUTPUTS),
+                          {GEN_IMAGE: spatial, GEN_DOMAIN: {0: "N"}, GEN_OUTPUT: spatial}, opset=opset)
     model.doc_string = ("galip I2I-Galip generator: image [N,1,H,W] in [0,1], domain = class_id [N] "
                         "-> translated [N,1,H,W]")
     return check_graph(model)

@@ -16,6 +16,8 @@ MODELS = ("generator", "diffusion")
 MASKS = ("auto", "none")
 PLANES = (1, 3)
 TTAS = ("none", "flip")
+#: Where a diffusion step on onnxruntime-cpu runs its LMI (galip.runtime.backends.select).
+LMI_MODES = ("auto", "native", "onnx")
 
 @dataclass(frozen=True)
 class Settings:
@@ -27,7 +29,9 @@ class Settings:
     ``none`` keeps the model's output everywhere. ``planes``: 1 (the bundle's slicing
     axis) or 3 (all axes, averaged); ``tta``: ``flip`` also translates the left-right
     mirror and averages. ``any_source``: translate a source kind (MRI/CT) the model was
-    not trained on instead of refusing it.
+    not trained on instead of refusing it. ``lmi``: where a diffusion step on onnxruntime-cpu
+    runs its LMI, ``auto``, ``native`` (the native CPU kernel, or an error) or ``onnx`` (the
+    graph's own LMI); galip-run's ``--lmi`` defaults to ``$GALIP_LMI``.
     """
 
     model: Model = "generator"
@@ -43,6 +47,7 @@ class Settings:
     planes: int = 1
     tta: str = "none"
     any_source: bool = False
+    lmi: str = "auto"
 
     def check(self) -> None:
         """ConfigError naming the first unusable value."""
@@ -65,3 +70,5 @@ class Settings:
             raise ConfigError(f"--planes must be 1 or 3, got {self.planes}")
         if self.tta not in TTAS:
             raise ConfigError(f"--tta must be one of {', '.join(TTAS)}, got {self.tta!r}")
+        if self.lmi not in LMI_MODES:
+            raise ConfigError(f"--lmi must be one of {', '.join(LMI_MODES)}, got {self.lmi!r}")

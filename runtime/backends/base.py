@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
+from ..contract.graphs import STEP_CARRY
 from ..errors import BackendError
 
 Shape = tuple[int | str | None, ...]   # ints are fixed, str/None are dynamic dimensions
@@ -169,7 +170,7 @@ class Runner:
         self,
         init: Mapping[str, np.ndarray],
         steps: Iterable[Mapping[str, np.ndarray]],
-        carry: tuple[str, str] = ("x_t", "x_prev"),
+        carry: tuple[str, str] = STEP_CARRY,
     ) -> dict[str, np.ndarray]:
         """Run once per item of ``steps``, feeding output ``carry[1]`` back as input ``carry[0]``.
 

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from ... import device_info
+from ...contract.graphs import STEP_CARRY
 from ...errors import BackendError
 from ..base import Runner, TensorMeta
 from .loader import INSTALL_GPU, EngineFromBytes, import_tensorrt
@@ -242,7 +243,7 @@ class TrtRunner(Runner):
         self,
         init: Mapping[str, np.ndarray],
         steps: Iterable[Mapping[str, np.ndarray]],
-        carry: tuple[str, str] = ("x_t", "x_prev"),
+        carry: tuple[str, str] = STEP_CARRY,
     ) -> dict[str, np.ndarray]:
         """Like :meth:`Runner.run_loop`, with ``carry`` kept on the device (ping-pong buffers).
 
