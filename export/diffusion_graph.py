@@ -23,14 +23,12 @@ T steps).
 The LMI is ONE node ``galip::LMI`` (plugin_namespace "galip") defined by the model-local
 function of :mod:`galip.export.lmi_onnx`: onnxruntime inlines the function body, TensorRT
 maps the node to the CUDA plugin. It is exported through :class:`_LMIPlaceholder`, an
-autograd Function whose ``symbolic`` emits the node, swapped in for the conditioning's
-``lmi_map`` while tracing (:func:`lmi_placeholder`); the node is then rebuilt with
-:func:`~galip.export.lmi_onnx.lmi_node` so its attributes are exactly the function's.
+autograd Function whose ``symbolic`` emits the node, given to the traced denoiser as its
+``lmi_fn`` (:func:`placeholder_denoiser`; the conditioning takes it as an argument, nothing
+global is swapped); the node is then rebuilt with :func:`~galip.export.lmi_onnx.lmi_node` so
+its attributes are exactly the function's.
 """
 from __future__ import annotations
-
-import contextlib
-from typing import Iterator
 
 import onnx
 import torch
@@ -41,7 +39,6 @@ from galip.runtime.contract import DEFAULT_STEPS, LMI_GRAPH_INPUTS, LMI_GRAPH_OU
 from galip.runtime.contract import STEP_IMAGE_INPUTS as IMAGE_INPUTS, STEP_INPUTS as INPUTS  # noqa: F401
 from galip.runtime.contract import STEP_OUTPUTS as OUTPUTS, STEP_SCALAR_INPUTS as SCALAR_INPUTS
 from galip.export.generator_graph import DEFAULT_OPSET, check_graph, torch_to_onnx
-from galip.train.midiffusion import conditioning
 from galip.train.midiffusion.conditioning import LMIConfig, LMIDenoiser
 from galip.train.midiffusion import schedule as _schedule
 from galip.train.midiffusion.samplers import predict_x0
@@ -67,15 +64,13 @@ class _LMIPlaceholder(torch.autograd.Function):
         return lmi, y_at
 
 
-@contextlib.contextmanager
-def lmi_placeholder() -> Iterator[None]:
-    """Route the conditioning's ``lmi_map`` through :class:`_LMIPlaceholder` (export only)."""
-    original = conditioning.lmi_map
-    conditioning.lmi_map = lambda x, y, config: _LMIPlaceholder.apply(x, y)[0]
-    try:
-        yield
-    finally:
-        conditioning.lmi_map = original
+def _placeholder_lmi(x: torch.Tensor, y: torch.Tensor, config: LMIConfig) -> torch.Tensor:
+    return _LMIPlaceholder.apply(x, y)[0]
+
+
+def placeholder_denoiser(denoiser: LMIDenoiser) -> LMIDenoiser:
+    """The same network and LMI settings with the LMI traced as one ``galip::LMI`` node."""
+    return LMIDenoiser(denoiser.net, denoiser.lmi_config, lmi_fn=_placeholder_lmi)
 
 
 # ----------------------------------------------------------------------------- the step module
@@ -131,10 +126,9 @@ def export_step(denoiser: LMIDenoiser, *, opset: int = DEFAULT_OPSET, clip_x0: b
             torch.tensor([0.6]), torch.tensor([0.1]), torch.randn(n, 1, size, size))
     spatial = {0: "N", 2: "H", 3: "W"}
     dynamic = {name: spatial for name in (*IMAGE_INPUTS, "noise", *OUTPUTS)}
-    with lmi_placeholder():
-        model = torch_to_onnx(DiffusionStep(denoiser, clip_x0=clip_x0), args,
-                              [*IMAGE_INPUTS, *SCALAR_INPUTS, "noise"], list(OUTPUTS), dynamic, opset=opset,
-                              custom_opsets={lmi_onnx.DOMAIN: 1})
+    model = torch_to_onnx(DiffusionStep(placeholder_denoiser(denoiser), clip_x0=clip_x0), args,
+                          [*IMAGE_INPUTS, *SCALAR_INPUTS, "noise"], list(OUTPUTS), dynamic, opset=opset,
+                          custom_opsets={lmi_onnx.DOMAIN: 1})
     params = lmi_settings(denoiser.lmi_config)
     found = _rebuild_lmi_nodes(model, params)
     if found != 1:
