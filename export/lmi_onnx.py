@@ -1,6 +1,6 @@
 """LMI as an ONNX model-local function ``galip::LMI`` built from standard ops only.
 
-One operator, three implementations (DESIGN.md, "The LMI operator"): this is the portable
+One operator, three implementations (docs/design.md, "The LMI operator"): this is the portable
 one. It runs in onnxruntime on CPU through the function body; TensorRT (whose ONNX parser
 prefers a registered plugin over a local function of the same name since 10.7, per the
 onnx-tensorrt 10.7 release notes) maps the very same node to the

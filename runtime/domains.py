@@ -2,7 +2,7 @@
 
 One table used by data generation, training, export (baked into the manifest) and the
 runtime, so the caption a model was trained with is by construction the one it is run
-with (the reference code's train/test captions differ; see DESIGN.md).
+with (the reference code's train/test captions differ; see docs/design.md).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Native (C++/OpenMP) LMI kernel: built on first use, loaded with ctypes; numpy only.
 
 The kernel computes the local-wise mutual information of the MIDiffusion paper (Sec. 4.2,
-Eq. 8 and 11) under the galip contract (DESIGN.md, "The LMI operator"); the per-pixel math
+Eq. 8 and 11) under the galip contract (docs/design.md, "The LMI operator"); the per-pixel math
 lives in ``kernels/lmi.cuh`` and is shared with the CUDA kernel of the TensorRT plugin.
 
 Build: ``$CXX`` (else ``g++``) ``-O3 -march=native -fopenmp -shared -fPIC`` compiles
@@ -90,7 +90,7 @@ def _compiler() -> list[str]:
     if shutil.which(cxx[0]) is None:
         raise BackendError(
             f"LMI native kernel needs a C++ compiler, found none at {cxx[0]!r} "
-            "(set $CXX or install g++); lmi() falls back to the dense PyTorch path")
+            "(set $CXX or install g++)")
     return cxx
 
 

@@ -1,6 +1,6 @@
 """Local-wise mutual information (LMI), MIDiffusion paper Sec. 4.2 (Def. 3, Eq. 8, Prop. 1).
 
-Contract (DESIGN.md, "The LMI operator"): for every pixel i and offset tau in [-r, r]^2,
+Contract (docs/design.md, "The LMI operator"): for every pixel i and offset tau in [-r, r]^2,
 soft-bin every pixel with Gaussian weights normalised over B bins (centres linspace(0, 1, B)),
 build the joint histogram P_tau of (X_j, Y_{j+tau}) over the p x p patch around i from the
 pairs with both samples inside the image, and take MI_tau(i) = sum P log(P / (P_X P_Y))

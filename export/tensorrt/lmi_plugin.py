@@ -1,6 +1,6 @@
 """TensorRT plugin ``galip::LMI``: the CUDA LMI kernel as a quickly deployable AOT plugin.
 
-DESIGN.md ("Environment facts"): the kernel of ``runtime/kernels/lmi.cuh`` is compiled by
+docs/design.md ("Environment facts"): the kernel of ``runtime/kernels/lmi.cuh`` is compiled by
 nvcc to PTX (:func:`galip.export.kernels.compile_lmi_ptx`) and served to TensorRT >= 10.9
 through ``tensorrt.plugin``: ``@trtp.register`` describes the outputs, ``@trtp.aot_impl``
 returns kernel name, PTX, launch parameters and the extra scalar kernel arguments. The PTX

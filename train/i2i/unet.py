@@ -7,7 +7,7 @@ through ``SiLU → Linear(4 * base, out_ch)``. The target caption's context toke
 through cross-attention in SpatialTransformers. Written for export: plain matmul/softmax
 attention, no gradient-checkpointing autograd Function, any H, W multiple of 2^(levels-1).
 
-Reference configuration (DESIGN.md): base 32, multipliers (1, 1, 2, 2, 4, 4), 2 res
+Reference configuration (docs/design.md): base 32, multipliers (1, 1, 2, 2, 4, 4), 2 res
 blocks, attention at downsample factors 8/16/32 + middle, 32 channels per head,
 context 512, 3 class rows (T1/T2/PD, IXI) → 13,242,881 parameters (context 768 →
 14,127,617). The class embedding is indexed by ``Domain.class_id`` of the runtime's

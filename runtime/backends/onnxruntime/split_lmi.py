@@ -66,7 +66,7 @@ def load_model(source: ModelSource, *, external_data: bool = True):
         return onnx.load(str(source), load_external_data=external_data)
     except Exception as error:   # DecodeError, OSError
         raise BackendError(f"onnx could not read {source if not isinstance(source, bytes) else '<bytes>'}: "
-                           f"{error}; check the bundle (galip-run --verify) or re-export") from None
+                           f"{error}; re-export the bundle (galip-export)") from None
 
 
 # ----------------------------------------------------------------------------- LMI nodes
