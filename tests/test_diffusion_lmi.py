@@ -1,19 +1,14 @@
-"""MIDiffusion conditioning against the real LMI operator (galip.train.lmi); skipped until it exists."""
+"""MIDiffusion conditioning against the real LMI operator (galip.train.lmi) and the runtime's kernel."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
-lmi_module = pytest.importorskip("galip.train.lmi", reason="galip.train.lmi (LMI operator) not built yet")
-
-from galip.train.midiffusion import conditioning, samplers  # noqa: E402
-from galip.train.midiffusion.conditioning import LMIConfig, LMIDenoiser  # noqa: E402
-from galip.train.midiffusion.schedule import DDPMSchedule, img2x, q_sample  # noqa: E402
-from galip.train.midiffusion.scorenet import ScoreNet, ScoreNetConfig  # noqa: E402
-
-
-TINY = ScoreNetConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, attention_ds=(2,), groups=4)
+from galip.runtime.lmi_native import lmi_numpy
+from galip.train import lmi as lmi_module
+from galip.train.midiffusion import conditioning
+from galip.train.midiffusion.conditioning import LMIConfig
+from galip.train.midiffusion.schedule import DDPMSchedule, img2x, q_sample
 
 
 def smooth_slices(n=2, size=16, seed=0):
@@ -35,9 +30,19 @@ def test_condition_with_the_real_operator_is_finite_and_bounded_by_self_informat
     assert cond[:, 1].mean() < cond[:, 2].mean()
 
 
-def test_sampling_step_with_the_real_operator():
-    torch.manual_seed(0)
-    model = LMIDenoiser(ScoreNet(TINY)).eval()
-    out = samplers.sample_ddim(model, smooth_slices(1), DDPMSchedule(), 2,
-                               generator=torch.Generator().manual_seed(0))
-    assert out.shape == (1, 1, 16, 16) and 0 <= out.min() and out.max() <= 1
+def test_condition_channels_are_the_reference_operator_and_the_runtime_kernel():
+    """The fast operator the condition uses equals the dense PyTorch reference, and its
+    LMI(x0, x0) channel is what the runtime's native kernel computes for the bundle."""
+    x0 = smooth_slices(seed=3)
+    x_t = q_sample(img2x(x0), torch.tensor([500, 500]), torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)),
+                   DDPMSchedule().alphas_cumprod)
+    config = LMIConfig()
+    cond = conditioning.condition(x_t, x0, None, config)
+
+    def dense(x, y, config):
+        return lmi_module.lmi_dense(x, y, **config.lmi_kwargs())[0]
+    reference = conditioning.condition(x_t, x0, None, config, lmi_fn=dense)
+    torch.testing.assert_close(cond, reference, atol=1e-5, rtol=0)
+    native = lmi_numpy(x0.numpy(), x0.numpy(), **config.kwargs())[0]
+    np.testing.assert_allclose(cond[:, 2:].numpy(), native, atol=1e-5, rtol=0)
+    assert cond[:, 1:].std() > 0.01                  # not a constant map
