@@ -7,9 +7,9 @@ numpy only around the backends (never torch). The chain, per batch of ``batch`` 
     generator:  translated = G(image, domain class id)
     diffusion:  lmi_source = LMI(source, source) (lmi.onnx), x_T ~ N(0, I), then the step
                 graph once per row of the schedule table, x_prev fed back as x_t;
-                x_0 mapped from the model's data range to [0, 1]. On onnxruntime-cpu
-                with the native LMI kernel (Choice.lmi == "native") every LMI, the
-                step graph's and lmi.onnx's, runs on that kernel (SplitLmiRunner)
+                x_0 mapped from the model's data range to [0, 1]. Where each LMI
+                runs (the lmi engine, the native CPU kernel, the graph) is
+                select.py's policy (select_backend, select_lmi)
     clip to [0, 1] → SlicePlan.restore (CT window for CT targets; MRI targets: the model's
     0 → 0, 1 → the source's robust range) → written into the output slice stack;
     slices_to_volume at the end. ``planes=3`` repeats this along all three axes and
