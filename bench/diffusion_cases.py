@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from galip.runtime.contract import (DEFAULT_LMI, LMI_GRAPH_INPUTS, LMI_GRAPH_OUTPUTS, STEP_LMI_SOURCE, STEP_NOISE,
-                                    STEP_SCALAR_INPUTS, STEP_SOURCE, STEP_X_PREV, STEP_X_T, io_entry)
+                                    STEP_SCALAR_INPUTS, STEP_SOURCE, STEP_X0_LAST, STEP_X_PREV, STEP_X_T, io_entry)
 
 from .cases import EAGER, ORT_CPU, ORT_CUDA, Backend, Context, bundle_backends, eager_backends, gpu_reason
 from . import gpu_lmi
@@ -157,8 +157,9 @@ def _step_feed(ctx: Context, source: np.ndarray) -> dict:
     row = list(table.feeds())[len(table) // 2]
     lmi_source = lmi_numpy(source, source, **lmi_settings(ctx))[0]
     noise = np.random.default_rng([ctx.config.seed, 1]).standard_normal(source.shape).astype(np.float32)
-    return {STEP_X_T: noisy_sample(source, float(row[STEP_SCALAR_INPUTS[1]][0]), ctx.config.seed),
-            STEP_SOURCE: source, STEP_LMI_SOURCE: lmi_source, **row, STEP_NOISE: noise}
+    x_t = noisy_sample(source, float(row[STEP_SCALAR_INPUTS[1]][0]), ctx.config.seed)
+    return {STEP_X_T: x_t, STEP_SOURCE: source, STEP_LMI_SOURCE: lmi_source, **row, STEP_NOISE: noise,
+            STEP_X0_LAST: np.clip(x_t, -1.0, 1.0)}      # any x̂₀ of the step before: the cost is the same
 
 
 def _step_build(ctx: Context):

@@ -24,9 +24,10 @@ from galip.runtime.atomic import atomic_path
 from galip.runtime.cli_support import user_errors
 from galip.runtime.errors import ConfigError, InputError, OutputError
 from galip.runtime.pipeline import MODELS
+from galip.runtime.settings import parse_slices
 
 from .metrics import PSNR_CAP, VolumeScore, evaluate
-from .quality import HELD_OUT_SEED, QualityRequest, check_out, parse_slices, run_quality
+from .quality import HELD_OUT_SEED, QualityRequest, check_out, run_quality
 from .quality_report import write_outputs
 from .run_options import parse_run_options
 

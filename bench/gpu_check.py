@@ -252,7 +252,8 @@ def check_trt_runner(work: Path) -> str:
             with TrtRunner(engine, cuda_graph=graph) as runner:
                 once = runner.infer({STEP_X_T: x, STEP_NOISE: noises[0]})[STEP_X_PREV]
                 np.testing.assert_allclose(once, 0.5 * x + noises[0], rtol=1e-6)
-                out = runner.run_loop({STEP_X_T: x}, [{STEP_NOISE: n} for n in noises])[STEP_X_PREV]
+                out = runner.run_loop({STEP_X_T: x}, [{STEP_NOISE: n} for n in noises],
+                                      carry={STEP_X_T: STEP_X_PREV})[STEP_X_PREV]
                 np.testing.assert_allclose(out, ref, rtol=1e-5)
                 if graph and runner.cuda_graph_error:
                     raise AssertionError(f"CUDA graph capture failed: {runner.cuda_graph_error}")

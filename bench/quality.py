@@ -67,20 +67,6 @@ class Subject:
     affine: np.ndarray
 
 
-def parse_slices(text: str | None) -> tuple[int, int] | None:
-    """``"40:56"`` -> (40, 56); ConfigError unless 0 <= A < B."""
-    if text is None:
-        return None
-    a, sep, b = text.partition(":")
-    try:
-        start, stop = int(a), int(b)
-    except ValueError:
-        start = stop = -1
-    if not sep or not 0 <= start < stop:
-        raise ConfigError(f"--slices expects A:B with 0 <= A < B (slices along the bundle's axis), got {text!r}")
-    return start, stop
-
-
 def _crop(volume: np.ndarray, axis: int, span: tuple[int, int]) -> np.ndarray:
     index = [slice(None)] * 3
     index[axis] = slice(*span)

@@ -299,7 +299,7 @@ def _export_diffusion(payload: dict, root: Path, manifest: dict, options: Export
         graphs = {"fp32": {"file": _write(model, root, f"{stem}.onnx", result)}}
     if options.fp16:
         with _timed(reporter, f"convert diffusion step graph {target} to fp16"):
-            half = fp16_mod.to_fp16(model, spatial_inputs=[*dg.IMAGE_INPUTS, "noise"],
+            half = fp16_mod.to_fp16(model, spatial_inputs=[*dg.IMAGE_INPUTS, *dg.STATE_INPUTS],
                                     keep_fp32_nodes=dg.update_nodes(model), allowed_custom=custom)
             graphs["fp16"] = {"file": _write(half, root, f"{stem}_fp16.onnx", result)}
     lmi_name = _lmi_file(manifest, target, lmi)
@@ -319,7 +319,7 @@ def _export_diffusion(payload: dict, root: Path, manifest: dict, options: Export
     jobs = [(entry["engines"], {
         "graph": graphs[precision]["file"], "engine": f"{stem}_{precision}.engine",
         "fp16": options.fp16, "plugins": True,
-        "profiles": {name: image for name in (*dg.IMAGE_INPUTS, "noise")}}),
+        "profiles": {name: image for name in (*dg.IMAGE_INPUTS, *dg.STATE_INPUTS)}}),
         (entry["lmi_graph"]["engines"], {
             "graph": lmi_name, "engine": lmi_name.replace(".onnx", ".engine"), "fp16": False,
             "plugins": True, "profiles": {"x": image, "y": image}})]

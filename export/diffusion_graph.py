@@ -1,24 +1,24 @@
-"""One MIDiffusion sampling step as one ONNX graph: LMI + score network + DDIM update.
+"""One MIDiffusion sampling step as one ONNX graph: LMI + score network + the update.
 
 Graph ``diffusion_<T>_step.onnx`` (the bundle contract, ``models.diffusion.<T>``)::
 
-    x_t, source, lmi_source, noise   float32 [N, 1, H, W]
-    timestep, alpha_bar_t, alpha_bar_prev, sigma   float32 [1]
-    → x_prev, x0_pred                float32 [N, 1, H, W]
+    x_t, source, lmi_source, noise, x0_last                        float32 [N, 1, H, W]
+    timestep, alpha_bar_t, coef_xt, coef_x0, coef_x0_last, sigma   float32 [1]
+    → x_prev, x0_pred                                              float32 [N, 1, H, W]
 
-Inside, in this order (paper Eq. 13; Song et al. 2021 Eq. 12):
+Inside, in this order (paper Eq. 13; galip.runtime.schedule):
 
 1. cond = [LMI(source, u(x_t)), lmi_source] through the ONE conditioning function of
    training (``galip.train.midiffusion.conditioning.condition``), so the x_t → [0, 1]
    map and the LMI settings cannot drift from what the network was trained with;
 2. ε = net([x_t, cond], timestep);
-3. x̂_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t, clipped to the data range with ε recomputed from the
-   clipped x̂_0 (``clip_x0``, as the PyTorch samplers do by default);
-4. x_prev = √ᾱ_prev x̂_0 + √max(0, 1 − ᾱ_prev − σ²) ε + σ · noise.
+3. x̂_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t, clipped to the data range (``clip_x0``);
+4. x_prev = coef_xt·x_t + coef_x0·x̂_0 + coef_x0_last·x0_last + sigma·noise
+   (:func:`galip.runtime.schedule.combine`), and x0_pred = x̂_0.
 
-The runtime computes (timestep, ᾱ_t, ᾱ_prev, σ) per step from the manifest's schedule and
-sampler, so one graph serves DDIM with any step count and η, and DDPM (= DDIM, η = 1, all
-T steps).
+The runtime computes the per-step scalars from the manifest's schedule and sampler and
+carries x_prev → x_t and x0_pred → x0_last, so one graph serves DDPM, DDIM with any step
+count and η, and the second-order multistep DPM-Solver++(2M).
 
 The LMI is ONE node ``galip::LMI`` (plugin_namespace "galip") defined by the model-local
 function of :mod:`galip.export.lmi_onnx`: onnxruntime inlines the function body, TensorRT
@@ -35,12 +35,15 @@ import torch
 from torch import nn
 
 from galip.export import lmi_onnx
-from galip.runtime.contract import DEFAULT_STEPS, LMI_GRAPH_INPUTS, LMI_GRAPH_OUTPUTS, SamplerDefaults, io_entry
-from galip.runtime.contract import STEP_IMAGE_INPUTS as IMAGE_INPUTS, STEP_INPUTS as INPUTS  # noqa: F401
-from galip.runtime.contract import STEP_OUTPUTS as OUTPUTS, STEP_SCALAR_INPUTS as SCALAR_INPUTS
+from galip.runtime.contract import (DEFAULT_ETA, DEFAULT_SAMPLER, DEFAULT_STEPS, LMI_GRAPH_INPUTS, LMI_GRAPH_OUTPUTS,
+                                    SamplerDefaults, io_entry)
+from galip.runtime.contract import STEP_IMAGE_INPUTS as IMAGE_INPUTS, STEP_INPUTS as INPUTS
+from galip.runtime.contract import STEP_OUTPUTS as OUTPUTS, STEP_SCALAR_INPUTS as SCALAR_INPUTS  # noqa: F401 (re-exported)
+from galip.runtime.contract import STEP_STATE_INPUTS as STATE_INPUTS
 from galip.export.generator_graph import DEFAULT_OPSET, check_graph, torch_to_onnx
 from galip.train.midiffusion.conditioning import LMIConfig, LMIDenoiser
 from galip.train.midiffusion import schedule as _schedule
+from galip.runtime.schedule import combine, step_table
 from galip.train.midiffusion.samplers import predict_x0
 from galip.train.midiffusion.schedule import DATA_RANGE, DDPMSchedule
 
@@ -75,9 +78,10 @@ def placeholder_denoiser(denoiser: LMIDenoiser) -> LMIDenoiser:
 
 # ----------------------------------------------------------------------------- the step module
 class DiffusionStep(nn.Module):
-    """One generalised DDIM step of an LMI-conditioned ε-model (module docstring, steps 1–4).
+    """One step of an LMI-conditioned ε-model (module docstring, steps 1–4).
 
-    Inputs as the graph's (scalars as (1,) tensors); returns (x_prev, x0_pred).
+    Inputs as the graph's, in the order of ``INPUTS`` (scalars as (1,) tensors); returns
+    (x_prev, x0_pred).
     """
 
     def __init__(self, denoiser: LMIDenoiser, *, clip_x0: bool = True):
@@ -85,17 +89,15 @@ class DiffusionStep(nn.Module):
         self.denoiser = denoiser.eval()
         self.clip_x0 = clip_x0
 
-    def forward(self, x_t, source, lmi_source, timestep, alpha_bar_t, alpha_bar_prev, sigma, noise):
+    def forward(self, x_t, source, lmi_source, timestep, alpha_bar_t, coef_xt, coef_x0, coef_x0_last,
+                sigma, noise, x0_last):
         # 1–2. ε_θ([x_t, LMI(source, u(x_t)), LMI(source, source)], t) (paper Eq. 13)
         eps = self.denoiser(x_t, timestep, source, lmi_source)
-        ab_t = alpha_bar_t.reshape(-1, 1, 1, 1)
-        ab_prev = alpha_bar_prev.reshape(-1, 1, 1, 1)
-        sigma = sigma.reshape(-1, 1, 1, 1)
-        # 3. x̂_0 (Ho et al. Eq. 15), clipped, ε recomputed (the samplers' own function)
-        x0, eps = predict_x0(eps, x_t, ab_t, self.clip_x0)
-        # 4. Song et al. Eq. 12
-        direction = (1.0 - ab_prev - sigma * sigma).clamp(min=0.0).sqrt() * eps
-        return ab_prev.sqrt() * x0 + direction + sigma * noise, x0
+        # 3. x̂_0 (Ho et al. Eq. 15), clipped (the eager sampler's own function)
+        x0 = predict_x0(eps, x_t, alpha_bar_t.reshape(-1, 1, 1, 1), self.clip_x0)
+        # 4. the one update of every sampler
+        scalars = [v.reshape(-1, 1, 1, 1) for v in (coef_xt, coef_x0, coef_x0_last, sigma)]
+        return combine(x_t, x0, x0_last, noise, *scalars), x0
 
 
 def lmi_settings(config: LMIConfig) -> dict:
@@ -122,12 +124,13 @@ def export_step(denoiser: LMIDenoiser, *, opset: int = DEFAULT_OPSET, clip_x0: b
     size = trace_size or max(multiple, 32 // multiple * multiple)
     n = 2
     image = lambda: torch.rand(n, 1, size, size)     # noqa: E731
-    args = (image() * 2 - 1, image(), image(), torch.tensor([500.0]), torch.tensor([0.5]),
-            torch.tensor([0.6]), torch.tensor([0.1]), torch.randn(n, 1, size, size))
+    scalars = (500.0, 0.5, 0.9, 0.3, -0.1, 0.1)     # timestep, ᾱ_t, c_x, c_0, c_1, σ
+    args = (image() * 2 - 1, image(), image(), *(torch.tensor([v]) for v in scalars),
+            torch.randn(n, 1, size, size), image() * 2 - 1)
     spatial = {0: "N", 2: "H", 3: "W"}
-    dynamic = {name: spatial for name in (*IMAGE_INPUTS, "noise", *OUTPUTS)}
+    dynamic = {name: spatial for name in (*IMAGE_INPUTS, *STATE_INPUTS, *OUTPUTS)}
     model = torch_to_onnx(DiffusionStep(placeholder_denoiser(denoiser), clip_x0=clip_x0), args,
-                          [*IMAGE_INPUTS, *SCALAR_INPUTS, "noise"], list(OUTPUTS), dynamic, opset=opset,
+                          list(INPUTS), list(OUTPUTS), dynamic, opset=opset,
                           custom_opsets={lmi_onnx.DOMAIN: 1})
     params = lmi_settings(denoiser.lmi_config)
     found = _rebuild_lmi_nodes(model, params)
@@ -135,9 +138,9 @@ def export_step(denoiser: LMIDenoiser, *, opset: int = DEFAULT_OPSET, clip_x0: b
         raise ValueError(f"expected exactly one galip::LMI node in the step graph, found {found}")
     lmi_onnx.add_lmi_function(model, params)
     lmi_onnx.check_lmi_nodes(model)
-    model.doc_string = ("galip MIDiffusion step: generalised DDIM update of an LMI-conditioned "
-                        "epsilon-model (inputs x_t, source, lmi_source, timestep, alpha_bar_t, "
-                        "alpha_bar_prev, sigma, noise -> x_prev, x0_pred)")
+    model.doc_string = ("galip MIDiffusion step of an LMI-conditioned epsilon-model: x_prev = "
+                        "coef_xt*x_t + coef_x0*x0 + coef_x0_last*x0_last + sigma*noise (inputs "
+                        f"{', '.join(INPUTS)} -> x_prev, x0_pred)")
     return check_graph(model, allowed_custom=[(lmi_onnx.DOMAIN, lmi_onnx.OP_TYPE)])
 
 
@@ -157,10 +160,15 @@ def export_lmi(params: dict, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     return check_graph(model, allowed_custom=[(lmi_onnx.DOMAIN, lmi_onnx.OP_TYPE)])
 
 
-def sampler_entry(schedule: DDPMSchedule, steps: int = DEFAULT_STEPS) -> dict:
-    """The manifest's ``sampler`` defaults: DDIM, ``steps`` (at most T), η = 0, and the
-    timestep spacing the PyTorch samplers use (so runtime and eager pick the same steps)."""
-    return SamplerDefaults(steps=min(steps, schedule.num_timesteps), spacing=_schedule.DEFAULT_SPACING).to_manifest()
+def sampler_entry(schedule: DDPMSchedule, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
+                  eta: float = DEFAULT_ETA) -> dict:
+    """The manifest's ``sampler`` defaults: ``sampler`` with ``steps`` (at most T) and ``eta``,
+    and the timestep spacing the PyTorch samplers use (so runtime and eager pick the same
+    steps). The table is built here once, so a bundle never carries a sampler it refuses."""
+    spacing = _schedule.DEFAULT_SPACING
+    steps = min(steps, schedule.num_timesteps)
+    step_table(schedule.noise_schedule, sampler, None if sampler == "ddpm" else steps, eta, spacing)
+    return SamplerDefaults(sampler, steps, float(eta), spacing).to_manifest()
 
 
 def data_range_entry(info: dict) -> list[float]:

@@ -28,7 +28,7 @@ from .cli_support import err_console, user_errors
 from .errors import ConfigError, OutputError
 from .foreground import mask_from_file
 from .pipeline import CT_GUESS_BELOW, MASKS, Settings, Translator, guess_kind, prepare
-from .settings import LMI_MODES
+from .settings import LMI_MODES, parse_slices
 from .signals import stop_on_signals
 from .volume import load_volume, save_volume
 
@@ -56,6 +56,7 @@ class PrecisionName(str, Enum):
 class SamplerName(str, Enum):
     ddim = "ddim"
     ddpm = "ddpm"
+    dpmpp2m = "dpmpp2m"
 
 
 class SourceKind(str, Enum):
@@ -144,7 +145,7 @@ def main(
     steps: Annotated[Optional[int], typer.Option(show_default=False,
                                                  help="Diffusion: DDIM steps [default: the bundle's, e.g. 50].")] = None,
     sampler: Annotated[Optional[SamplerName], typer.Option(show_default=False,
-                                                           help="Diffusion: ddim (--steps) or ddpm (all timesteps) [default: the bundle's].")]
+                                                           help="Diffusion: dpmpp2m (DPM-Solver++(2M), --steps), ddim (--steps, --eta) or ddpm (all timesteps, the paper's) [default: the bundle's].")]
         = None,
     eta: Annotated[Optional[float], typer.Option(show_default=False,
                                                  help="Diffusion: DDIM eta, 0 deterministic to 1 ancestral [default: the bundle's or 0].")]
@@ -163,6 +164,10 @@ def main(
                                            "FILE is a mask on the input's grid (nonzero = head); none keeps every voxel as the model made it.")]
         = "auto",
     planes: Annotated[int, typer.Option(help="1: slice along the bundle's axis; 3: along all three axes and average (3x the time, fewer through-plane stripes).")] = 1,
+    slices: Annotated[Optional[str], typer.Option(metavar="A:B", show_default=False,
+                                                  help="Translate only the input's voxel slices A to B-1 along the bundle's slicing axis "
+                                                       "(a quick preview slab; the rest of the output is background).")]
+        = None,
     tta: Annotated[str, typer.Option(metavar="none|flip", help="flip: also translate the left-right mirror and average (2x the time).")] = "none",
     any_source: Annotated[bool, typer.Option("--any-source", help="Translate a source kind (MRI/CT) the model was not trained on instead of refusing it.")] = False,
     lmi: Annotated[str, typer.Option("--lmi", envvar=LMI_ENV, metavar="|".join(LMI_MODES),
@@ -193,7 +198,8 @@ def main(
         settings = Settings(model=model.value, backend=backend.value, precision=precision.value if precision else None,
                             batch=batch, steps=steps, sampler=sampler.value if sampler else None, eta=eta,
                             seed=seed, threads=threads, mask=mask if mask in MASKS else "none",
-                            planes=planes, tta=tta, any_source=any_source, lmi=lmi.strip().lower() or "auto")
+                            planes=planes, tta=tta, any_source=any_source, slices=parse_slices(slices),
+                            lmi=lmi.strip().lower() or "auto")
         settings.check()
         if is_batch(sources, out_dir, skip_existing, part, ray, workers, bids_root):
             if mask not in MASKS:
@@ -247,5 +253,6 @@ def main(
             from .preview import write_preview
             write_preview(preview, volume.data, result.data, volume.affine, source_map=result.plan.source_map,
                           output_map=result.target_map, labels=(f"source ({kind})", translator.target.name),
-                          title=translator.description, overwrite=overwrite)
+                          title=translator.description, overwrite=overwrite,
+                          centre=translator.preview_centre(volume.data.shape, volume.affine_mm))
     typer.echo(_summary(out, translator, result.n_slices, time.perf_counter() - started))

@@ -65,6 +65,15 @@ def voxel_axis(affine: np.ndarray, world_axis: int) -> int:
     return int(np.flatnonzero(ornt[:, 0] == _check_axis(world_axis))[0])
 
 
+def canonical_span(ornt: np.ndarray, world_axis: int, span: tuple[int, int], n: int) -> tuple[int, int]:
+    """Voxel indices ``[a, b)`` of the input along the voxel axis that :func:`to_canonical`
+    sends to ``world_axis`` → the same slices as indices ``[a', b')`` of the canonical
+    volume along ``world_axis`` (reversed where that axis is flipped); ``n`` slices in all."""
+    row = np.flatnonzero(np.asarray(ornt)[:, 0] == _check_axis(world_axis))[0]
+    a, b = span
+    return (n - b, n - a) if ornt[row, 1] < 0 else (a, b)
+
+
 def from_canonical(data_c: np.ndarray, ornt: np.ndarray) -> np.ndarray:
     """Exactly undo :func:`to_canonical`: return ``data_c`` in the original voxel order.
 

@@ -6,7 +6,8 @@ numpy only around the backends (never torch). The chain, per batch of ``batch`` 
     SlicePlan.prepare       raw canonical slices → model space [0, 1]
     generator:  translated = G(image, domain class id)
     diffusion:  lmi_source = LMI(source, source) (lmi.onnx), x_T ~ N(0, I), then the step
-                graph once per row of the schedule table, x_prev fed back as x_t;
+                graph once per row of the step table, x_prev fed back as x_t and
+                x0_pred as x0_last (schedule.py: one linear update for every sampler);
                 x_0 mapped from the model's data range to [0, 1]. Where each LMI
                 runs (the lmi engine, the native CPU kernel, the graph) is
                 select.py's policy (select_backend, select_lmi)
@@ -21,7 +22,8 @@ Whole-volume arrays: the input, the raw canonical slice stack from ``plan_volume
 output slice stack (filled batch by batch) and the output volume; every model-space array
 (padded, resampled, model input and output, diffusion state and noise) is one batch.
 Diffusion noise comes from one numpy Generator per slice, seeded with ``(seed, slice
-index)``, so a slice's translation does not depend on ``batch``.
+index)`` (schedule.SliceNoise, which the eager PyTorch sampler shares), so a slice's
+translation does not depend on ``batch``.
 """
 from __future__ import annotations
 
@@ -29,33 +31,27 @@ import contextlib
 import functools
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
 from .backends.base import Runner, RunnerFactory
 from .backends.select import Choice, select_backend, select_lmi
 from .bundle import Bundle
-from .contract import GEN_DOMAIN, GEN_IMAGE, GEN_OUTPUT, DiffusionEntry, ModelEntry
+from .contract import GEN_DOMAIN, GEN_IMAGE, GEN_OUTPUT, LMI_OUT, LMI_X, LMI_Y, DiffusionEntry, ModelEntry
 from .domains import Domain, get_domain
 from .errors import BackendError, BundleError, ConfigError, GalipError
 from .foreground import head_mask
 from .intensity import CT_WINDOW, IntensityMap
 from .limits import affordable_batch
-from .geometry import voxel_axis
+from .geometry import canonical_span, voxel_axis
 from .preprocess import PreprocessConfig, SlicePlan, plan_volume, slices_to_volume
-from .schedule import SPACINGS, StepTable, step_table
+from .sampling import Progress, _no_progress, run_sampler
+from .schedule import SPACINGS, SliceNoise, StepTable, step_table
 from .settings import MASKS, MODELS, PLANES, TTAS, Model, Settings  # noqa: F401  (re-exported)
 
 #: A voxel below this (HU) makes ``guess_kind`` call a volume CT: air is about −1000 HU.
 CT_GUESS_BELOW = -500.0
-
-Progress = Callable[[int, int], None]   # (done, total)
-
-
-def _no_progress(done: int, total: int) -> None:
-    pass
-
 
 @dataclass
 class Result:
@@ -235,16 +231,18 @@ class Translator:
         flips = [False, True] if self.settings.tta == "flip" else [False]
         passes = [(axis, flip) for axis in axes for flip in flips]
         mirror = voxel_axis(affine, 0)                         # left-right
+        span = self._slab(data, affine)
         # slices along canonical axis a = the input's extent on the voxel axis that maps to it
-        total = sum(np.shape(data)[voxel_axis(affine, axis)] for axis, _ in passes)
+        total = sum(span[1] - span[0] if span else np.shape(data)[voxel_axis(affine, axis)] for axis, _ in passes)
         started, fused, done = time.perf_counter(), None, 0
         for axis, flip in passes:
             source = np.flip(data, mirror) if flip else data
             # the mirrored volume keeps the affine: the model sees a mirrored head, undone below
             out, plan, target_map = self._translate_along(
                 source, affine, kind, replace(self.config, axis=axis),
-                lambda d, t, base=done: on_slices(base + d, total), on_step)
-            done += plan.n_slices
+                lambda d, t, base=done: on_slices(base + d, total), on_step,
+                self._mirrored(span, data, affine, mirror) if flip else span)
+            done += span[1] - span[0] if span else plan.n_slices
             out = np.flip(out, mirror) if flip else out
             fused = out if fused is None else fused + out.astype(np.float64)
         # one pass (the default) is the volume itself: no float64 copy of it on the hot path
@@ -256,25 +254,57 @@ class Translator:
         seconds = time.perf_counter() - started
         return Result(volume, plan, target_map, self.choice, seconds, self.table, foreground, done)
 
+    def _slab(self, data: np.ndarray, affine: np.ndarray) -> tuple[int, int] | None:
+        """``settings.slices`` checked against the input's extent on the slicing axis."""
+        if self.settings.slices is None:
+            return None
+        a, b = self.settings.slices
+        n = np.shape(data)[voxel_axis(affine, self.config.axis)]
+        if b > n:
+            raise ConfigError(f"--slices {a}:{b} runs past the input's {n} slices along the bundle's "
+                              f"slicing axis (voxel axis {voxel_axis(affine, self.config.axis)}); use B <= {n}")
+        return a, b
+
+    def preview_centre(self, shape: tuple[int, ...], affine: np.ndarray) -> tuple[int, int, int] | None:
+        """Voxel through which a preview shows a slab run (its middle slice), else None."""
+        if self.settings.slices is None:
+            return None
+        centre = [n // 2 for n in shape[:3]]
+        a, b = self.settings.slices
+        centre[voxel_axis(affine, self.config.axis)] = (a + b - 1) // 2
+        return tuple(centre)
+
+    def _mirrored(self, span: tuple[int, int] | None, data: np.ndarray, affine: np.ndarray,
+                  mirror: int) -> tuple[int, int] | None:
+        """The slab in the left-right mirrored volume (moves only if the slicing axis is left-right)."""
+        if span is None or voxel_axis(affine, self.config.axis) != mirror:
+            return span
+        n = np.shape(data)[mirror]
+        return n - span[1], n - span[0]
+
     def _translate_along(self, data: np.ndarray, affine: np.ndarray, kind: str, config: PreprocessConfig,
-                         on_slices: Progress, on_step: Progress) -> tuple[np.ndarray, SlicePlan, IntensityMap]:
-        """One pass: slices along ``config.axis`` → model → volume in the input's voxel order."""
+                         on_slices: Progress, on_step: Progress, span: tuple[int, int] | None = None
+                         ) -> tuple[np.ndarray, SlicePlan, IntensityMap]:
+        """One pass: slices along ``config.axis`` → model → volume in the input's voxel order.
+        ``span``: only the input's voxel slices ``[a, b)`` go through the model, the others are
+        the target's background (normalisation and mask still come from the whole volume)."""
         plan, raw = plan_volume(data, affine, kind, config)
         target_map = target_intensity(self.target, plan)
-        out = np.empty(raw.shape, dtype=np.float32)
-        n, batch = len(raw), affordable_batch(self.settings.batch, plan.model_shape)
+        first, last = canonical_span(plan.ornt, config.axis, span, len(raw)) if span else (0, len(raw))
+        out = np.full(raw.shape, target_map.lo, dtype=np.float32)
+        n, batch = last - first, affordable_batch(self.settings.batch, plan.model_shape)
         diffusion = self.settings.model == "diffusion"
         call = self._diffuse if diffusion else self._generate
         on_slices(0, n)
         with contextlib.ExitStack() as stack:    # deactivates every runner, also on errors
             runners = [stack.enter_context(make()) for make in
                        ((self.factory, self.lmi_factory) if diffusion else (self.factory,))]
-            for start in range(0, n, batch):
-                stop = min(start + batch, n)
+            for start in range(first, last, batch):
+                stop = min(start + batch, last)
                 x = plan.prepare(raw[start:stop])[:, None]                  # (b, 1, H', W') in [0, 1]
                 y = call(runners, x, start, on_step)                         # (b, 1, H', W') in [0, 1]
                 out[start:stop] = plan.restore(np.clip(y[:, 0], 0.0, 1.0), target_map)
-                on_slices(stop, n)
+                on_slices(stop - first, n)
         return slices_to_volume(out, plan), plan, target_map
 
     # -- model calls ---------------------------------------------------------------------
@@ -293,33 +323,18 @@ class Translator:
 
     @_checked_model_call
     def _diffuse(self, runners: list[Runner], source: np.ndarray, start: int, on_step: Progress) -> np.ndarray:
-        """MIDiffusion sampling of one batch (paper Alg. 1 with the DDIM/DDPM step graph)."""
+        """MIDiffusion sampling of one batch (paper Alg. 1; the step graph runs DDPM, DDIM or
+        DPM-Solver++(2M) from the table's coefficients)."""
         step, lmi = runners
         table = self.table
         # 1. LMI(source, source): fixed over the whole loop (paper Eq. 13, second channel).
-        lmi_source = _output(lmi.infer({"x": source, "y": source}), "lmi").astype(np.float32, copy=False)
+        lmi_source = _output(lmi.infer({LMI_X: source, LMI_Y: source}), LMI_OUT).astype(np.float32, copy=False)
         # 2. x_T ~ N(0, I) and every step's z from one Generator per slice (seed, slice index).
-        rngs = [np.random.default_rng([self.settings.seed, start + i]) for i in range(len(source))]
-
-        def draw() -> np.ndarray:
-            return np.stack([rng.standard_normal(source.shape[1:], dtype=np.float32) for rng in rngs])
-
-        no_noise = np.zeros_like(source)
-
-        def updates() -> Iterator[dict[str, np.ndarray]]:
-            on_step(0, len(table))
-            for index, row in enumerate(table.feeds()):
-                # σ = 0 (every DDIM-η=0 step, the last DDPM step) ignores z: draw nothing.
-                row["noise"] = draw() if float(row["sigma"].reshape(-1)[0]) != 0.0 else no_noise
-                yield row
-                on_step(index + 1, len(table))   # resumed once the step has run
-
-        # 3. The loop: x_prev of each step is the next step's x_t (kept on device by TensorRT).
-        init = {"x_t": draw(), "source": source, "lmi_source": lmi_source}
-        outputs = step.run_loop(init, updates(), carry=("x_t", "x_prev"))
+        noise = SliceNoise(self.settings.seed, start, len(source), source.shape[1:])
+        # 3. The loop (kept on device by TensorRT).
+        x0 = run_sampler(step, source, lmi_source, table, noise, on_step)
         # 4. The last step lands on ᾱ = 1: x_prev = x̂_0 in the model's data range → [0, 1].
         lo, hi = self.data_range
-        x0 = _output(outputs, "x_prev").astype(np.float32, copy=False)
         return (x0 - lo) / (hi - lo)
 
 

@@ -26,14 +26,21 @@ def require_matplotlib() -> None:
                           "pip install matplotlib (or drop --preview)")
 
 
-def middle_slices(data: np.ndarray, affine: np.ndarray) -> list[tuple[np.ndarray, float]]:
-    """The middle slice along each RAS+ axis, transposed for display (rows = the later axis,
-    drawn bottom-up), with its pixel aspect (row spacing / column spacing)."""
-    data_c, affine_c, _ = to_canonical(np.asarray(data), affine)
+def middle_slices(data: np.ndarray, affine: np.ndarray,
+                  centre: tuple[int, int, int] | None = None) -> list[tuple[np.ndarray, float]]:
+    """The middle slice along each RAS+ axis (or the slices through voxel ``centre`` of
+    ``data``), transposed for display (rows = the later axis, drawn bottom-up), with its
+    pixel aspect (row spacing / column spacing)."""
+    data_c, affine_c, ornt = to_canonical(np.asarray(data), affine)
     zooms = np.sqrt((affine_c[:3, :3] ** 2).sum(axis=0))
+    at = [n // 2 for n in data_c.shape[:3]]
+    if centre is not None:
+        for axis, (c_axis, flip) in enumerate(ornt.astype(int)):
+            n = data_c.shape[c_axis]
+            at[c_axis] = n - 1 - centre[axis] if flip < 0 else centre[axis]
     views = []
     for axis in range(3):
-        plane = np.take(data_c, data_c.shape[axis] // 2, axis=axis).T   # (later axis, earlier axis)
+        plane = np.take(data_c, at[axis], axis=axis).T   # (later axis, earlier axis)
         rows, cols = [a for a in range(3) if a != axis][::-1]
         views.append((plane, float(zooms[rows] / zooms[cols])))
     return views
@@ -41,9 +48,10 @@ def middle_slices(data: np.ndarray, affine: np.ndarray) -> list[tuple[np.ndarray
 
 def write_preview(path: str | os.PathLike, source: np.ndarray, output: np.ndarray, affine: np.ndarray, *,
                   source_map: IntensityMap, output_map: IntensityMap, labels: tuple[str, str] = ("source", "output"),
-                  title: str = "", overwrite: bool = False) -> Path:
+                  title: str = "", overwrite: bool = False, centre: tuple[int, int, int] | None = None) -> Path:
     """Write a 2 × 3 PNG: rows ``source`` and ``output`` (both (X, Y, Z) on ``affine``), columns
-    sagittal, coronal, axial; grey levels span each row's intensity map (lo → black, hi → white).
+    sagittal, coronal, axial through the middle (or voxel ``centre``); grey levels span each
+    row's intensity map (lo → black, hi → white).
 
     Raises OutputError for an existing file without ``overwrite`` or a failed write.
     """
@@ -58,7 +66,7 @@ def write_preview(path: str | os.PathLike, source: np.ndarray, output: np.ndarra
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 3)
     for row, (volume, imap, label) in enumerate(((source, source_map, labels[0]), (output, output_map, labels[1]))):
-        for col, (plane, aspect) in enumerate(middle_slices(volume, affine)):
+        for col, (plane, aspect) in enumerate(middle_slices(volume, affine, centre)):
             ax = axes[row, col]
             ax.imshow(plane, cmap="gray", vmin=imap.lo, vmax=imap.hi, origin="lower", aspect=aspect,
                       interpolation="nearest")

@@ -29,7 +29,9 @@ class Settings:
     ``none`` keeps the model's output everywhere. ``planes``: 1 (the bundle's slicing
     axis) or 3 (all axes, averaged); ``tta``: ``flip`` also translates the left-right
     mirror and averages. ``any_source``: translate a source kind (MRI/CT) the model was
-    not trained on instead of refusing it. ``lmi``: where a diffusion step on onnxruntime-cpu
+    not trained on instead of refusing it. ``slices``: ``(a, b)`` translates only the input's
+    voxel slices a … b−1 along the bundle's slicing axis (a preview slab); the rest of the
+    output is the target's background. ``lmi``: where a diffusion step on onnxruntime-cpu
     runs its LMI, ``auto``, ``native`` (the native CPU kernel, or an error) or ``onnx`` (the
     graph's own LMI); galip-run's ``--lmi`` defaults to ``$GALIP_LMI``.
     """
@@ -48,6 +50,7 @@ class Settings:
     tta: str = "none"
     any_source: bool = False
     lmi: str = "auto"
+    slices: tuple[int, int] | None = None
 
     def check(self) -> None:
         """ConfigError naming the first unusable value."""
@@ -72,3 +75,23 @@ class Settings:
             raise ConfigError(f"--tta must be one of {', '.join(TTAS)}, got {self.tta!r}")
         if self.lmi not in LMI_MODES:
             raise ConfigError(f"--lmi must be one of {', '.join(LMI_MODES)}, got {self.lmi!r}")
+        if self.slices is not None:
+            a, b = self.slices
+            if not 0 <= a < b:
+                raise ConfigError(f"--slices expects A:B with 0 <= A < B, got {a}:{b}")
+            if self.planes != 1:
+                raise ConfigError("--slices translates a slab along the bundle's axis; it cannot be combined with --planes 3")
+
+
+def parse_slices(text: str | None) -> tuple[int, int] | None:
+    """``"40:56"`` -> (40, 56); ConfigError unless 0 <= A < B."""
+    if text is None:
+        return None
+    a, sep, b = text.partition(":")
+    try:
+        start, stop = int(a), int(b)
+    except ValueError:
+        start = stop = -1
+    if not sep or not 0 <= start < stop:
+        raise ConfigError(f"--slices expects A:B with 0 <= A < B (voxel slices along the bundle's axis), got {text!r}")
+    return start, stop

@@ -9,14 +9,14 @@
   T1 is the identity (a=1, b=0, c=0), so a T1→T1 run gives the input back exactly up to
   the intensity clipping (geometry checks); T2 inverts the contrast; PD and CT differ again.
 * ``lmi.onnx`` — the real ``galip::LMI`` function (galip.export.lmi_onnx), small bins.
-* ``diffusion_T2_step.onnx`` — one generalised DDIM step honouring the step contract, with
+* ``diffusion_T2_step.onnx`` — one step honouring the step contract, with
   an ε "network" that knows the answer: target x₀* = 1 − 2·source (model space [−1, 1],
   i.e. the inverted source in [0, 1]) plus a bounded term that reads the LMI condition and
   the timestep::
 
       ε  = (x_t − √ᾱ_t·x₀*)/√(1−ᾱ_t) − K·√ᾱ_t/√(1−ᾱ_t)·tanh(Conv3x3([LMI(source, u(x_t)), lmi_source]) + t/T + x_t)
       x̂₀ = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t = x₀* + K·tanh(…),   u(x_t) = clip((x_t+1)/2, 0, 1)
-      x_prev = √ᾱ_prev·x̂₀ + √max(1−ᾱ_prev−σ², 0)·ε + σ·noise
+      x_prev = c_x·x_t + c_0·x̂₀ + c_1·x0_last + σ·noise   (galip.runtime.schedule.combine)
 
   so a correct sampler lands within K/2 (in [0, 1]) of the inverted source, and the
   result still depends on the noise (through x_t and LMI(source, u(x_t))).
@@ -32,6 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 from galip.export import lmi_onnx
 from galip.runtime.bundle import write_manifest
 from galip.runtime.domains import DOMAINS
+from galip.runtime.schedule import STEP_SCALARS
 
 OPSET = 17
 DIMS = ["N", 1, "H", "W"]
@@ -105,7 +106,7 @@ def generator_reference(image: np.ndarray, class_id: int) -> np.ndarray:
 
 
 def diffusion_step_model(timesteps: int = SCHEDULE["timesteps"], seed: int = 1) -> onnx.ModelProto:
-    """One DDIM step of the step contract with the 'knows the answer' ε (module docstring)."""
+    """One step of the step contract with the 'knows the answer' ε (module docstring)."""
     rng = np.random.default_rng(seed)
     init = [
         _const("one", np.float32(1.0)), _const("two", np.float32(2.0)), _const("half", np.float32(0.5)),
@@ -136,19 +137,16 @@ def diffusion_step_model(timesteps: int = SCHEDULE["timesteps"], seed: int = 1) 
         # x̂₀ = (x_t − s1a·ε)/sa
         N("Mul", ["s1a", "eps"], ["s1a_eps"]), N("Sub", ["x_t", "s1a_eps"], ["x0n"]),
         N("Div", ["x0n", "sa"], ["x0_pred"]),
-        # x_prev = √ᾱ_prev·x̂₀ + √max(1 − ᾱ_prev − σ², 0)·ε + σ·noise
-        N("Sqrt", ["alpha_bar_prev"], ["sap"]), N("Mul", ["sap", "x0_pred"], ["t1"]),
-        N("Mul", ["sigma", "sigma"], ["sig2"]), N("Sub", ["one", "alpha_bar_prev"], ["omap"]),
-        N("Sub", ["omap", "sig2"], ["dvar"]), N("Max", ["dvar", "zero"], ["dvar0"]),
-        N("Sqrt", ["dvar0"], ["dcoef"]), N("Mul", ["dcoef", "eps"], ["t2"]),
-        N("Mul", ["sigma", "noise"], ["t3"]),
-        N("Add", ["t1", "t2"], ["t12"]), N("Add", ["t12", "t3"], ["x_prev"]),
+        # x_prev = c_x·x_t + c_0·x̂₀ + c_1·x0_last + σ·noise
+        N("Mul", ["coef_xt", "x_t"], ["t1"]), N("Mul", ["coef_x0", "x0_pred"], ["t2"]),
+        N("Mul", ["coef_x0_last", "x0_last"], ["t3"]), N("Mul", ["sigma", "noise"], ["t4"]),
+        N("Add", ["t1", "t2"], ["t12"]), N("Add", ["t3", "t4"], ["t34"]), N("Add", ["t12", "t34"], ["x_prev"]),
     ]
     image = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, DIMS)  # noqa: E731
     scalar = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1])  # noqa: E731
     model = _model(nodes, "tiny_diffusion_step",
-                   [image("x_t"), image("source"), image("lmi_source"), scalar("timestep"),
-                    scalar("alpha_bar_t"), scalar("alpha_bar_prev"), scalar("sigma"), image("noise")],
+                   [image("x_t"), image("source"), image("lmi_source"),
+                    *(scalar(name) for name in STEP_SCALARS), image("noise"), image("x0_last")],
                    [image("x_prev"), image("x0_pred")], init)
     return lmi_onnx.add_lmi_function(model, LMI)
 

@@ -30,6 +30,8 @@ from galip.runtime.errors import BackendError
 
 from test_bundle import base_manifest, tiny_graph
 
+ONE_CARRY = {"x_t": "x_prev"}   # the test step graphs carry x_prev only
+
 
 def step_graph() -> onnx.ModelProto:
     """x_prev = 0.5 * x_t + noise; all float32[N,1,H,W] (a stand-in diffusion step)."""
@@ -103,7 +105,7 @@ def test_base_run_loop_feeds_output_back(tmp_path):
     x = rng.random((1, 1, 4, 4), dtype=np.float32)
     noises = [rng.random((1, 1, 4, 4), dtype=np.float32) for _ in range(3)]
     with OnnxrtRunner(SessionFromOnnx(tmp_path / "step.onnx")) as runner:
-        out = runner.run_loop({"x_t": x}, [{"noise": n} for n in noises])
+        out = runner.run_loop({"x_t": x}, [{"noise": n} for n in noises], carry=ONE_CARRY)
     reference = x
     for n in noises:
         reference = 0.5 * reference + n
@@ -524,17 +526,17 @@ def test_trt_run_loop_keeps_carry_on_device(fake_gpu, cuda_graph):
     cudart, engine = fake_gpu
     x, noises, reference = loop_inputs(steps=5)
     with TrtRunner(EngineFromBytes(b"ENGINE"), cuda_graph=cuda_graph) as runner:
-        out = runner.run_loop({"x_t": x}, [{"noise": n} for n in noises])
+        out = runner.run_loop({"x_t": x}, [{"noise": n} for n in noises], carry=ONE_CARRY)
         np.testing.assert_allclose(out["x_prev"], reference, rtol=1e-5)
         # x_t uploaded once, noise once per step, x_prev downloaded once: the carry never left the device
         assert cudart.copies.count("cudaMemcpyHostToDevice") == 1 + 5
         assert cudart.copies.count("cudaMemcpyDeviceToHost") == 1
         assert runner.cuda_graph_error is None
         assert (len(cudart.graphs), cudart.launches) == ((2, 5) if cuda_graph else (0, 0))   # ping + pong
-        with pytest.raises(BackendError, match="feeds 'x_t', which the loop carries"):
-            runner.run_loop({"x_t": x}, [{"noise": noises[0]}, {"x_t": x}])
+        with pytest.raises(BackendError, match=r"feeds \['x_t'\], which the loop carries"):
+            runner.run_loop({"x_t": x}, [{"noise": noises[0]}, {"x_t": x}], carry=ONE_CARRY)
         with pytest.raises(BackendError, match="changes shapes"):
-            runner.run_loop({"x_t": x}, [{"noise": noises[0]}, {"noise": noises[0][:1]}])
+            runner.run_loop({"x_t": x}, [{"noise": noises[0]}, {"noise": noises[0][:1]}], carry=ONE_CARRY)
         out = runner.infer({"x_t": x, "noise": noises[0]})                # plain infer after a loop
         np.testing.assert_allclose(out["x_prev"], 0.5 * x + noises[0], rtol=1e-6)
 
@@ -545,7 +547,7 @@ def test_trt_capture_failure_falls_back(fake_gpu, monkeypatch):
                         lambda stream, mode: (cudart.cudaError_t.cudaErrorMemoryAllocation,), raising=False)
     x, noises, reference = loop_inputs(steps=3)
     with TrtRunner(EngineFromBytes(b"ENGINE"), cuda_graph=True) as runner:
-        out = runner.run_loop({"x_t": x}, [{"noise": n} for n in noises])
+        out = runner.run_loop({"x_t": x}, [{"noise": n} for n in noises], carry=ONE_CARRY)
         assert not runner.cuda_graph and "cudaStreamBeginCapture failed with error 2" in runner.cuda_graph_error
     np.testing.assert_allclose(out["x_prev"], reference, rtol=1e-5)
 

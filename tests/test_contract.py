@@ -21,16 +21,16 @@ DEFAULTS = contract.DEFAULT_LMI.kwargs()
 OP_IDENTITY = {contract.LMI_OP_TYPE, contract.LMI_PLUGIN_ID}
 # I/O names distinctive enough to be a copy wherever they appear as a string constant
 DISTINCT_IO = {contract.GEN_OUTPUT, contract.STEP_X_T, contract.STEP_LMI_SOURCE, contract.STEP_X_PREV,
-               contract.STEP_X0, contract.LMI_Y_AT, *contract.STEP_SCALAR_INPUTS[1:3],
+               contract.STEP_X0, contract.STEP_X0_LAST, contract.LMI_Y_AT, *contract.STEP_SCALAR_INPUTS[1:5],
                contract.LMI_NODE_OUTPUTS[2]}
 # generic words ("image", "x"): a copy only as a key of a feed dict or an outputs[...] index
 FEED_IO = {*contract.GENERATOR_INPUTS, *contract.LMI_GRAPH_INPUTS, *contract.LMI_GRAPH_OUTPUTS,
            *contract.STEP_INPUTS, *contract.STEP_OUTPUTS} - {contract.LMI_OUT}
-# The diffusion step's update (runtime/schedule.py's feeds, the pipeline's _diffuse) is being
-# rewritten onto new step inputs (issue 15, item 2); it moves onto the contract's names there.
-STEP_NAMES = {*contract.STEP_INPUTS, *contract.STEP_OUTPUTS}
-PENDING = {"runtime/schedule.py": STEP_NAMES,
-           "runtime/pipeline.py": STEP_NAMES | {*contract.LMI_GRAPH_INPUTS, *contract.LMI_GRAPH_OUTPUTS}}
+# The step table's columns are the step graph's scalar inputs: defined once, in schedule.py's
+# STEP_SCALARS (the contract re-exports them), which may spell them. The eager sampler still
+# reads the table's rows by column name (to move onto STEP_SCALARS when it is next touched).
+PENDING = {"runtime/schedule.py": set(contract.STEP_SCALAR_INPUTS),
+           "train/midiffusion/samplers.py": set(contract.STEP_SCALAR_INPUTS)}
 
 
 def sources():

@@ -6,11 +6,9 @@ test_diffusion_lmi.py.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
-import warnings
 
 import numpy as np
 import pytest
@@ -19,6 +17,7 @@ import torch.nn.functional as F
 import typer
 from typer.testing import CliRunner
 
+from galip.runtime.schedule import NoiseSchedule, SliceNoise, combine, step_table
 from galip.train.checkpoint import save_checkpoint
 from galip.train.midiffusion import conditioning, samplers
 from galip.train.midiffusion import trainer as trainer_module
@@ -103,128 +102,113 @@ def test_ddim_timesteps_match_the_runtime_table(spacing):
         assert ddim_timesteps(1000, steps, spacing) == runtime_timesteps(1000, steps, spacing).tolist()
 
 
-# ---------------------------------------------------------------- update rules
-def _pairs():
-    return [(11, 10), (11, 7), (5, 4), (3, 0), (0, -1), (4, -1)]
-
-
-@pytest.mark.parametrize("clip_x0", [False, True])
-@pytest.mark.parametrize("t,t_prev", _pairs())
-def test_ddim_with_eta_1_is_the_ddpm_ancestral_step(t, t_prev, clip_x0):
-    g = torch.Generator().manual_seed(t * 31 + t_prev)
-    x_t, eps, noise = (torch.randn(2, 1, 4, 4, generator=g) * 1.5 for _ in range(3))
-    ab = SHORT.alphas_cumprod
-    tt, tp = torch.tensor([t]), torch.tensor([t_prev])
-    ddim = samplers.ddim_update(eps, x_t, tt, tp, noise, ab, eta=1.0, clip_x0=clip_x0)
-    ddpm = samplers.ddpm_update(eps, x_t, tt, tp, noise, ab, clip_x0=clip_x0)
-    torch.testing.assert_close(ddim.prev_sample, ddpm.prev_sample, atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(ddim.pred_original_sample, ddpm.pred_original_sample)
-
-
-def test_ddpm_step_variance_is_the_posterior_variance():
-    ab, betas = SHORT.alphas_cumprod.double(), SHORT.betas
-    x_t, eps = torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4)
-    for t in range(1, 12):
-        tt, tp = torch.tensor([t]), torch.tensor([t - 1])
-        a = samplers.ddpm_update(eps, x_t, tt, tp, torch.zeros_like(x_t), SHORT.alphas_cumprod, clip_x0=False)
-        b = samplers.ddpm_update(eps, x_t, tt, tp, torch.ones_like(x_t), SHORT.alphas_cumprod, clip_x0=False)
-        beta_tilde = (1 - ab[t - 1]) / (1 - ab[t]) * betas[t]            # Ho et al. Eq. 7
-        assert float((b.prev_sample - a.prev_sample).mean()) == pytest.approx(float(beta_tilde.sqrt()), rel=1e-4)
-
-
-@pytest.mark.parametrize("t,t_prev", _pairs())
-def test_ddim_eta_0_with_the_true_noise_stays_on_the_trajectory(t, t_prev):
-    x0 = torch.rand(2, 1, 4, 4) * 2 - 1
-    eps = torch.randn(2, 1, 4, 4)
-    ab = SHORT.alphas_cumprod
-    x_t = q_sample(x0, torch.tensor([t]), eps, ab)
-    out = samplers.ddim_update(eps, x_t, torch.tensor([t]), torch.tensor([t_prev]),
-                               torch.randn_like(x0) * 100, ab, eta=0.0)
-    expected = x0 if t_prev < 0 else q_sample(x0, torch.tensor([t_prev]), eps, ab)
-    torch.testing.assert_close(out.prev_sample, expected, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(out.pred_original_sample, x0, atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("sampler,steps,eta", [("ddim", 5, 0.0), ("ddim", 7, 0.7), ("ddpm", None, 1.0)])
-def test_updates_agree_with_the_runtime_step_table(sampler, steps, eta):
-    from galip.runtime.schedule import NoiseSchedule, step_table
-    table = step_table(NoiseSchedule(1e-3, 0.3, 12), sampler, steps, eta, "trailing")
+# ---------------------------------------------------------------- the update and the samplers
+@pytest.mark.parametrize("steps", [12, 7, 4, 1])
+def test_ddim_eta_0_with_the_true_noise_stays_on_the_trajectory(steps):
+    """With the true x̂₀ the DDIM row's coefficients move x_t = q(x₀, t, ε) to q(x₀, t_prev, ε)."""
+    table = step_table(SHORT.noise_schedule, "ddim", steps)
+    x0, eps = torch.rand(2, 1, 4, 4).double() * 2 - 1, torch.randn(2, 1, 4, 4).double()
+    ab = torch.from_numpy(SHORT.noise_schedule.alpha_bars)       # float64, the table's own
     ts = [int(t) for t in table.timestep] + [-1]
-    x_t, eps, noise = torch.randn(3, 1, 1, 4, 4).double()
-    for i, (t, t_prev) in enumerate(zip(ts, ts[1:])):
-        ab_t, ab_prev, sigma = table.alpha_bar_t[i], table.alpha_bar_prev[i], table.sigma[i]
-        x0 = (x_t - (1 - ab_t) ** 0.5 * eps) / ab_t ** 0.5                  # the graph's maths
-        expected = ab_prev ** 0.5 * x0 + max(0.0, 1 - ab_prev - sigma ** 2) ** 0.5 * eps + sigma * noise
-        update = samplers.ddpm_update if sampler == "ddpm" else samplers.ddim_update
-        kwargs = {} if sampler == "ddpm" else {"eta": eta}
-        got = update(eps, x_t, torch.tensor([t]), torch.tensor([t_prev]), noise,
-                     SHORT.alphas_cumprod.double(), clip_x0=False, **kwargs)
-        torch.testing.assert_close(got.prev_sample, expected, atol=1e-6, rtol=1e-6)
+    for row, t_prev in zip(table.rows(), ts[1:]):
+        x_t = q_sample(x0, torch.tensor([int(row["timestep"])]), eps, ab)
+        coefs = [row[k] for k in ("coef_xt", "coef_x0", "coef_x0_last", "sigma")]
+        got = combine(x_t, x0, torch.zeros_like(x0), torch.randn_like(x0) * 100, *coefs)
+        expected = x0 if t_prev < 0 else q_sample(x0, torch.tensor([t_prev]), eps, ab)
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
 
 
-# ---------------------------------------------------------------- samplers
-def test_ddim_with_T_steps_and_eta_1_equals_ancestral_sampling():
-    model, source = tiny_denoiser(), torch.rand(2, 1, 8, 8)
-    ddpm = samplers.sample_ddpm(model, source, SHORT, generator=torch.Generator().manual_seed(3))
-    ddim = samplers.sample_ddim(model, source, SHORT, SHORT.num_timesteps, eta=1.0,
-                                generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(ddim, ddpm, atol=1e-5, rtol=1e-5)
-    assert ddpm.shape == source.shape and 0 <= ddpm.min() and ddpm.max() <= 1
+class LinearEps(torch.nn.Module):
+    """ε(x_t, t) = a·x_t + b: a known, linear ε-model (no LMI)."""
+
+    def __init__(self, a: float, b: float):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x_t, t, source, lmi_source_source):
+        return self.a * x_t + self.b
+
+    def reference_lmi(self, source):
+        return torch.zeros_like(source)
+
+
+def test_dpm_solver_2m_against_a_hand_computation():
+    """Lu et al. 2022 (DPM-Solver++, Alg. 2) step by step in float64 with λ = log(α/σ), for
+    a linear ε: x̂₀ = (x − σ ε)/α, D = (1 + 1/2r) x̂₀ − 1/2r x̂₀_last, x ← (σ'/σ) x − α'(e^{−h} − 1) D."""
+    schedule = NoiseSchedule(1e-3, 0.3, 12)
+    table = step_table(schedule, "dpmpp2m", 4)
+    model, x_T = LinearEps(0.3, 0.05), 0.4
+    got = samplers.sample(model, torch.zeros(1, 1, 1, 1), table, FixedNoise(x_T), clip_x0=False)
+    ab = schedule.alpha_bars
+    ts = list(table.timestep)
+    alpha = lambda t: 1.0 if t < 0 else np.sqrt(ab[t])          # noqa: E731
+    sigma = lambda t: 0.0 if t < 0 else np.sqrt(1 - ab[t])      # noqa: E731
+    lam = lambda t: np.log(alpha(t) / sigma(t))                 # noqa: E731
+    x, x0_last, h_last = x_T, None, None
+    for t, t_prev in zip(ts, ts[1:] + [-1]):
+        x0 = (x - sigma(t) * (0.3 * x + 0.05)) / alpha(t)
+        if t_prev < 0:                      # to the clean end: first order, x = x̂₀
+            x = x0
+            break
+        h = lam(t_prev) - lam(t)
+        if x0_last is None:
+            d = x0
+        else:
+            r = h_last / h
+            d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_last
+        x = sigma(t_prev) / sigma(t) * x - alpha(t_prev) * (np.exp(-h) - 1) * d
+        x0_last, h_last = x0, h
+    assert float(got) == pytest.approx(np.clip((x + 1) / 2, 0, 1), abs=1e-6)
+    assert 0.0 < float(got) < 1.0                                 # not a clipped bound
+
+
+def test_dpm_solver_is_exact_for_a_point_mass():
+    """For data = one point x₀*, ε* = (x − √ᾱ x₀*)/√(1−ᾱ) is linear and x̂₀ = x₀* at every t:
+    the multistep solver must land on x₀* exactly in any number of steps."""
+    schedule = NoiseSchedule()
+    x0_star = torch.tensor(-0.37).double()
+    for steps in (2, 3, 10):
+        table = step_table(schedule, "dpmpp2m", steps)
+        got = samplers.sample(PointMassEps(x0_star, schedule), torch.zeros(1, 1, 1, 1), table,
+                              FixedNoise(1.3), clip_x0=False)
+        assert float(got) == pytest.approx(float((x0_star + 1) / 2), abs=1e-5)
+
+
+class PointMassEps(torch.nn.Module):
+    def __init__(self, x0_star, schedule):
+        super().__init__()
+        self.x0_star, self.ab = x0_star, torch.from_numpy(schedule.alpha_bars)
+
+    def forward(self, x_t, t, source, lmi_source_source):
+        ab = self.ab[t.long()].reshape(-1, 1, 1, 1).to(x_t.dtype)
+        return (x_t - ab.sqrt() * self.x0_star) / (1 - ab).sqrt()
+
+    def reference_lmi(self, source):
+        return torch.zeros_like(source)
+
+
+class FixedNoise:
+    """x_T = value; no z is drawn by a deterministic sampler (a draw would fail the test)."""
+
+    def __init__(self, value: float):
+        self.value, self.draws = value, 0
+
+    def draw(self):
+        self.draws += 1
+        assert self.draws == 1, "a deterministic sampler drew noise after x_T"
+        return np.full((1, 1, 1, 1), self.value, np.float32)
 
 
 def test_samplers_are_deterministic_by_seed():
-    model, source = tiny_denoiser(), torch.rand(1, 1, 8, 8)
+    model, source = tiny_denoiser(), torch.rand(2, 1, 8, 8)
 
-    def run(seed, eta):
-        return samplers.sample_ddim(model, source, DDPMSchedule(), 3, eta=eta,
-                                    generator=torch.Generator().manual_seed(seed))
-    for eta in (0.0, 1.0):
-        assert torch.equal(run(0, eta), run(0, eta))
-        assert not torch.equal(run(0, eta), run(1, eta))
-
-
-def test_translate_slices_keeps_type_and_shape():
-    model = tiny_denoiser()
-    sources = np.random.default_rng(0).random((3, 8, 8)).astype(np.float32)
-    out = samplers.translate_slices(model, sources, steps=2, seed=5, batch_size=2)
-    again = samplers.translate_slices(model, sources, steps=2, seed=5, batch_size=2)
-    assert isinstance(out, np.ndarray) and out.shape == sources.shape
-    np.testing.assert_array_equal(out, again)
-    as_tensor = samplers.translate_slices(model, torch.from_numpy(sources)[:, None], sampler="ddpm",
-                                          schedule=SHORT, seed=5)
-    assert isinstance(as_tensor, torch.Tensor) and as_tensor.shape == (3, 1, 8, 8)
-
-
-def test_one_step_exports_to_onnx_with_t_as_graph_inputs(monkeypatch):
-    ort = pytest.importorskip("onnxruntime")
-    monkeypatch.setattr(conditioning, "lmi_map", None)       # the graph must use the lmi_fn given
-    ab = DDPMSchedule().alphas_cumprod
-
-    class Step(torch.nn.Module):            # what the export engineer wraps: LMI + net + update
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.model = LMIDenoiser(ScoreNet(TINY), lmi_fn=fake_lmi)
-            self.register_buffer("alpha_bar", ab)
-
-        def forward(self, x_t, t, t_prev, noise, source, lmi_ss):
-            return samplers.ddim_step(self.model, x_t, t, t_prev, noise, source, lmi_ss,
-                                      self.alpha_bar, eta=0.5).prev_sample
-
-    step, names = Step().eval(), ["x_t", "t", "t_prev", "noise", "source", "lmi_ss"]
-    feed = [torch.randn(1, 1, 16, 16), torch.tensor([999]), torch.tensor([899]),
-            torch.randn(1, 1, 16, 16), torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16)]
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(step, tuple(feed), buffer, dynamo=False, input_names=names, opset_version=17)
-    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
-    for t, t_prev in [(999, 899), (40, 0), (3, -1)]:
-        feed[1], feed[2] = torch.tensor([t]), torch.tensor([t_prev])
-        with torch.no_grad():
-            expected = step(*feed).numpy()
-        got = session.run(None, {n: v.numpy() for n, v in zip(names, feed)})[0]
-        np.testing.assert_allclose(got, expected, atol=1e-4)
+    def run(seed, sampler, eta):
+        table = step_table(DDPMSchedule().noise_schedule, sampler, 3, eta)
+        return samplers.sample(model, source, table, SliceNoise(seed, 0, 2, (1, 8, 8)))
+    for sampler, eta in (("ddim", 0.0), ("ddim", 1.0), ("dpmpp2m", 0.0)):
+        assert torch.equal(run(0, sampler, eta), run(0, sampler, eta))
+        assert not torch.equal(run(0, sampler, eta), run(1, sampler, eta))
+        assert run(0, sampler, eta).shape == source.shape
 
 
 # ---------------------------------------------------------------- shared conditioning
@@ -259,7 +243,7 @@ def test_one_condition_function_serves_training_and_sampling(monkeypatch, tmp_pa
     calls["lmi"].clear()
     model, schedule, _ = load_denoiser(tmp_path / "checkpoint.pt")
     source = torch.rand(2, 1, 16, 16)
-    samplers.sample_ddim(model, source, schedule, 3, generator=torch.Generator().manual_seed(0))
+    samplers.sample(model, source, step_table(schedule.noise_schedule, "ddim", 3), SliceNoise(0, 0, 2, (1, 16, 16)))
     assert len(calls["condition"]) == 3 and len(calls["lmi"]) == 1 + 3
     assert all(torch.equal(x, source) for x, _, _ in calls["lmi"])
     assert all(c == lmi_config for _, _, c in calls["lmi"])

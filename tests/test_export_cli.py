@@ -142,7 +142,7 @@ def test_engines_with_a_fake_tensorrt(checkpoints, tmp_path, monkeypatch):
     assert engine["version_compatible"] is True and ("set_flag", "VERSION_COMPATIBLE") in fake.calls
     assert (engine["ptx_isa"], engine["min_driver_cuda"]) == ("8.7", 12080)     # the LMI kernel's PTX
     assert engine["profiles"]["x_t"] == {"min": [1, 1, 32, 32], "opt": [4, 1, 64, 64], "max": [4, 1, 128, 128]}
-    assert set(engine["profiles"]) == {"x_t", "source", "lmi_source", "noise"}
+    assert set(engine["profiles"]) == {"x_t", "source", "lmi_source", "noise", "x0_last"}
     assert spec["lmi_graph"]["engines"][0]["precision"] == "fp32"
     parsed = [c[1] for c in fake.calls if c[0] == "parse_from_file"]
     assert [p.rsplit("/", 1)[-1] for p in parsed] == ["diffusion_T2_step_fp16.onnx", "lmi.onnx"]

@@ -1,9 +1,10 @@
 """The MIDiffusion step graph and lmi.onnx against PyTorch (onnxruntime, CPU).
 
-The step graph (one ``galip::LMI`` node + tiny score network + DDIM update) must equal the
-PyTorch step of ``galip.train.midiffusion.samplers.ddim_step`` with the real PyTorch LMI
-(galip.train.lmi.lmi) to 1e-4 for several (t, t_prev, η), and lmi.onnx must equal
-galip.train.lmi.lmi to 1e-5.
+The step graph (one ``galip::LMI`` node + tiny score network + the update), looped by the
+runtime's own sampler (galip.runtime.sampling.run_sampler on onnxruntime), must give the
+sample of the eager PyTorch sampler (galip.train.midiffusion.samplers.sample with the real
+PyTorch LMI, galip.train.lmi.lmi) for the same seed to 1e-4, for DDPM, DDIM (η > 0) and
+DPM-Solver++(2M); lmi.onnx must equal galip.train.lmi.lmi to 1e-5.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from galip.train.midiffusion.trainer import denoiser_from_payload  # noqa: E402
 from galip.export.fp16 import io_types, to_fp16  # noqa: E402
 from galip.train.lmi import lmi as torch_lmi  # noqa: E402
 from galip.train.midiffusion import samplers  # noqa: E402
+from galip.runtime.schedule import step_table  # noqa: E402
 
 
 
@@ -47,44 +49,36 @@ def lmi_session(model):
     return ort_session(dg.export_lmi(dg.lmi_settings(model[0].lmi_config), opset=18))
 
 
-def _feed(x_t, source, lmi_source, t, ab_t, ab_prev, sigma, noise) -> dict:
+def _feed(x_t, source, lmi_source, table_row: dict, x0_last=None) -> dict:
     scalar = lambda v: np.array([float(v)], np.float32)     # noqa: E731
-    return {"x_t": x_t, "source": source, "lmi_source": lmi_source, "timestep": scalar(t),
-            "alpha_bar_t": scalar(ab_t), "alpha_bar_prev": scalar(ab_prev), "sigma": scalar(sigma),
-            "noise": noise}
+    return {"x_t": x_t, "source": source, "lmi_source": lmi_source,
+            **{name: scalar(v) for name, v in table_row.items()},
+            "noise": np.zeros_like(x_t), "x0_last": np.zeros_like(x_t) if x0_last is None else x0_last}
 
 
-def _ddim_table(schedule, t: int, t_prev: int, eta: float):
-    """(ᾱ_t, ᾱ_prev, σ) as the runtime computes them (Song et al. Eq. 16)."""
-    ab = schedule.alphas_cumprod.double()
-    ab_t = float(ab[t])
-    ab_prev = float(ab[t_prev]) if t_prev >= 0 else 1.0
-    sigma = eta * np.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))
-    return ab_t, ab_prev, sigma
-
-
-@pytest.mark.parametrize("n, h, w, t, t_prev, eta", [
-    (1, 32, 32, 19, 14, 0.0),     # early, deterministic DDIM
-    (2, 32, 48, 7, 6, 1.0),       # DDPM-like ancestral step
-    (2, 16, 32, 0, -1, 0.5),      # last step to x_0
+@pytest.mark.parametrize("n, h, w, sampler, steps, eta", [
+    (1, 32, 32, "dpmpp2m", 5, 0.0),   # the multistep solver: x0_last carried between steps
+    (2, 32, 48, "ddim", 4, 0.7),      # stochastic DDIM: noise drawn by both from SliceNoise
+    (2, 16, 32, "ddpm", None, 1.0),   # ancestral, all T steps
 ])
-def test_step_graph_matches_pytorch_step(model, step_session, n, h, w, t, t_prev, eta):
+def test_step_graph_sampling_equals_eager_pytorch(model, step_graph, tmp_path, n, h, w, sampler, steps, eta):
+    from galip.runtime.backends.onnxruntime.loader import SessionFromOnnx
+    from galip.runtime.backends.onnxruntime.runner import OnnxrtRunner
+    from galip.runtime.sampling import run_sampler
+    from galip.runtime.schedule import SliceNoise, step_table
     denoiser, schedule, _ = model
-    rng = np.random.default_rng(t)
-    source = phantom_slices(n, h, w, seed=t)
-    x_t = rng.standard_normal((n, 1, h, w)).astype(np.float32)
-    noise = rng.standard_normal((n, 1, h, w)).astype(np.float32)
+    table = step_table(schedule.noise_schedule, sampler, steps, eta)
+    source = phantom_slices(n, h, w, seed=n + h)
     src = torch.from_numpy(source)
-    lmi_ss = torch_lmi(src, src, **denoiser.lmi_config.lmi_kwargs())[0]
-    with torch.no_grad():
-        ref = samplers.ddim_step(denoiser, torch.from_numpy(x_t), torch.tensor([t]), torch.tensor([t_prev]),
-                                 torch.from_numpy(noise), src, lmi_ss, schedule.alphas_cumprod, eta=eta)
-    x_prev, x0 = step_session.run(["x_prev", "x0_pred"],
-                                  _feed(x_t, source, lmi_ss.numpy(), t, *_ddim_table(schedule, t, t_prev, eta), noise))
-    report = parity.compare_outputs({"x_prev": x_prev, "x0_pred": x0},
-                                    {"x_prev": ref.prev_sample, "x0_pred": ref.pred_original_sample},
-                                    max_abs=1e-4)
+    eager = samplers.sample(denoiser, src, table, SliceNoise(7, 3, n, (1, h, w))).numpy()
+    onnx.save(step_graph, tmp_path / "step.onnx")
+    lmi_ss = torch_lmi(src, src, **denoiser.lmi_config.lmi_kwargs())[0].numpy()
+    with OnnxrtRunner(SessionFromOnnx(tmp_path / "step.onnx")) as runner:
+        x0 = run_sampler(runner, source, lmi_ss, table, SliceNoise(7, 3, n, (1, h, w)))
+    bundle = np.clip((x0 + 1) / 2, 0, 1)
+    report = parity.compare(bundle, eager, max_abs=1e-4, name=f"{sampler} sample")
     assert report, report
+    assert np.abs(eager - eager.mean()).max() > 1e-3       # a sample, not a constant
 
 
 def test_step_graph_holds_one_lmi_node_defined_by_the_function(step_graph):
@@ -101,8 +95,8 @@ def test_step_graph_holds_one_lmi_node_defined_by_the_function(step_graph):
     lmi_onnx.check_lmi_nodes(step_graph)
     onnx.checker.check_model(step_graph, full_check=True)
     inputs = {v.name: v.type.tensor_type for v in step_graph.graph.input}
-    assert list(inputs) == ["x_t", "source", "lmi_source", "timestep", "alpha_bar_t", "alpha_bar_prev",
-                            "sigma", "noise"]
+    assert list(inputs) == ["x_t", "source", "lmi_source", "timestep", "alpha_bar_t", "coef_xt", "coef_x0",
+                            "coef_x0_last", "sigma", "noise", "x0_last"]
     assert all(t.elem_type == TensorProto.FLOAT for t in inputs.values())
     assert [d.dim_value for d in inputs["timestep"].shape.dim] == [1]
     assert [d.dim_param or d.dim_value for d in inputs["x_t"].shape.dim] == ["N", 1, "H", "W"]
@@ -122,7 +116,7 @@ def test_lmi_graph_matches_pytorch_lmi(model, lmi_session):
 
 def test_fp16_step_graph_psnr_and_float32_io(model, step_graph, step_session):
     denoiser, schedule, _ = model
-    half = to_fp16(step_graph, spatial_inputs=[*dg.IMAGE_INPUTS, "noise"],
+    half = to_fp16(step_graph, spatial_inputs=[*dg.IMAGE_INPUTS, *dg.STATE_INPUTS],
                    keep_fp32_nodes=dg.update_nodes(step_graph), allowed_custom=[("galip", "LMI")])
     assert set(io_types(half).values()) == {TensorProto.FLOAT}
     (lmi_node,) = [n for n in half.graph.node if n.op_type == "LMI"]
@@ -132,9 +126,11 @@ def test_fp16_step_graph_psnr_and_float32_io(model, step_graph, step_session):
     source = phantom_slices(2, 32, 32, seed=11)
     lmi_ss = torch_lmi(torch.from_numpy(source), torch.from_numpy(source))[0].numpy()
     rng = np.random.default_rng(5)
-    for t, t_prev in [(19, 15), (4, 3)]:
-        feed = _feed(rng.standard_normal(source.shape).astype(np.float32), source, lmi_ss, t,
-                     *_ddim_table(schedule, t, t_prev, 0.0), np.zeros_like(source))
+    table = step_table(schedule.noise_schedule, "dpmpp2m", 5)
+    for row in list(table.rows())[1::3]:
+        feed = _feed(rng.standard_normal(source.shape).astype(np.float32), source, lmi_ss, row,
+                     rng.uniform(-1, 1, source.shape).astype(np.float32))
+        t = row["timestep"]
         x0_half = session.run(["x0_pred"], feed)[0]
         x0_full = step_session.run(["x0_pred"], feed)[0]
         result = parity.compare(x0_half, x0_full, min_psnr=45.0, data_range=2.0, name=f"x0_pred fp16 t={t}")

@@ -205,6 +205,40 @@ def test_seeded_diffusion_is_deterministic_and_independent_of_batch(tmp_path, bu
     np.testing.assert_array_equal(ddim.data, translate(seed=8, eta=0.0).data)
 
 
+@pytest.mark.parametrize("affine_name", ["lps", "oblique"])
+def test_slices_translate_a_slab_and_leave_the_rest_background(tmp_path, bundle, affine_name):
+    """--slices A:B: same shape and affine, the slab equals the whole run's slices (same
+    seed, whole-volume normalisation), everything outside it is the target's background."""
+    data = phantom_volume(shape=(18, 22, 9))
+    affine = lps_affine() if affine_name == "lps" else oblique_affine()
+    source = write_volume(tmp_path / "s.nii.gz", data, affine, (1, 1))
+    runs = {}
+    for name, extra in (("whole", []), ("slab", ["--slices", "2:5"])):
+        out = tmp_path / f"{name}.nii.gz"
+        result = run(source, "--to", "T2", "--model", "diffusion", "--bundle", bundle, "--out", out,
+                     "--steps", 3, "--eta", 1, "--mask", "none", "--seed", 4, *extra)
+        assert result.exit_code == 0, result.output
+        image, runs[name] = _load(out)
+        assert runs[name].shape == data.shape
+        np.testing.assert_allclose(image.affine, affine, atol=1e-5)
+    from galip.runtime.geometry import voxel_axis
+    axis = voxel_axis(affine, load_bundle(bundle).preprocess["axis"])
+    inside = np.zeros(data.shape, bool)
+    np.moveaxis(inside, axis, 0)[2:5] = True
+    span = np.abs(runs["whole"]).max()
+    np.testing.assert_allclose(runs["slab"][inside], runs["whole"][inside], rtol=0, atol=1e-5 * span)
+    assert np.all(runs["slab"][~inside] == 0.0) and np.abs(runs["whole"][~inside]).max() > 0
+    assert "3 slices" in result.stdout
+
+
+def test_slices_outside_the_volume_exit_2(tmp_path, bundle):
+    source = write_volume(tmp_path / "s.nii.gz", phantom_volume(shape=(18, 22, 9)), lps_affine(), (1, 1))
+    for bad, message in (("5:40", "runs past"), ("4:4", "A:B"), ("x", "A:B")):
+        result = run(source, "--to", "T2", "--bundle", bundle, "--out", tmp_path / "o.nii.gz", "--slices", bad)
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (tmp_path / "o.nii.gz").exists()
+
+
 def test_ddpm_runs_every_timestep(tmp_path):
     bundle = build_tiny_bundle(tmp_path / "t50", timesteps=50)
     data = phantom_volume(shape=(18, 22, 3))
@@ -251,11 +285,15 @@ def test_ddpm_table_is_the_closed_form_posterior():
     np.testing.assert_array_equal(table.timestep, np.arange(T - 1, -1, -1))
     np.testing.assert_allclose(table.alpha_bar_t, alpha_bar[::-1], rtol=1e-12)
     prev = np.concatenate([alpha_bar[-2::-1], [1.0]])
-    np.testing.assert_allclose(table.alpha_bar_prev, prev, rtol=1e-12)
     t = table.timestep
     posterior = (1 - prev) / (1 - alpha_bar[t]) * betas[t]            # β̃_t, Ho et al. Eq. 7
     np.testing.assert_allclose(table.sigma ** 2, posterior, rtol=1e-9, atol=1e-15)
-    assert table.sigma[-1] == 0.0 and table.alpha_bar_prev[-1] == 1.0
+    # posterior mean μ̃ = √ᾱ_prev β/(1−ᾱ_t) x̂₀ + √α (1−ᾱ_prev)/(1−ᾱ_t) x_t (Ho et al. Eq. 7)
+    np.testing.assert_allclose(table.coef_x0, np.sqrt(prev) * betas[t] / (1 - alpha_bar[t]), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(table.coef_xt, np.sqrt(1 - betas[t]) * (1 - prev) / (1 - alpha_bar[t]),
+                               rtol=1e-9, atol=1e-12)
+    assert np.all(table.coef_x0_last == 0.0)
+    assert table.sigma[-1] == 0.0 and table.coef_xt[-1] == 0.0 and table.coef_x0[-1] == 1.0
 
 
 def test_ddim_eta_zero_is_deterministic_and_eta_one_over_all_steps_is_ddpm():
@@ -264,14 +302,30 @@ def test_ddim_eta_zero_is_deterministic_and_eta_one_over_all_steps_is_ddpm():
     assert np.all(ddim.sigma == 0.0)
     full = S.step_table(schedule, "ddim", schedule.timesteps, eta=1.0)
     ddpm = S.step_table(schedule, "ddpm")
-    for field in ("timestep", "alpha_bar_t", "alpha_bar_prev", "sigma"):
-        np.testing.assert_allclose(getattr(full, field), getattr(ddpm, field), rtol=1e-12)
+    for field in S.STEP_SCALARS:
+        np.testing.assert_allclose(getattr(full, field), getattr(ddpm, field), rtol=1e-12, atol=1e-15)
     half = S.step_table(schedule, "ddim", 20, eta=0.5)
     one = S.step_table(schedule, "ddim", 20, eta=1.0)
     np.testing.assert_allclose(half.sigma, 0.5 * one.sigma)
     feeds = list(half.feeds())
-    assert len(feeds) == 20 and set(feeds[0]) == {"timestep", "alpha_bar_t", "alpha_bar_prev", "sigma"}
+    assert len(feeds) == 20 and tuple(feeds[0]) == S.STEP_SCALARS
     assert all(v.dtype == np.float32 and v.shape == (1,) for v in feeds[0].values())
+
+
+def test_ddim_eta_zero_is_dpm_solver_first_order():
+    """DDIM (η = 0) is DPM-Solver++'s first-order update (Lu et al. 2022, §4.1): the
+    multistep table equals it wherever it has no x̂₀^last term (first and last step)."""
+    schedule = S.NoiseSchedule()
+    ddim, dpm = S.step_table(schedule, "ddim", 10), S.step_table(schedule, "dpmpp2m", 10)
+    for i in (0, 9):
+        assert dpm.coef_x0_last[i] == 0.0
+        np.testing.assert_allclose([dpm.coef_xt[i], dpm.coef_x0[i]], [ddim.coef_xt[i], ddim.coef_x0[i]], rtol=1e-10)
+    # in between, the second-order terms still sum to the first-order weight of x̂₀
+    np.testing.assert_allclose(dpm.coef_x0 + dpm.coef_x0_last, ddim.coef_x0, rtol=1e-10)
+    np.testing.assert_allclose(dpm.coef_xt, ddim.coef_xt, rtol=1e-10)
+    assert np.all(dpm.coef_x0_last[1:9] < 0) and np.all(dpm.sigma == 0)
+    with pytest.raises(S.ConfigError, match="deterministic"):
+        S.step_table(schedule, "dpmpp2m", 10, eta=0.5)
 
 
 @pytest.mark.parametrize("T", [1000, 50, 7])

@@ -98,6 +98,8 @@ def test_split_step_equals_the_plain_graph(exported, t, t_prev, eta):
     ab = schedule.alphas_cumprod.double().numpy()
     ab_t, ab_prev = ab[t], (ab[t_prev] if t_prev >= 0 else 1.0)
     sigma = eta * np.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))
+    coef_xt = np.sqrt(max(0.0, 1 - ab_prev - sigma ** 2) / (1 - ab_t))
+    coef_x0, coef_x0_last = np.sqrt(ab_prev) - coef_xt * np.sqrt(ab_t), -0.1 * (t_prev >= 0)
     rng = np.random.default_rng(t)
     source = phantom_slices(2, 40, 48, seed=t)
     x0 = 2 * phantom_slices(2, 40, 48, seed=t + 100) - 1
@@ -106,14 +108,15 @@ def test_split_step_equals_the_plain_graph(exported, t, t_prev, eta):
         lmi_source = runner.infer({"x": source, "y": source})["lmi"]
     scalar = lambda v: np.array([v], np.float32)    # noqa: E731
     feed = {"x_t": x_t, "source": source, "lmi_source": lmi_source, "timestep": scalar(t),
-            "alpha_bar_t": scalar(ab_t), "alpha_bar_prev": scalar(ab_prev), "sigma": scalar(sigma),
-            "noise": rng.standard_normal(x0.shape, dtype=np.float32)}
+            "alpha_bar_t": scalar(ab_t), "coef_xt": scalar(coef_xt), "coef_x0": scalar(coef_x0),
+            "coef_x0_last": scalar(coef_x0_last), "sigma": scalar(sigma),
+            "noise": rng.standard_normal(x0.shape, dtype=np.float32), "x0_last": x0[::-1].copy()}
     with plain(step) as reference, split(step) as runner:
         assert runner.input_metadata == reference.input_metadata
         assert runner.output_metadata == reference.output_metadata
         want, got = reference.infer(feed), runner.infer(feed)
         assert len(runner.segment_times) == 3
-        # run_loop (the pipeline's entry point) carries x_prev into x_t like the plain runner
+        # run_loop (the pipeline's entry point) carries x_prev → x_t, x0_pred → x0_last like the plain runner
         rows = [{"noise": feed["noise"] * k} for k in (1.0, 0.5)]
         assert_same(runner.run_loop(feed, rows), reference.run_loop(feed, rows))
     assert_same(got, want)
@@ -257,12 +260,12 @@ def test_step_table_rows_feed_the_split_runner(bundle, no_gpu_backends, monkeypa
     """The runtime's own table (not a hand-made one) through both runners, one batch."""
     loaded = load_bundle(bundle)
     spec = loaded.model("diffusion", "T2")
-    table = S.step_table(spec.schedule, "ddim", 4, 1.0)
+    table = S.step_table(spec.schedule, "dpmpp2m", 4)
     source = phantom_slices(1, 32, 32, seed=9)
     rng = np.random.default_rng(0)
     step = loaded.path(spec.graphs["fp32"].file)
     with plain(step) as reference, split(step) as runner, split(loaded.path(spec.lmi_graph.file)) as lmi:
         init = {"x_t": rng.standard_normal(source.shape, dtype=np.float32), "source": source,
-                "lmi_source": lmi.infer({"x": source, "y": source})["lmi"]}
+                "lmi_source": lmi.infer({"x": source, "y": source})["lmi"], "x0_last": np.zeros_like(source)}
         rows = [{**row, "noise": rng.standard_normal(source.shape, dtype=np.float32)} for row in table.feeds()]
         assert_same(runner.run_loop(init, rows), reference.run_loop(init, rows), atol=1e-4)

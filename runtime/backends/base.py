@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from ..contract.graphs import STEP_CARRY
+from ..contract.graphs import STEP_CARRY as DIFFUSION_CARRY   # step graph input ← output of the step before
 from ..errors import BackendError
 
 Shape = tuple[int | str | None, ...]   # ints are fixed, str/None are dynamic dimensions
@@ -170,24 +170,25 @@ class Runner:
         self,
         init: Mapping[str, np.ndarray],
         steps: Iterable[Mapping[str, np.ndarray]],
-        carry: tuple[str, str] = STEP_CARRY,
+        carry: Mapping[str, str] = DIFFUSION_CARRY,
     ) -> dict[str, np.ndarray]:
-        """Run once per item of ``steps``, feeding output ``carry[1]`` back as input ``carry[0]``.
+        """Run once per item of ``steps``, feeding each output ``carry[input]`` back as ``input``.
 
         ``init`` holds every input of the first step; each item of ``steps`` the inputs
         that change at that step (timestep, noise, ...), merged over the previous feed.
         Returns the outputs of the last step. This host-side version is the reference; the
-        TensorRT runner overrides it to keep the carried tensor on the device.
+        TensorRT runner overrides it to keep the carried tensors on the device.
         """
         feed = dict(init)
         outputs: dict[str, np.ndarray] = {}
         for index, update in enumerate(steps):
             feed.update(update)
-            if index and carry[1] in outputs:
-                feed[carry[0]] = outputs[carry[1]]
+            if index:
+                feed.update({name: outputs[out] for name, out in carry.items()})
             outputs = self.infer(feed)
-            if carry[1] not in outputs:
-                raise BackendError(f"{self.name}: run_loop carries {carry[1]!r} but the graph outputs {list(outputs)}")
+            missing = [out for out in carry.values() if out not in outputs]
+            if missing:
+                raise BackendError(f"{self.name}: run_loop carries {missing} but the graph outputs {list(outputs)}")
         return outputs
 
 

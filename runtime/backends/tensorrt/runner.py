@@ -5,9 +5,9 @@ Per :meth:`TrtRunner.infer`: ``set_input_shape`` + host-to-device copy per input
 the runner's stream, device-to-host copies, one stream synchronisation. Device buffers
 grow on demand and are reused between calls.
 
-:meth:`TrtRunner.run_loop` is the diffusion hook: the carried tensor (``x_t`` -> ``x_prev``)
-never leaves the device; the two buffers swap addresses between steps and only the
-per-step inputs (timestep, noise, ...) are uploaded. With ``cuda_graph=True`` each
+:meth:`TrtRunner.run_loop` is the diffusion hook: the carried tensors (``x_t`` <- ``x_prev``,
+``x0_last`` <- ``x0_pred``) never leave the device; each pair's two buffers swap addresses
+between steps and only the per-step inputs (timestep, noise, ...) are uploaded. With ``cuda_graph=True`` each
 distinct binding (two for the ping-pong) is captured once
 (``cudaStreamBeginCapture`` / ``EndCapture`` / ``GraphInstantiate``) and replayed with
 ``cudaGraphLaunch``; if capture fails the runner falls back to ``execute_async_v3`` and
@@ -24,9 +24,8 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from ... import device_info
-from ...contract.graphs import STEP_CARRY
 from ...errors import BackendError
-from ..base import Runner, TensorMeta
+from ..base import DIFFUSION_CARRY, Runner, TensorMeta
 from .loader import INSTALL_GPU, EngineFromBytes, import_tensorrt
 
 
@@ -243,22 +242,24 @@ class TrtRunner(Runner):
         self,
         init: Mapping[str, np.ndarray],
         steps: Iterable[Mapping[str, np.ndarray]],
-        carry: tuple[str, str] = STEP_CARRY,
+        carry: Mapping[str, str] = DIFFUSION_CARRY,
     ) -> dict[str, np.ndarray]:
-        """Like :meth:`Runner.run_loop`, with ``carry`` kept on the device (ping-pong buffers).
+        """Like :meth:`Runner.run_loop`, with every carried pair kept on the device (ping-pong
+        buffers: after each step an input and its output swap addresses).
 
         Shapes are fixed for the whole loop. ``last_inference_time`` is the whole loop.
         """
-        x_in, x_out = carry
-        if x_in not in self.input_metadata or x_out not in self.output_metadata:
+        absent = [f"{x_in!r} -> {x_out!r}" for x_in, x_out in carry.items()
+                  if x_in not in self.input_metadata or x_out not in self.output_metadata]
+        if absent:
             raise BackendError(
-                f"{self.name}: run_loop carries {x_in!r} -> {x_out!r}, but the engine has inputs "
+                f"{self.name}: run_loop carries {', '.join(absent)}, but the engine has inputs "
                 f"{self.input_names} and outputs {self.output_names}"
             )
         start = time.perf_counter()
         feed = dict(init)
         shapes: dict[str, tuple[int, ...]] = {}
-        ping = pong = 0
+        buffers: dict[str, list[int]] = {}      # input name -> [its address, its output's address]
         count = 0
         for count, update in enumerate(steps, start=1):
             if count == 1:
@@ -266,16 +267,20 @@ class TrtRunner(Runner):
                 prepared = self.prepare_feed(feed)
                 self._upload(prepared)
                 shapes = self._bind_outputs()
-                if (shapes[x_out], self._outputs[x_out].dtype) != (prepared[x_in].shape, prepared[x_in].dtype):
-                    raise BackendError(f"{self.name}: run_loop needs {x_out!r} shaped like {x_in!r}; "
-                                       f"got {shapes[x_out]} vs {prepared[x_in].shape}")
-                ping, pong = self._addresses[x_in], self._addresses[x_out]
+                for x_in, x_out in carry.items():
+                    if (shapes[x_out], self._outputs[x_out].dtype) != (prepared[x_in].shape, prepared[x_in].dtype):
+                        raise BackendError(f"{self.name}: run_loop needs {x_out!r} shaped like {x_in!r}; "
+                                           f"got {shapes[x_out]} vs {prepared[x_in].shape}")
+                    buffers[x_in] = [self._addresses[x_in], self._addresses[x_out]]
             else:
-                if x_in in update:
-                    raise BackendError(f"{self.name}: run_loop step {count} feeds {x_in!r}, which the loop carries")
-                ping, pong = pong, ping
-                self._bind(x_in, 0, ping)
-                self._bind(x_out, 0, pong)
+                carried = [name for name in carry if name in update]
+                if carried:
+                    raise BackendError(f"{self.name}: run_loop step {count} feeds {carried}, which the loop carries")
+                for x_in, x_out in carry.items():
+                    ping_pong = buffers[x_in]
+                    ping_pong.reverse()
+                    self._bind(x_in, 0, ping_pong[0])
+                    self._bind(x_out, 0, ping_pong[1])
                 if update:
                     feed.update(update)
                     prepared = self.prepare_feed(feed)
