@@ -50,66 +50,19 @@ import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_path
+from .bundle_files import (EXTERNAL_KEY, external_files, identity, onnx_external_locations,  # noqa: F401
+                           resolve_inside, sha256_file)
 from .contract import DiffusionEntry, GeneratorEntry, GraphFile, ModelEntry
 from .domains import Domain, get_domain
-from .errors import BackendError, BundleError, ConfigError
+from .errors import BundleError, ConfigError
 from .manifest_schema import MAX_MANIFEST_BYTES, SCHEMA_VERSION, parse_manifest, validate_manifest
 
 MANIFEST_NAME = "manifest.json"
-_CHUNK = 1 << 20
 _KEY_ORDER = ("schema_version", "galip_version", "preprocess", "domains", "models", "files", "sizes")
-
-
-# ----------------------------------------------------------------------------- paths, hashes
-def sha256_file(path: Path) -> str:
-    """sha256 hex digest of ``path``, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _identity(path: Path) -> tuple[int, int]:
-    """(device, inode): the file itself, whatever name, case or link reaches it."""
-    info = path.stat()
-    return info.st_dev, info.st_ino
-
-
-def resolve_inside(root: Path, relative: Any, what: str) -> Path:
-    """Return ``root / relative`` (symlinks resolved) after checking it stays inside ``root``.
-
-    Refuses non-strings, absolute paths (POSIX or Windows), backslashes, ``..`` components
-    and anything whose resolved target (a symlink) lies outside the folder. ``what`` names
-    the manifest entry for the error message.
-    """
-    if not isinstance(relative, str) or not relative.strip():
-        raise BundleError(f"{what}: expected a relative file name, found {relative!r}; fix the manifest")
-    if PurePosixPath(relative).is_absolute() or PureWindowsPath(relative).drive:
-        raise BundleError(
-            f"{what}: path {relative!r} is absolute; bundle paths must be relative to the bundle folder"
-        )
-    if "\\" in relative:
-        raise BundleError(f"{what}: path {relative!r} contains a backslash; use forward slashes")
-    if ".." in PurePosixPath(relative).parts:
-        raise BundleError(
-            f"{what}: path {relative!r} climbs out of the bundle with '..'; keep every file inside the bundle folder"
-        )
-    if any(part in ("", ".") for part in relative.split("/")):   # one spelling per file: no name tricks
-        raise BundleError(f"{what}: path {relative!r} is not canonical (empty or '.' parts, or a trailing '/'); "
-                          f"write it as {PurePosixPath(relative).as_posix()!r}")
-    root_real = Path(root).resolve()
-    target = (root_real / relative).resolve()
-    if not target.is_relative_to(root_real):
-        raise BundleError(
-            f"{what}: {relative!r} resolves to {target}, outside the bundle folder {root_real} "
-            "(a symlink?); copy the file into the bundle instead of linking it"
-        )
-    return target
 
 
 def referenced_files(manifest: dict) -> list[tuple[str, str]]:
@@ -137,55 +90,6 @@ def referenced_files(manifest: dict) -> list[tuple[str, str]]:
     return found
 
 
-# ----------------------------------------------------------------------------- ONNX external data
-def onnx_external_locations(data: bytes) -> list[str]:
-    """``location`` of every tensor a serialized ONNX ``ModelProto`` stores as external data.
-
-    Walks every message field (protobuf reflection), so graphs, subgraphs (If/Loop/Scan),
-    functions, training graphs and sparse tensors are all seen; onnx's own
-    ``_get_all_tensors`` skips the last two. Raises ``ValueError`` on bytes that are not an
-    ONNX model, BackendError when the ``onnx`` package is missing.
-    """
-    try:
-        import onnx
-        from google.protobuf.message import DecodeError, Message
-        from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-    except ImportError as error:
-        raise BackendError(f"reading ONNX graphs needs onnx ({error}); install it: pip install 'galip[cpu]'") from None
-
-    def tensors(message):
-        if isinstance(message, onnx.TensorProto):
-            yield message
-            return
-        for descriptor, value in message.ListFields():
-            if descriptor.message_type is not None:
-                for item in [value] if isinstance(value, Message) else value:
-                    yield from tensors(item)
-
-    try:
-        model = onnx.load_model_from_string(data)
-        return [ExternalDataInfo(t).location for t in tensors(model) if uses_external_data(t)]
-    except (DecodeError, ValueError) as error:
-        raise ValueError(f"not a valid ONNX protobuf ({error})") from None
-
-
-def _external_files(root: Path, graph: str, where: str, data: bytes | None = None) -> list[tuple[str, Path]]:
-    """``(bundle-relative name, resolved path)`` of every external-data file ``graph`` (whose
-    bytes are ``data`` when given) needs."""
-    path = resolve_inside(root, graph, where)
-    data = path.read_bytes() if data is None else data
-    try:
-        locations = onnx_external_locations(data)
-    except ValueError as error:
-        raise BundleError(f"{where}: {graph!r} is {error}; re-export the bundle") from None
-    found = []
-    for location in locations:
-        # onnxruntime resolves a location against the graph's folder; so do we.
-        joined = (PurePosixPath(graph).parent / location).as_posix() if location else ""
-        found.append((joined, resolve_inside(root, joined, f"{graph} external data location {location!r}")))
-    return found
-
-
 def _graph_entries(manifest: dict) -> list[tuple[dict, str]]:
     """``(entry, where)`` of every graph entry (``{"file": ...}`` under ``graphs``/``lmi_graph``)."""
     entries = []
@@ -199,8 +103,6 @@ def _graph_entries(manifest: dict) -> list[tuple[dict, str]]:
     return entries
 
 
-#: Every ONNX external-data entry holds this key verbatim; a graph without it stores none.
-_EXTERNAL_KEY = b"location"
 
 
 # ----------------------------------------------------------------------------- the bundle
@@ -294,14 +196,14 @@ class Bundle:
         that every location is a listed file inside the bundle and verifying it."""
         entry = graph if isinstance(graph, GraphFile) else GraphFile(graph)
         data = self.read(entry.file)
-        if _EXTERNAL_KEY not in data:     # no external-data entry: nothing to parse
+        if EXTERNAL_KEY not in data:     # no external-data entry: nothing to parse
             return data
-        listed = {_identity(self.path(name)): name for name in self.manifest["files"]}
-        for name, path in _external_files(self.root, entry.file, f"graph {entry.file!r}", data):
-            if _identity(path) not in listed:
+        listed = {identity(self.path(name)): name for name in self.manifest["files"]}
+        for name, path in external_files(self.root, entry.file, f"graph {entry.file!r}", data):
+            if identity(path) not in listed:
                 raise BundleError(f"graph {entry.file!r}: external data {name!r} is not listed in the manifest's "
                                   "files, so it cannot be checksummed; re-export the bundle (write_manifest lists it)")
-            self._check(listed[_identity(path)])
+            self._check(listed[identity(path)])
         return self.path(entry.file)
 
 
@@ -356,7 +258,7 @@ def load_bundle(root: str | Path, *, verify: bool = True) -> Bundle:
         listed[(info.st_dev, info.st_ino)] = name
     for relative, where in referenced_files(manifest):
         path = resolve_inside(root, relative, where)
-        if not path.is_file() or _identity(path) not in listed:
+        if not path.is_file() or identity(path) not in listed:
             raise BundleError(
                 f"{where}: {relative!r} is not listed in the manifest's files, so it cannot be "
                 "checksummed; re-export the bundle (write_manifest lists it)"
@@ -396,12 +298,12 @@ def write_manifest(root: str | Path, manifest: dict) -> Path:
         names.setdefault(name, f"files[{name!r}]")
     for entry, where in _graph_entries(manifest):
         if resolve_inside(root, entry["file"], where).is_file():
-            extra = sorted({name for name, _ in _external_files(root, entry["file"], where)})
+            extra = sorted({name for name, _ in external_files(root, entry["file"], where)})
             entry.update({"external_data": extra} if extra else {})
             names.update((name, f"{entry['file']} external data") for name in extra if name not in names)
     for name, where in list(names.items()):     # other listed graphs (by name) may hold external data
         if where.startswith("files[") and name.lower().endswith(".onnx") and resolve_inside(root, name, where).is_file():
-            for extra, _ in _external_files(root, name, where):
+            for extra, _ in external_files(root, name, where):
                 names.setdefault(extra, f"{name} external data")
     files, sizes = {}, {}
     for name, where in sorted(names.items()):
