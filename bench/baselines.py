@@ -1,5 +1,4 @@
-"""Training-free baselines a translation has to beat (DESIGN.md, "Quality is judged against
-training-free baselines, never alone").
+"""Training-free baselines a translation has to beat (docs/design.md, "How quality is judged").
 
 Each baseline turns a source volume into a guess of the target contrast with no training:
 
@@ -10,7 +9,7 @@ Each baseline turns a source volume into a guess of the target contrast with no 
   inverts T1 into a plausible T2 (about 25 dB / 0.93 inside the brain).
 
 Matching runs inside a region, the brain mask that the scores are taken in (so the
-baseline is as strong as it can be where it is judged: DESIGN.md's T1→T2 about 25 dB / 0.93),
+baseline is as strong as it can be where it is judged: docs/design.md's T1→T2 about 25 dB / 0.93),
 between the source's region and the reference subject's, and leaves everything else at 0.
 Matched over whole volumes instead, the negated source's background (its brightest values)
 would take the reference's tissue intensities.

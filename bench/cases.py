@@ -8,15 +8,15 @@ first line of the error. Diffusion cases live in :mod:`galip.bench.diffusion_cas
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
+
+from galip.runtime.contract import GEN_DOMAIN, GEN_IMAGE, GEN_OUTPUT
 
 from .harness import Row, first_line, measure
 from .workload import Models, Volume, eager_generator, model_slices, torch_factory
@@ -132,8 +132,7 @@ class Backend:
 
     ``lmi``: for a diffusion step on onnxruntime-cpu, where the runtime runs its LMI
     (``onnx``: the graph's function body; ``native``: the native kernel, split runner);
-    passed to ``select_backend(lmi=...)``, and through :func:`lmi_env` to the pipeline's
-    ``prepare`` (its Settings have no LMI field, so ``$GALIP_LMI`` is the only way in).
+    passed to ``select_backend(lmi=...)`` and, as ``Settings.lmi``, to the pipeline's ``prepare``.
     """
 
     name: str
@@ -156,24 +155,6 @@ class Backend:
         if self.runtime is not None:
             return self.runtime, self.precision
         return (ORT_CPU if device == "cpu" else "auto"), None
-
-
-@contextlib.contextmanager
-def lmi_env(mode: str | None) -> Iterator[None]:
-    """``$GALIP_LMI`` = ``mode`` inside the block (the runtime's LMI placement switch)."""
-    from galip.runtime.backends.select import LMI_ENV
-    if mode is None:
-        yield
-        return
-    before = os.environ.get(LMI_ENV)
-    os.environ[LMI_ENV] = mode
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(LMI_ENV, None)
-        else:
-            os.environ[LMI_ENV] = before
 
 
 def gpu_reason() -> str | None:
@@ -260,11 +241,11 @@ def generator_cases(ctx: Context) -> None:
     for size in cfg.sizes:
         images = ctx.slices(size, max(cfg.batches))
         for batch in cfg.batches:
-            feeds[(size, batch)] = {"image": images[:batch], "domain": np.full(batch, class_id, np.int64)}
+            feeds[(size, batch)] = {GEN_IMAGE: images[:batch], GEN_DOMAIN: np.full(batch, class_id, np.int64)}
     backends = eager_backends(ctx, _generator_build(ctx), spec["io"]) + bundle_backends(ctx, "generator", spec)
     reference: dict = {}
     for backend in backends:
-        _per_call(ctx, backend, feeds, reference, "translated", 1.0, case="generator")
+        _per_call(ctx, backend, feeds, reference, GEN_OUTPUT, 1.0, case="generator")
         if backend.name == EAGER and backend.precision == "fp32":      # torch.compile right after eager
             if backend.available:
                 compile_rows(ctx, feeds, reference)

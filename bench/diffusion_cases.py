@@ -19,19 +19,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .cases import EAGER, ORT_CPU, ORT_CUDA, Backend, Context, bundle_backends, eager_backends, gpu_reason, lmi_env
+from galip.runtime.contract import (DEFAULT_LMI, LMI_GRAPH_INPUTS, LMI_GRAPH_OUTPUTS, STEP_LMI_SOURCE, STEP_NOISE,
+                                    STEP_SCALAR_INPUTS, STEP_SOURCE, STEP_X0_LAST, STEP_X_PREV, STEP_X_T, io_entry)
+
+from .cases import EAGER, ORT_CPU, ORT_CUDA, Backend, Context, bundle_backends, eager_backends, gpu_reason
 from . import gpu_lmi
 from .harness import Row, measure
 from .workload import Volume, eager_lmi, eager_step, lmi_input, noisy_sample, torch_factory
 
-LMI_DEFAULTS = {"patch": 3, "radius": 1, "bins": 27, "sigma": 8 / 255, "normalize": True}
-LMI_IO = {"inputs": {"x": "float32[N,1,H,W]", "y": "float32[N,1,H,W]"},
-          "outputs": {"lmi": "float32[N,1,H,W]", "y_at": "float32[N,1,H,W]"}}
+LMI_IO = io_entry(LMI_GRAPH_INPUTS, LMI_GRAPH_OUTPUTS)
 
 
 def lmi_settings(ctx: Context) -> dict:
     spec = ctx.models.diffusion
-    return {**LMI_DEFAULTS, **(spec or {}).get("lmi", {})}
+    return {**DEFAULT_LMI.kwargs(), **(spec or {}).get("lmi", {})}
 
 
 # ----------------------------------------------------------------------------- LMI operator
@@ -156,9 +157,9 @@ def _step_feed(ctx: Context, source: np.ndarray) -> dict:
     row = list(table.feeds())[len(table) // 2]
     lmi_source = lmi_numpy(source, source, **lmi_settings(ctx))[0]
     noise = np.random.default_rng([ctx.config.seed, 1]).standard_normal(source.shape).astype(np.float32)
-    x_t = noisy_sample(source, float(row["alpha_bar_t"][0]), ctx.config.seed)
-    return {"x_t": x_t, "source": source, "lmi_source": lmi_source, **row, "noise": noise,
-            "x0_last": np.clip(x_t, -1.0, 1.0)}      # any x̂₀ of the step before: the cost is the same
+    x_t = noisy_sample(source, float(row[STEP_SCALAR_INPUTS[1]][0]), ctx.config.seed)
+    return {STEP_X_T: x_t, STEP_SOURCE: source, STEP_LMI_SOURCE: lmi_source, **row, STEP_NOISE: noise,
+            STEP_X0_LAST: np.clip(x_t, -1.0, 1.0)}      # any x̂₀ of the step before: the cost is the same
 
 
 def _step_build(ctx: Context):
@@ -179,7 +180,7 @@ def step_cases(ctx: Context) -> dict[tuple[str, str], float]:
     reference: dict = {}
     before = len(ctx.rows)
     for backend in backends:
-        _per_call(ctx, backend, feeds, reference, "x_prev", 2.0, case="diffusion step")
+        _per_call(ctx, backend, feeds, reference, STEP_X_PREV, 2.0, case="diffusion step")
     ctx.add(Row.skipped("not measured for the step: its LMI is a native C++ call (a graph break); "
                         "torch.compile is measured on the generator", case="diffusion step",
                         backend="torch-compile", device=ctx.device))
@@ -219,10 +220,11 @@ def ddim_cases(ctx: Context, step_ms: dict[tuple[str, str], float]) -> None:
                       batch=1, size=label)
         try:
             name, precision = backend.settings_backend(ctx.device)
-            with lmi_env(backend.lmi):   # the runtime's lmi.onnx runner follows the step's LMI placement
-                translator = prepare(ctx.models.bundle, ctx.models.target,
-                                     Settings(model="diffusion", backend=name, precision=precision, steps=steps,
-                                              sampler="ddim", batch=1, seed=cfg.seed, threads=ctx.threads))
+            # the runtime's LMI(source, source) runner follows the step's LMI placement
+            translator = prepare(ctx.models.bundle, ctx.models.target,
+                                 Settings(model="diffusion", backend=name, precision=precision, steps=steps,
+                                          sampler="ddim", batch=1, seed=cfg.seed, threads=ctx.threads,
+                                          lmi=backend.lmi or "auto"))
             lmi_factory = lmi_eager if backend.name == EAGER else translator.lmi_factory
             translator = dataclasses.replace(
                 translator, factory=backend.factory, lmi_factory=lmi_factory,

@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from galip.runtime.contract import DEFAULT_LMI, LMI_OUT, LMI_X, LMI_Y, LMI_Y_AT, STEP_NOISE, STEP_X_PREV, STEP_X_T
+
 TOL = 1e-5
 
 
@@ -129,7 +131,7 @@ def check_lmi_ptx_kernel(work: Path) -> str:
     for side in (128, 256):
         x, y = _pair(np.random.default_rng(side), 2, side, side)
         for normalize in (True, False):
-            params = lmi_plugin.check_device_params(3, 1, 27, 8 / 255, normalize)
+            params = lmi_plugin.check_device_params(**{**DEFAULT_LMI.kwargs(), "normalize": normalize})
             grid = lmi_plugin.launch_grid(2, side, side)
             scalars = [np.int32(v) for v in lmi_plugin.kernel_scalar_args(2, side, side, params)]
             dx, dy = cupy.asarray(x), cupy.asarray(y)
@@ -163,7 +165,7 @@ def _stand_in_tensorrt(cupy):
     trt.__version__ = "stand-in"
     trt.TensorIOMode = enum.Enum("TensorIOMode", "INPUT OUTPUT")
     trt.nptype = lambda dtype: dtype
-    modes = {"x_t": trt.TensorIOMode.INPUT, "noise": trt.TensorIOMode.INPUT, "x_prev": trt.TensorIOMode.OUTPUT}
+    modes = {STEP_X_T: trt.TensorIOMode.INPUT, STEP_NOISE: trt.TensorIOMode.INPUT, STEP_X_PREV: trt.TensorIOMode.OUTPUT}
     step = cupy.ElementwiseKernel("float32 x, float32 n", "float32 y", "y = 0.5f * x + n", "galip_step")
 
     def view(address, shape):
@@ -180,16 +182,16 @@ def _stand_in_tensorrt(cupy):
             return True
 
         def get_tensor_shape(self, name):
-            return self.shapes["x_t"]
+            return self.shapes[STEP_X_T]
 
         def set_tensor_address(self, name, address):
             self.addresses[name] = int(address)
             return True
 
         def execute_async_v3(self, stream):
-            shape, a = self.shapes["x_t"], self.addresses
+            shape, a = self.shapes[STEP_X_T], self.addresses
             with cupy.cuda.ExternalStream(stream):
-                step(view(a["x_t"], shape), view(a["noise"], shape), view(a["x_prev"], shape))
+                step(view(a[STEP_X_T], shape), view(a[STEP_NOISE], shape), view(a[STEP_X_PREV], shape))
             return True
 
     engine = types.SimpleNamespace(
@@ -212,14 +214,14 @@ def _step_engine(work: Path, cupy):
         from galip.export.tensorrt import builder
         from galip.runtime.backends.tensorrt import EngineFromBytes
         half = helper.make_tensor("half", TensorProto.FLOAT, [], [0.5])
-        nodes = [helper.make_node("Mul", ["x_t", "half"], ["m"]), helper.make_node("Add", ["m", "noise"], ["x_prev"])]
+        nodes = [helper.make_node("Mul", [STEP_X_T, "half"], ["m"]), helper.make_node("Add", ["m", STEP_NOISE], [STEP_X_PREV])]
         vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 1, "H", "W"])  # noqa: E731
-        graph = helper.make_graph(nodes, "step", [vi("x_t"), vi("noise")], [vi("x_prev")], [half])
+        graph = helper.make_graph(nodes, "step", [vi(STEP_X_T), vi(STEP_NOISE)], [vi(STEP_X_PREV)], [half])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         onnx.save(model, work / "step.onnx")
         shapes = ([1, 1, 32, 32], [2, 1, 64, 64], [4, 1, 256, 256])
         builder.build_engine(work / "step.onnx", work / "step.engine", fp16=False, plugins=False,
-                             profiles={"x_t": shapes, "noise": shapes})
+                             profiles={STEP_X_T: shapes, STEP_NOISE: shapes})
         return EngineFromBytes(work / "step.engine"), f"TensorRT {device_info.tensorrt_version()} engine"
     trt, engine = _stand_in_tensorrt(cupy)
     sys.modules["tensorrt"] = trt
@@ -248,9 +250,10 @@ def check_trt_runner(work: Path) -> str:
         notes = []
         for graph in (False, True):
             with TrtRunner(engine, cuda_graph=graph) as runner:
-                once = runner.infer({"x_t": x, "noise": noises[0]})["x_prev"]
+                once = runner.infer({STEP_X_T: x, STEP_NOISE: noises[0]})[STEP_X_PREV]
                 np.testing.assert_allclose(once, 0.5 * x + noises[0], rtol=1e-6)
-                out = runner.run_loop({"x_t": x}, [{"noise": n} for n in noises], carry={"x_t": "x_prev"})["x_prev"]
+                out = runner.run_loop({STEP_X_T: x}, [{STEP_NOISE: n} for n in noises],
+                                      carry={STEP_X_T: STEP_X_PREV})[STEP_X_PREV]
                 np.testing.assert_allclose(out, ref, rtol=1e-5)
                 if graph and runner.cuda_graph_error:
                     raise AssertionError(f"CUDA graph capture failed: {runner.cuda_graph_error}")
@@ -285,13 +288,13 @@ def check_trt_lmi_engine(work: Path) -> str:
     from galip.export.tensorrt import builder
     shapes = ([1, 1, 32, 32], [1, 1, 128, 128], [2, 1, 256, 256])
     entry = builder.build_engine(_lmi_graph(work), work / "lmi.engine", fp16=False,
-                                 profiles={"x": shapes, "y": shapes})
+                                 profiles={LMI_X: shapes, LMI_Y: shapes})
     x, y = _pair(np.random.default_rng(1), 2, 128, 128)
     with TrtRunner(EngineFromBytes(work / "lmi.engine"), precision="fp32") as runner:
-        out = runner.infer({"x": x, "y": y})
+        out = runner.infer({LMI_X: x, LMI_Y: y})
         ref, cpu_s = _cpu_lmi(x, y)
-        err = _agree(out["lmi"], out["y_at"], ref, "engine")
-        runner.infer({"x": x, "y": y})
+        err = _agree(out[LMI_OUT], out[LMI_Y_AT], ref, "engine")
+        runner.infer({LMI_X: x, LMI_Y: y})
     return (f"{err}, {runner.last_inference_time * 1e3:.2f} ms per 2×128² call (CPU kernel {cpu_s * 1e3:.0f} ms), "
             f"PTX ISA {entry.get('ptx_isa')}")
 
@@ -320,11 +323,11 @@ def check_onnxruntime_cuda(work: Path) -> str:
         with warnings.catch_warnings(record=True):
             warnings.simplefilter("always")
             with OnnxrtRunner(SessionFromOnnx(path, cuda_providers(cuda_graph=graph))) as runner:
-                out = runner.infer({"x": x, "y": y})
-                runner.infer({"x": x, "y": y})
+                out = runner.infer({LMI_X: x, LMI_Y: y})
+                runner.infer({LMI_X: x, LMI_Y: y})
                 notes.append(f"{'graph' if graph else 'plain'} {runner.last_inference_time * 1e3:.1f} ms"
                              + (f" (graphs refused: {runner.cuda_graph_error})" if runner.cuda_graph_error else ""))
-        _agree(out["lmi"], out["y_at"], ref, "onnxruntime-cuda")
+        _agree(out[LMI_OUT], out[LMI_Y_AT], ref, "onnxruntime-cuda")
     return "LMI graph on CUDA agrees with the CPU kernel; 1×64²: " + "; ".join(notes)
 
 

@@ -2,7 +2,7 @@
 
 MIDiffusion (paper Sec. 4.2.2, Def. 4–5, Prop. 1) computes the local-wise mutual information
 by *unfolding and expanding* the images so that every (pixel, offset) pair owns its own
-patch pair, then running a dense kernel-density MI on all of them at once. DESIGN.md lists
+patch pair, then running a dense kernel-density MI on all of them at once. docs/design.md lists
 what that costs: ~11.5 s per 128² call on a 2-core machine, called at every sampling step.
 This module does the same work, written from that description (numerical details such as
 the kernel form, the 1e-10 guards and entropies in bits were checked by reading the public
@@ -24,7 +24,7 @@ galip's operator instead of quoting it:
 6. LMI(i) = max over the T offsets (first maximum in row-major order from (−r, −r), as a
    max-pool over the offset mosaic returns it), and Y at that offset (0 outside the image).
 
-Differences from galip's contract (DESIGN.md, "The LMI operator"), all inherited from the
+Differences from galip's contract (docs/design.md, "The LMI operator"), all inherited from the
 algorithm on purpose: integer-cast intensities (a bin may move by one grey level),
 un-normalised per-sample kernels, marginals taken from the kernels rather than from the
 joint, the 1e-10 guards, and out-of-image samples counted as intensity 0 instead of being
@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from galip.runtime.contract import DEFAULT_LMI
 
 __all__ = ["lmi_authors"]
 
@@ -78,8 +80,8 @@ def _mi(kx: torch.Tensor, ky: torch.Tensor, normalize: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def lmi_authors(x: torch.Tensor, y: torch.Tensor, patch: int = 3, radius: int | None = None,
-                bins: int | None = None, sigma: float = 8 / 255, normalize: bool = True,
+def lmi_authors(x: torch.Tensor, y: torch.Tensor, patch: int = DEFAULT_LMI.patch, radius: int | None = None,
+                bins: int | None = None, sigma: float = DEFAULT_LMI.sigma, normalize: bool = DEFAULT_LMI.normalize,
                 chunk: int = 128 * 128) -> tuple[torch.Tensor, torch.Tensor]:
     """LMI of ``x`` against ``y`` by the authors' unfold-and-expand algorithm (module docstring).
 

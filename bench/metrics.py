@@ -1,4 +1,4 @@
-"""The papers' image metrics (DESIGN.md, "Metric used by the papers"), so numbers compare.
+"""The papers' image metrics (docs/design.md, "How quality is judged"), so numbers compare.
 
 Per 2-D slice along ``axis``: each slice is divided by its own max (prediction and
 reference separately; a slice whose max is <= 0 becomes all 0), then

@@ -1,7 +1,7 @@
 """What the benchmark runs on: phantom inputs, random-weight models, their bundle, eager runners.
 
 Latency does not depend on training, so without ``--bundle`` the models are the full-size
-architectures (DESIGN.md: generator 13,242,881 parameters, score network 8,950,913) with
+architectures (docs/design.md: generator 13,242,881 parameters, score network 8,950,913) with
 seeded random weights, saved as ``galip-train`` checkpoints and exported with
 :func:`galip.export.bundle_writer.export_checkpoint` into a temporary bundle. Zero-
 initialised output layers would make every output 0 (and every agreement check trivially

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator
 
-from galip.runtime.bundle import MANIFEST_NAME, load_bundle, write_manifest
-from galip.runtime.errors import ConfigError
+from galip.runtime.bundle import MANIFEST_NAME, load_bundle, verify_checksums, write_manifest
+from galip.runtime.errors import BundleError, ConfigError
 from galip.runtime.preprocess import PreprocessConfig
 from galip.runtime.schedule import parse_sampler
 
@@ -119,9 +119,15 @@ def checkpoint_kind(payload: dict, source: Path | str = "checkpoint") -> str:
 
 
 def read_manifest(root: Path) -> dict:
-    """The bundle's manifest (checksums verified), or an empty skeleton for a new bundle."""
+    """The bundle's manifest (every checksum verified: write_manifest re-hashes what it keeps),
+    or an empty skeleton for a new bundle."""
     if (root / MANIFEST_NAME).is_file():
-        return load_bundle(root).manifest
+        bundle = load_bundle(root)
+        bad = verify_checksums(bundle)
+        if bad:
+            raise BundleError(f"sha256 mismatch for {', '.join(bad)} in bundle {root}: the file changed after "
+                              "export; restore it or export into a new --out")
+        return bundle.manifest
     return {"domains": {}, "models": {}}
 
 

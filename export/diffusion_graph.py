@@ -23,37 +23,32 @@ count and η, and the second-order multistep DPM-Solver++(2M).
 The LMI is ONE node ``galip::LMI`` (plugin_namespace "galip") defined by the model-local
 function of :mod:`galip.export.lmi_onnx`: onnxruntime inlines the function body, TensorRT
 maps the node to the CUDA plugin. It is exported through :class:`_LMIPlaceholder`, an
-autograd Function whose ``symbolic`` emits the node, swapped in for the conditioning's
-``lmi_map`` while tracing (:func:`lmi_placeholder`); the node is then rebuilt with
-:func:`~galip.export.lmi_onnx.lmi_node` so its attributes are exactly the function's.
+autograd Function whose ``symbolic`` emits the node, given to the traced denoiser as its
+``lmi_fn`` (:func:`placeholder_denoiser`; the conditioning takes it as an argument, nothing
+global is swapped); the node is then rebuilt with :func:`~galip.export.lmi_onnx.lmi_node` so
+its attributes are exactly the function's.
 """
 from __future__ import annotations
-
-import contextlib
-from typing import Iterator
 
 import onnx
 import torch
 from torch import nn
 
 from galip.export import lmi_onnx
+from galip.runtime.contract import (DEFAULT_ETA, DEFAULT_SAMPLER, DEFAULT_STEPS, LMI_GRAPH_INPUTS, LMI_GRAPH_OUTPUTS,
+                                    SamplerDefaults, io_entry)
+from galip.runtime.contract import STEP_IMAGE_INPUTS as IMAGE_INPUTS, STEP_INPUTS as INPUTS
+from galip.runtime.contract import STEP_OUTPUTS as OUTPUTS, STEP_SCALAR_INPUTS as SCALAR_INPUTS  # noqa: F401 (re-exported)
+from galip.runtime.contract import STEP_STATE_INPUTS as STATE_INPUTS
 from galip.export.generator_graph import DEFAULT_OPSET, check_graph, torch_to_onnx
-from galip.train.midiffusion import conditioning
 from galip.train.midiffusion.conditioning import LMIConfig, LMIDenoiser
 from galip.train.midiffusion import schedule as _schedule
-from galip.runtime.schedule import STEP_SCALARS, combine, step_table
+from galip.runtime.schedule import combine, step_table
 from galip.train.midiffusion.samplers import predict_x0
 from galip.train.midiffusion.schedule import DATA_RANGE, DDPMSchedule
 
-IMAGE_INPUTS = ("x_t", "source", "lmi_source")
-SCALAR_INPUTS = STEP_SCALARS
-STATE_INPUTS = ("noise", "x0_last")
-INPUTS = {**{n: "float32[N,1,H,W]" for n in IMAGE_INPUTS},
-          **{n: "float32[1]" for n in SCALAR_INPUTS}, **{n: "float32[N,1,H,W]" for n in STATE_INPUTS}}
-OUTPUTS = {"x_prev": "float32[N,1,H,W]", "x0_pred": "float32[N,1,H,W]"}
 NET_SCOPE = "/denoiser/net/"     # TorchScript-exporter scope of the score network's nodes
-LMI_IO = {"inputs": {"x": "float32[N,1,H,W]", "y": "float32[N,1,H,W]"},
-          "outputs": {"lmi": "float32[N,1,H,W]", "y_at": "float32[N,1,H,W]"}}
+LMI_IO = io_entry(LMI_GRAPH_INPUTS, LMI_GRAPH_OUTPUTS)
 
 
 # ----------------------------------------------------------------------------- LMI placeholder
@@ -72,15 +67,13 @@ class _LMIPlaceholder(torch.autograd.Function):
         return lmi, y_at
 
 
-@contextlib.contextmanager
-def lmi_placeholder() -> Iterator[None]:
-    """Route the conditioning's ``lmi_map`` through :class:`_LMIPlaceholder` (export only)."""
-    original = conditioning.lmi_map
-    conditioning.lmi_map = lambda x, y, config: _LMIPlaceholder.apply(x, y)[0]
-    try:
-        yield
-    finally:
-        conditioning.lmi_map = original
+def _placeholder_lmi(x: torch.Tensor, y: torch.Tensor, config: LMIConfig) -> torch.Tensor:
+    return _LMIPlaceholder.apply(x, y)[0]
+
+
+def placeholder_denoiser(denoiser: LMIDenoiser) -> LMIDenoiser:
+    """The same network and LMI settings with the LMI traced as one ``galip::LMI`` node."""
+    return LMIDenoiser(denoiser.net, denoiser.lmi_config, lmi_fn=_placeholder_lmi)
 
 
 # ----------------------------------------------------------------------------- the step module
@@ -136,10 +129,9 @@ def export_step(denoiser: LMIDenoiser, *, opset: int = DEFAULT_OPSET, clip_x0: b
             torch.randn(n, 1, size, size), image() * 2 - 1)
     spatial = {0: "N", 2: "H", 3: "W"}
     dynamic = {name: spatial for name in (*IMAGE_INPUTS, *STATE_INPUTS, *OUTPUTS)}
-    with lmi_placeholder():
-        model = torch_to_onnx(DiffusionStep(denoiser, clip_x0=clip_x0), args,
-                              list(INPUTS), list(OUTPUTS), dynamic, opset=opset,
-                              custom_opsets={lmi_onnx.DOMAIN: 1})
+    model = torch_to_onnx(DiffusionStep(placeholder_denoiser(denoiser), clip_x0=clip_x0), args,
+                          list(INPUTS), list(OUTPUTS), dynamic, opset=opset,
+                          custom_opsets={lmi_onnx.DOMAIN: 1})
     params = lmi_settings(denoiser.lmi_config)
     found = _rebuild_lmi_nodes(model, params)
     if found != 1:
@@ -168,14 +160,15 @@ def export_lmi(params: dict, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     return check_graph(model, allowed_custom=[(lmi_onnx.DOMAIN, lmi_onnx.OP_TYPE)])
 
 
-def sampler_entry(schedule: DDPMSchedule, sampler: str = "ddim", steps: int = 50, eta: float = 0.0) -> dict:
+def sampler_entry(schedule: DDPMSchedule, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
+                  eta: float = DEFAULT_ETA) -> dict:
     """The manifest's ``sampler`` defaults: ``sampler`` with ``steps`` (at most T) and ``eta``,
     and the timestep spacing the PyTorch samplers use (so runtime and eager pick the same
     steps). The table is built here once, so a bundle never carries a sampler it refuses."""
     spacing = _schedule.DEFAULT_SPACING
     steps = min(steps, schedule.num_timesteps)
     step_table(schedule.noise_schedule, sampler, None if sampler == "ddpm" else steps, eta, spacing)
-    return {"default": sampler, "steps": steps, "eta": float(eta), "spacing": spacing}
+    return SamplerDefaults(sampler, steps, float(eta), spacing).to_manifest()
 
 
 def data_range_entry(info: dict) -> list[float]:

@@ -28,6 +28,7 @@ from typing import Iterable
 import onnx
 from onnx import TensorProto
 
+from galip.runtime.contract import LMI_OP_TYPE
 from galip.runtime.errors import ConfigError
 
 from .generator_graph import check_graph
@@ -35,7 +36,7 @@ from .generator_graph import check_graph
 FP16_MAX = 65504.0                # largest finite fp16 (the converter's default clamps at 1e4)
 INSTALL = "pip install 'galip[train]' (onnxconverter-common)"
 KEEP_FP32_OPS = (
-    "LMI",                                                      # galip::LMI (contract: fp32)
+    LMI_OP_TYPE,                                                # galip::LMI (contract: fp32)
     "Softmax", "LogSoftmax",
     "InstanceNormalization", "LayerNormalization", "GroupNormalization", "BatchNormalization",
     "ReduceMean", "ReduceSum", "ReduceSumSquare", "Pow", "Sqrt", "Reciprocal",

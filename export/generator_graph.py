@@ -12,8 +12,10 @@ constant per domain, so :class:`GeneratorGraph` precomputes them once per class_
 
 1. per res block, ``Linear(SiLU(class_embed[c]))`` → a table (C_rows, out_ch);
 2. per cross-attention, the key and value projections of the domain's context tokens,
-   split into heads, keys pre-transposed and pre-scaled by 1/√d →
-   K (C_rows, heads, d, L), V (C_rows, heads, L, d).
+   split into heads → K, V (C_rows, heads, L, d).
+
+The rest is the training U-Net itself (``I2IGalipUNet.body``): the table layers plug into
+its hooks (ResBlock's ``term``, Attention's ``kv``), so no layer's maths is written twice.
 
 The graph gathers a row of each table by ``domain`` (ONNX ``Gather``): no text tower, no
 context tensor and no K/V projection of the context at run time. Rows of class ids the
@@ -38,23 +40,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from galip.runtime.atomic import atomic_path
+from galip.runtime.contract import GEN_DOMAIN, GEN_IMAGE, GEN_OUTPUT
+from galip.runtime.contract import GENERATOR_INPUTS as INPUTS, GENERATOR_OUTPUTS as OUTPUTS
 from galip.runtime.errors import ConfigError
 from galip.train.i2i.model import generator_from_checkpoint
 from galip.train.i2i.trainer import PAYLOAD_FORMAT as GENERATOR_FORMAT
 from galip.train.i2i.unet import Attention, I2IGalipUNet, ResBlock, SpatialTransformer
 
 DEFAULT_OPSET = 18
-INPUTS = {"image": "float32[N,1,H,W]", "domain": "int64[N]"}
-OUTPUTS = {"translated": "float32[N,1,H,W]"}
 
 
 # ----------------------------------------------------------------------------- the wrapper
 class _TableResBlock(nn.Module):
-    """A generator res block whose class-embedding term is a per-domain table row.
+    """The trained res block with its class term ``emb(SiLU(e_c))`` read from a per-domain
+    table (ResBlock's ``term`` hook); x (N, C, H, W), domain (N,) → (N, C_out, H', W')."""
 
-    Same maths as :class:`galip.train.i2i.unet.ResBlock` with ``emb(SiLU(e_c))`` read
-    from ``table[domain]``; x (N, C, H, W), domain (N,) → (N, C_out, H', W').
-    """
+    takes = "emb"      # the U-Net body passes the domain index where training passes emb
 
     def __init__(self, block: ResBlock, class_table: torch.Tensor):
         super().__init__()
@@ -63,36 +64,23 @@ class _TableResBlock(nn.Module):
             self.register_buffer("emb_table", block.emb(F.silu(class_table)).float())
 
     def forward(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
-        b = self.block
-        h = b.in_conv(b._resample(F.silu(b.in_norm(x))))
-        x = b._resample(x)
-        h = h + self.emb_table[domain][:, :, None, None]
-        h = b.out_conv(F.silu(b.out_norm(h)))          # dropout is the identity in eval
-        return b.skip(x) + h
+        return self.block(x, None, self.emb_table[domain])
 
 
 class _TableCrossAttention(nn.Module):
-    """Cross-attention to a constant per-domain context with K, V precomputed per domain.
-
-    Called as ``attn2(x, domain)`` by the unchanged TransformerBlock (the domain index
-    travels in the ``context`` argument). x (N, T, C), domain (N,) → (N, T, C).
-    """
+    """The trained cross-attention with keys and values of the constant per-domain context
+    precomputed per domain (Attention's ``kv`` hook). Called as ``attn2(x, domain)`` by the
+    unchanged TransformerBlock (the domain index travels in the ``context`` argument)."""
 
     def __init__(self, attn: Attention, context_rows: torch.Tensor):
         super().__init__()
-        self.heads, self.to_q, self.to_out = attn.heads, attn.to_q, attn.to_out
+        self.attn = attn
         with torch.no_grad():
-            k = attn._split(attn.to_k(context_rows))                 # (C_rows, h, L, d)
-            v = attn._split(attn.to_v(context_rows))
-            self.register_buffer("k_table", (k * attn.scale).transpose(-1, -2).contiguous())
-            self.register_buffer("v_table", v.contiguous())
+            self.register_buffer("k_table", attn._split(attn.to_k(context_rows)).contiguous())  # (C_rows, h, L, d)
+            self.register_buffer("v_table", attn._split(attn.to_v(context_rows)).contiguous())
 
     def forward(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
-        n, length, _ = x.shape
-        q = self.to_q(x).reshape(n, length, self.heads, -1).transpose(1, 2)      # (N, h, T, d)
-        weights = torch.softmax(torch.matmul(q, self.k_table[domain]), dim=-1)  # (N, h, T, L)
-        out = torch.matmul(weights, self.v_table[domain]).transpose(1, 2)
-        return self.to_out(out.reshape(n, length, -1))
+        return self.attn(x, kv=(self.k_table[domain], self.v_table[domain]))
 
 
 class GeneratorGraph(nn.Module):
@@ -120,24 +108,11 @@ class GeneratorGraph(nn.Module):
                 elif isinstance(layer, SpatialTransformer):
                     for block in layer.blocks:
                         block.attn2 = _TableCrossAttention(block.attn2, by_class)
-        self.input_blocks, self.middle_block = unet.input_blocks, unet.middle_block
-        self.output_blocks, self.out = unet.output_blocks, unet.out
-
-    @staticmethod
-    def _stage(stage: nn.ModuleList, h: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
-        for layer in stage:
-            h = layer(h, domain) if isinstance(layer, (_TableResBlock, SpatialTransformer)) else layer(h)
-        return h
+        unet.class_embed = None            # baked into the tables
+        self.unet = unet
 
     def forward(self, image: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
-        h, skips = image, []
-        for stage in self.input_blocks:
-            h = self._stage(stage, h, domain)
-            skips.append(h)
-        h = self._stage(self.middle_block, h, domain)
-        for stage in self.output_blocks:
-            h = self._stage(stage, torch.cat([h, skips.pop()], dim=1), domain)
-        return self.out(h)
+        return self.unet.body(image, domain, domain)      # the training U-Net's own body
 
 
 def generator_from_payload(payload: dict, *, ema: bool = True) -> tuple[GeneratorGraph, I2IGalipUNet, torch.Tensor, list[dict]]:
@@ -206,9 +181,9 @@ def export_generator(payload: dict, *, opset: int = DEFAULT_OPSET, trace_size: i
     size = max(multiple, trace_size // multiple * multiple)
     image = torch.rand(2, 1, size, size)
     domain = torch.tensor([int(d["class_id"]) for d in domains][:2] * 2)[:2]
-    model = torch_to_onnx(graph, (image, domain), ["image", "domain"], ["translated"],
-                          {"image": {0: "N", 2: "H", 3: "W"}, "domain": {0: "N"},
-                           "translated": {0: "N", 2: "H", 3: "W"}}, opset=opset)
+    spatial = {0: "N", 2: "H", 3: "W"}
+    model = torch_to_onnx(graph, (image, domain), list(INPUTS), list(OUTPUTS),
+                          {GEN_IMAGE: spatial, GEN_DOMAIN: {0: "N"}, GEN_OUTPUT: spatial}, opset=opset)
     model.doc_string = ("galip I2I-Galip generator: image [N,1,H,W] in [0,1], domain = class_id [N] "
                         "-> translated [N,1,H,W]")
     return check_graph(model)

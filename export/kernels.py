@@ -1,6 +1,6 @@
 """nvcc → PTX build of the LMI CUDA kernel (``runtime/kernels/lmi.cuh``).
 
-The PTX is what the TensorRT plugin embeds in an engine (DESIGN.md, "Environment facts"):
+The PTX is what the TensorRT plugin embeds in an engine (docs/design.md, "Environment facts"):
 ``@trtp.aot_impl`` returns the kernel name and this text, so the runtime needs neither the
 plugin library nor Python plugin code.
 

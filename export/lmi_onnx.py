@@ -1,6 +1,6 @@
 """LMI as an ONNX model-local function ``galip::LMI`` built from standard ops only.
 
-One operator, three implementations (DESIGN.md, "The LMI operator"): this is the portable
+One operator, three implementations (docs/design.md, "The LMI operator"): this is the portable
 one. It runs in onnxruntime on CPU through the function body; TensorRT (whose ONNX parser
 prefers a registered plugin over a local function of the same name since 10.7, per the
 onnx-tensorrt 10.7 release notes) maps the very same node to the
@@ -44,33 +44,25 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from galip.runtime.contract import LMI_GRAPH_INPUTS, LmiParams
+from galip.runtime.contract.lmi import DEFAULT_LMI as _D
+from galip.runtime.contract.lmi import LMI_DOMAIN as DOMAIN            # noqa: F401 (re-exported)
+from galip.runtime.contract.lmi import LMI_NODE_OUTPUTS as OUTPUTS     # float32, float32, int32
+from galip.runtime.contract.lmi import LMI_OP_TYPE as OP_TYPE
+from galip.runtime.contract.lmi import LMI_PLUGIN_NAMESPACE as PLUGIN_NAMESPACE
 from galip.runtime.errors import ConfigError
 from galip.runtime.lmi_native import TIE_TOL  # the kernel's tie rule, one value for all implementations
 
-DOMAIN = "galip"                 # ONNX domain of the function and the node
-OP_TYPE = "LMI"                  # == TensorRT plugin name ("galip::LMI")
-PLUGIN_NAMESPACE = "galip"       # == TensorRT plugin namespace
 DEFAULT_OPSET = 17
 MIN_OPSET = 13                   # Softmax over one axis; Unsqueeze axes as an input
 MIN_IR_VERSION = 9               # FunctionProto.attribute_proto (attribute defaults)
-LMI_DEFAULTS = {"patch": 3, "radius": 1, "bins": 27, "sigma": 8 / 255, "normalize": True}
-OUTPUTS = ("lmi", "y_at", "offset_index")   # float32, float32, int32; all (N, 1, H, W)
 _INT64_MAX = np.iinfo(np.int64).max
 
 
-def lmi_params(patch: int = 3, radius: int = 1, bins: int = 27, sigma: float = 8 / 255,
-               normalize: bool = True) -> dict:
-    """Checked LMI parameters as a plain dict (the manifest's ``lmi`` settings)."""
-    if int(patch) != patch or patch < 1 or patch % 2 == 0:
-        raise ConfigError(f"LMI patch must be an odd positive integer, got {patch!r}")
-    if int(radius) != radius or radius < 0:
-        raise ConfigError(f"LMI radius must be an integer >= 0, got {radius!r}")
-    if int(bins) != bins or bins < 2:
-        raise ConfigError(f"LMI bins must be an integer >= 2, got {bins!r}")
-    if not sigma > 0:
-        raise ConfigError(f"LMI sigma must be > 0, got {sigma!r}")
-    return {"patch": int(patch), "radius": int(radius), "bins": int(bins),
-            "sigma": float(np.float32(sigma)), "normalize": bool(normalize)}
+def lmi_params(patch: int = _D.patch, radius: int = _D.radius, bins: int = _D.bins, sigma: float = _D.sigma,
+               normalize: bool = _D.normalize) -> dict:
+    """Checked LMI parameters as a plain dict, σ in float32 (the manifest's ``lmi`` settings)."""
+    return LmiParams(patch, radius, bins, sigma, bool(normalize)).to_manifest()
 
 
 def offsets(radius: int) -> list[tuple[int, int]]:
@@ -120,8 +112,8 @@ def _function_attributes(params: dict) -> list[onnx.AttributeProto]:
             helper.make_attribute("aot", 1)]
 
 
-def lmi_function_proto(patch: int = 3, radius: int = 1, bins: int = 27,
-                       sigma: float = 8 / 255, normalize: bool = True,
+def lmi_function_proto(patch: int = _D.patch, radius: int = _D.radius, bins: int = _D.bins,
+                       sigma: float = _D.sigma, normalize: bool = _D.normalize,
                        opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
     """The ``galip::LMI`` local function: X, Y (N, 1, H, W) float32 → lmi, y_at, offset_index.
 
@@ -209,11 +201,11 @@ def lmi_function_proto(patch: int = 3, radius: int = 1, bins: int = 27,
     near_top = g.op("GreaterOrEqual", mi_stack, g.op("Sub", top, g.const(TIE_TOL)))
     best = g.op("ArgMax", g.op("Cast", near_top, to=TensorProto.FLOAT), axis=1, keepdims=1,
                 select_last_index=0)
-    g.nodes.append(helper.make_node("GatherElements", [mi_stack, best], ["lmi"], axis=1))
-    g.nodes.append(helper.make_node("GatherElements", [y_stack, best], ["y_at"], axis=1))
-    g.nodes.append(helper.make_node("Cast", [best], ["offset_index"], to=TensorProto.INT32))
+    g.nodes.append(helper.make_node("GatherElements", [mi_stack, best], [OUTPUTS[0]], axis=1))
+    g.nodes.append(helper.make_node("GatherElements", [y_stack, best], [OUTPUTS[1]], axis=1))
+    g.nodes.append(helper.make_node("Cast", [best], [OUTPUTS[2]], to=TensorProto.INT32))
 
-    doc = (f"galip LMI (DESIGN.md contract): patch={p} radius={r} bins={B} "
+    doc = (f"galip LMI (docs/design.md contract): patch={p} radius={r} bins={B} "
            f"sigma={params['sigma']!r} normalize={params['normalize']}")
     return helper.make_function(
         DOMAIN, OP_TYPE, ["X", "Y"], list(OUTPUTS), g.nodes,
@@ -221,7 +213,7 @@ def lmi_function_proto(patch: int = 3, radius: int = 1, bins: int = 27,
         attribute_protos=_function_attributes(params), doc_string=doc)
 
 
-def lmi_node(x: str, y: str, outputs=("lmi", "y_at"), name: str | None = None,
+def lmi_node(x: str, y: str, outputs=OUTPUTS[:2], name: str | None = None,
              **params) -> onnx.NodeProto:
     """A call of ``galip::LMI`` on value names ``x``, ``y``.
 
@@ -251,7 +243,7 @@ def _baked_params(function: onnx.FunctionProto) -> dict:
     """The parameters a ``galip::LMI`` function was built with (its attribute defaults)."""
     values = {a.name: helper.get_attribute_value(a) for a in function.attribute_proto}
     values["normalize"] = bool(values["normalize"])
-    return {k: values[k] for k in LMI_DEFAULTS}
+    return {k: values[k] for k in _D.kwargs()}
 
 
 def add_lmi_function(model: onnx.ModelProto, params: dict | None = None) -> onnx.ModelProto:
@@ -261,7 +253,7 @@ def add_lmi_function(model: onnx.ModelProto, params: dict | None = None) -> onnx
     to >= 9 (function attribute defaults). A model holds one LMI setting: an existing
     ``galip::LMI`` function with other parameters is an error. Returns ``model``.
     """
-    params = lmi_params(**{**LMI_DEFAULTS, **(params or {})})
+    params = lmi_params(**{**_D.kwargs(), **(params or {})})
     opset = _opset_of(model, "")
     if opset is None or opset < MIN_OPSET:
         raise ConfigError(f"the LMI function needs a model with default-domain opset >= "
@@ -304,8 +296,8 @@ def check_lmi_nodes(model: onnx.ModelProto) -> None:
                                   f"function was built with {want!r}; rebuild the node")
 
 
-def lmi_model(patch: int = 3, radius: int = 1, bins: int = 27, sigma: float = 8 / 255,
-              normalize: bool = True, opset: int = DEFAULT_OPSET,
+def lmi_model(patch: int = _D.patch, radius: int = _D.radius, bins: int = _D.bins, sigma: float = _D.sigma,
+              normalize: bool = _D.normalize, opset: int = DEFAULT_OPSET,
               with_offset_index: bool = False) -> onnx.ModelProto:
     """Standalone model x, y (N, 1, H, W) float32 → lmi, y_at (+ offset_index int32)."""
     params = lmi_params(patch, radius, bins, sigma, normalize)
@@ -314,8 +306,8 @@ def lmi_model(patch: int = 3, radius: int = 1, bins: int = 27, sigma: float = 8 
     if with_offset_index:
         outputs.append(helper.make_tensor_value_info(OUTPUTS[2], TensorProto.INT32, dims))
     graph = helper.make_graph(
-        [lmi_node("x", "y", OUTPUTS, name="lmi", **params)], "galip_lmi",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims) for n in ("x", "y")], outputs)
+        [lmi_node(*LMI_GRAPH_INPUTS, OUTPUTS, name="lmi", **params)], "galip_lmi",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims) for n in LMI_GRAPH_INPUTS], outputs)
     opsets = [helper.make_opsetid("", opset)]
     ir_version = max(MIN_IR_VERSION, helper.find_min_ir_version_for(opsets, ignore_unknown=True))
     model = helper.make_model(graph, opset_imports=opsets, ir_version=ir_version,

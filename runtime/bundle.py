@@ -25,89 +25,49 @@ Every ``"file"`` value under ``models`` must be listed in ``files``; ``files`` m
 (ONNX external data, extra data). Engines may add ``"version_compatible": true`` and
 ``"hardware_compatibility": "ampere+"`` (see :mod:`galip.runtime.backends.select`).
 
-Safety (a bundle is data, never code; DESIGN.md "The bundle"): every path must be relative,
-canonical (no ``..``, ``.``, empty parts, trailing ``/`` or backslashes) and resolve inside
-the folder after following symlinks. The manifest is size- and depth-capped before it is
-parsed and checked field by field (:mod:`galip.runtime.manifest_schema`). ONNX external
-data: every graph the models reference (known by its place, ``graphs`` or ``lmi_graph``,
-never by its file name, so ``g.ONNX`` is parsed like ``g.onnx``) is parsed at load time
-with ``onnx`` (imported then, not at module import; tensor data is never loaded); every
-tensor ``location`` (relative to the graph's folder, as onnxruntime resolves it) must pass
-the same path check and be a listed file, hence checksummed. "Listed" compares the files
-themselves (device and inode), so no spelling, case or link of a name gets around it;
-``write_manifest`` lists such files itself. sha256 checks are skipped with
-``verify=False``; the path and external-data checks never are.
+Safety (a bundle is data, never code; docs/design.md "The bundle"): every path must be
+relative, canonical (no ``..``, ``.``, empty parts, trailing ``/`` or backslashes) and resolve
+inside the folder after following symlinks. The manifest is size- and depth-capped before it
+is parsed and checked field by field (:mod:`galip.runtime.manifest_schema`).
+
+Parse once, verify when opened: :func:`load_bundle` reads the manifest, checks paths, that
+every referenced file is listed and present with its recorded size, and parses the model
+entries into typed :mod:`galip.runtime.contract` entries; it opens no graph. A loader reads a
+file through :meth:`Bundle.read` / :meth:`Bundle.graph_source`, which check its sha256 first
+(skipped with ``verify=False``), still before any inference. ONNX external data:
+``write_manifest`` parses every graph (known by its place, ``graphs`` or ``lmi_graph``,
+never by its file name) and records the files its tensors name under the graph's
+``external_data``; those must be listed files too. When a graph is opened, a byte scan for
+the protobuf key ``location`` (which every external-data entry holds verbatim) tells whether
+it stores any; only then is it parsed with ``onnx`` and every location (relative to the
+graph's folder, as onnxruntime resolves it) checked to be a listed file inside the bundle
+and verified. "Listed" compares the files themselves (device and inode), so no spelling,
+case or link of a name gets around it. The path and external-data checks are never skipped.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
-import os
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_path
+from .bundle_files import (EXTERNAL_KEY, external_files, identity, onnx_external_locations,  # noqa: F401
+                           resolve_inside, sha256_file)
+from .contract import DiffusionEntry, GeneratorEntry, GraphFile, ModelEntry
 from .domains import Domain, get_domain
-from .errors import BackendError, BundleError, ConfigError
+from .errors import BundleError, ConfigError
 from .manifest_schema import MAX_MANIFEST_BYTES, SCHEMA_VERSION, parse_manifest, validate_manifest
 
 MANIFEST_NAME = "manifest.json"
-_CHUNK = 1 << 20
-_KEY_ORDER = ("schema_version", "galip_version", "preprocess", "domains", "models", "files")
-
-
-# ----------------------------------------------------------------------------- paths, hashes
-def sha256_file(path: Path) -> str:
-    """sha256 hex digest of ``path``, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _identity(path: Path) -> tuple[int, int]:
-    """(device, inode): the file itself, whatever name, case or link reaches it."""
-    info = path.stat()
-    return info.st_dev, info.st_ino
-
-
-def resolve_inside(root: Path, relative: Any, what: str) -> Path:
-    """Return ``root / relative`` (symlinks resolved) after checking it stays inside ``root``.
-
-    Refuses non-strings, absolute paths (POSIX or Windows), backslashes, ``..`` components
-    and anything whose resolved target (a symlink) lies outside the folder. ``what`` names
-    the manifest entry for the error message.
-    """
-    if not isinstance(relative, str) or not relative.strip():
-        raise BundleError(f"{what}: expected a relative file name, found {relative!r}; fix the manifest")
-    if PurePosixPath(relative).is_absolute() or PureWindowsPath(relative).drive:
-        raise BundleError(
-            f"{what}: path {relative!r} is absolute; bundle paths must be relative to the bundle folder"
-        )
-    if "\\" in relative:
-        raise BundleError(f"{what}: path {relative!r} contains a backslash; use forward slashes")
-    if ".." in PurePosixPath(relative).parts:
-        raise BundleError(
-            f"{what}: path {relative!r} climbs out of the bundle with '..'; keep every file inside the bundle folder"
-        )
-    if any(part in ("", ".") for part in relative.split("/")):   # one spelling per file: no name tricks
-        raise BundleError(f"{what}: path {relative!r} is not canonical (empty or '.' parts, or a trailing '/'); "
-                          f"write it as {PurePosixPath(relative).as_posix()!r}")
-    root_real = Path(root).resolve()
-    target = (root_real / relative).resolve()
-    if not target.is_relative_to(root_real):
-        raise BundleError(
-            f"{what}: {relative!r} resolves to {target}, outside the bundle folder {root_real} "
-            "(a symlink?); copy the file into the bundle instead of linking it"
-        )
-    return target
+_KEY_ORDER = ("schema_version", "galip_version", "preprocess", "domains", "models", "files", "sizes")
 
 
 def referenced_files(manifest: dict) -> list[tuple[str, str]]:
-    """Every ``"file"`` value under ``manifest["models"]`` as ``(file, where)`` pairs, in order.
+    """Every ``"file"`` value under ``manifest["models"]`` and every recorded external-data
+    file as ``(file, where)`` pairs, in order.
 
     ``where`` is the manifest key path (``models.generator.graphs.fp16.file``) for messages.
     """
@@ -118,6 +78,8 @@ def referenced_files(manifest: dict) -> list[tuple[str, str]]:
             for key, value in node.items():
                 if key == "file":
                     found.append((value, f"{where}.file"))
+                elif key == "external_data" and isinstance(value, list):
+                    found.extend((name, f"{where}.external_data[{i}]") for i, name in enumerate(value))
                 else:
                     walk(value, f"{where}.{key}")
         elif isinstance(node, list):
@@ -128,65 +90,35 @@ def referenced_files(manifest: dict) -> list[tuple[str, str]]:
     return found
 
 
-# ----------------------------------------------------------------------------- ONNX external data
-def onnx_external_locations(data: bytes) -> list[str]:
-    """``location`` of every tensor a serialized ONNX ``ModelProto`` stores as external data.
-
-    Walks every message field (protobuf reflection), so graphs, subgraphs (If/Loop/Scan),
-    functions, training graphs and sparse tensors are all seen; onnx's own
-    ``_get_all_tensors`` skips the last two. Raises ``ValueError`` on bytes that are not an
-    ONNX model, BackendError when the ``onnx`` package is missing.
-    """
-    try:
-        import onnx
-        from google.protobuf.message import DecodeError, Message
-        from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-    except ImportError as error:
-        raise BackendError(f"reading ONNX graphs needs onnx ({error}); install it: pip install 'galip[cpu]'") from None
-
-    def tensors(message):
-        if isinstance(message, onnx.TensorProto):
-            yield message
-            return
-        for field, value in message.ListFields():
-            if field.message_type is not None:
-                for item in [value] if isinstance(value, Message) else value:
-                    yield from tensors(item)
-
-    try:
-        model = onnx.load_model_from_string(data)
-        return [ExternalDataInfo(t).location for t in tensors(model) if uses_external_data(t)]
-    except (DecodeError, ValueError) as error:
-        raise ValueError(f"not a valid ONNX protobuf ({error})") from None
+def _graph_entries(manifest: dict) -> list[tuple[dict, str]]:
+    """``(entry, where)`` of every graph entry (``{"file": ...}`` under ``graphs``/``lmi_graph``)."""
+    entries = []
+    models = manifest.get("models", {})
+    specs = [("models.generator", models["generator"])] if "generator" in models else []
+    specs += [(f"models.diffusion.{t}", spec) for t, spec in models.get("diffusion", {}).items()]
+    for where, spec in specs:
+        entries += [(entry, f"{where}.graphs.{p}") for p, entry in spec.get("graphs", {}).items()]
+        if "lmi_graph" in spec:
+            entries.append((spec["lmi_graph"], f"{where}.lmi_graph"))
+    return entries
 
 
-def _external_files(root: Path, graph: str, where: str) -> list[tuple[str, Path]]:
-    """``(bundle-relative name, resolved path)`` of every external-data file ``graph`` needs."""
-    path = resolve_inside(root, graph, where)
-    try:
-        locations = onnx_external_locations(path.read_bytes())
-    except ValueError as error:
-        raise BundleError(f"{where}: {graph!r} is {error}; re-export the bundle") from None
-    found = []
-    for location in locations:
-        # onnxruntime resolves a location against the graph's folder; so do we.
-        joined = (PurePosixPath(graph).parent / location).as_posix() if location else ""
-        found.append((joined, resolve_inside(root, joined, f"{graph} external data location {location!r}")))
-    return found
-
-
-def _is_graph(where: str) -> bool:
-    """ONNX graphs are known by their place in the manifest, never by their file name."""
-    return ".engines[" not in where
 
 
 # ----------------------------------------------------------------------------- the bundle
 @dataclass(frozen=True)
 class Bundle:
-    """A loaded bundle: its folder and its parsed manifest (a plain JSON dict)."""
+    """A loaded bundle: its folder, its manifest (a plain JSON dict) and the typed model entries.
+
+    ``verify``: check a file's sha256 when it is opened (:meth:`read`, :meth:`graph_source`).
+    """
 
     root: Path
     manifest: dict
+    generator: GeneratorEntry | None = None
+    diffusion: dict[str, DiffusionEntry] = field(default_factory=dict)
+    verify: bool = True
+    _verified: set = field(default_factory=set, compare=False, repr=False)
 
     @property
     def schema_version(self) -> int:
@@ -211,25 +143,22 @@ class Bundle:
     def model_names(self) -> list[str]:
         return list(self.manifest["models"])
 
-    def model(self, name: str, domain: str | None = None) -> dict:
-        """The manifest entry of model ``name``; ``diffusion`` needs a ``domain`` (one model each).
+    def model(self, name: str, domain: str | None = None) -> ModelEntry:
+        """The typed entry of model ``name``; ``diffusion`` needs a ``domain`` (one model each).
 
         ``domain`` is matched case-insensitively (``t2``, ``T2w``); for the generator it is
         checked against the domains it translates to. Raises ConfigError / BundleError.
         """
-        models = self.manifest["models"]
-        if name not in models:
-            raise BundleError(f"bundle {self.root} has no {name!r} model; it has {', '.join(models)}")
-        spec = models[name]
+        if name not in self.manifest["models"]:
+            raise BundleError(f"bundle {self.root} has no {name!r} model; it has {', '.join(self.model_names)}")
         if name == "diffusion":
             if domain is None:
-                raise ConfigError(f"the diffusion model needs a target domain; bundle has {', '.join(spec)}")
-            known = {d: v for d, v in self.domains.items() if d in spec}
-            return spec[get_domain(domain, known).name]
-        if domain is not None and "domains" in spec:
-            known = {d: v for d, v in self.domains.items() if d in spec["domains"]}
-            get_domain(domain, known)
-        return spec
+                raise ConfigError(f"the diffusion model needs a target domain; bundle has {', '.join(self.diffusion)}")
+            known = {d: v for d, v in self.domains.items() if d in self.diffusion}
+            return self.diffusion[get_domain(domain, known).name]
+        if domain is not None and self.generator.domains is not None:
+            get_domain(domain, {d: v for d, v in self.domains.items() if d in self.generator.domains})
+        return self.generator
 
     def path(self, relative: str) -> Path:
         """Absolute path of a bundle file, checked to lie inside the bundle folder."""
@@ -237,12 +166,45 @@ class Bundle:
 
     def graph_path(self, name: str, precision: str = "fp32", domain: str | None = None) -> Path:
         """Path of model ``name``'s ONNX graph at ``precision`` (``fp32``, ``fp16``)."""
-        graphs = self.model(name, domain)["graphs"]
+        graphs = self.model(name, domain).graphs
         if precision not in graphs:
             raise ConfigError(
                 f"model {name!r} has no {precision} graph; the bundle has {', '.join(graphs)}"
             )
-        return self.path(graphs[precision]["file"])
+        return self.path(graphs[precision].file)
+
+    # -- opening files: checksums are verified here, once per file ---------------------------
+    def _check(self, name: str, data: bytes | None = None) -> None:
+        if not self.verify or name in self._verified:
+            return
+        path = self.path(name)
+        digest = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(path)
+        if digest != self.manifest["files"].get(name):
+            raise BundleError(f"sha256 mismatch for {name} in bundle {self.root}: the file changed after export; "
+                              "restore it or re-export the bundle")
+        self._verified.add(name)
+
+    def read(self, name: str) -> bytes:
+        """The bytes of listed file ``name`` (an engine, a graph), its sha256 checked first."""
+        data = self.path(name).read_bytes()
+        self._check(name, data)
+        return data
+
+    def graph_source(self, graph: GraphFile | str) -> bytes | Path:
+        """What a loader opens for ``graph``: its verified bytes, or its path when it stores
+        tensors as external data (onnxruntime finds those next to the file), after checking
+        that every location is a listed file inside the bundle and verifying it."""
+        entry = graph if isinstance(graph, GraphFile) else GraphFile(graph)
+        data = self.read(entry.file)
+        if EXTERNAL_KEY not in data:     # no external-data entry: nothing to parse
+            return data
+        listed = {identity(self.path(name)): name for name in self.manifest["files"]}
+        for name, path in external_files(self.root, entry.file, f"graph {entry.file!r}", data):
+            if identity(path) not in listed:
+                raise BundleError(f"graph {entry.file!r}: external data {name!r} is not listed in the manifest's "
+                                  "files, so it cannot be checksummed; re-export the bundle (write_manifest lists it)")
+            self._check(listed[identity(path)])
+        return self.path(entry.file)
 
 
 def verify_checksums(bundle: Bundle) -> list[str]:
@@ -270,16 +232,18 @@ def _read_manifest(root: Path) -> tuple[dict, Path]:
 
 
 def load_bundle(root: str | Path, *, verify: bool = True) -> Bundle:
-    """Read and check ``root/manifest.json``; return a :class:`Bundle`.
+    """Read and check ``root/manifest.json``; return a :class:`Bundle` with typed entries.
 
     Checks, each failing with a one-line BundleError: folder and manifest exist, JSON
-    parses, schema version is known, structure is sane, every path stays inside the
-    folder, every referenced file (and ONNX external-data file) is listed in ``files`` and
-    exists, and (``verify=True``) every listed file matches its sha256.
+    parses, schema version is known, every field the runtime reads has its type and range,
+    every path stays inside the folder, every referenced file (graphs, engines, recorded
+    external data) is listed in ``files``, and every listed file exists with its recorded
+    size. Opens no graph; sha256 is checked when a file is opened (``verify=False``: never).
     """
     root = Path(root)
     manifest, source = _read_manifest(root)
     validate_manifest(manifest, source)
+    sizes = manifest.get("sizes", {})
     listed = {}
     for name in manifest["files"]:
         path = resolve_inside(root, name, f"files[{name!r}]")
@@ -287,33 +251,27 @@ def load_bundle(root: str | Path, *, verify: bool = True) -> Bundle:
             raise BundleError(
                 f"bundle file {name!r} listed in {source} is missing; copy it back or re-export the bundle"
             )
-        listed[_identity(path)] = name
-    bundle = Bundle(root=root, manifest=manifest)
-    if verify:   # before parsing any graph, so a tampered one is reported as such
-        bad = verify_checksums(bundle)
-        if bad:
+        info = path.stat()
+        if name in sizes and info.st_size != sizes[name]:
+            raise BundleError(f"bundle file {name!r} has {info.st_size:,} bytes, the manifest says {sizes[name]:,}: "
+                              "the file changed after export; restore it or re-export the bundle")
+        listed[(info.st_dev, info.st_ino)] = name
+    for relative, where in referenced_files(manifest):
+        path = resolve_inside(root, relative, where)
+        if not path.is_file() or identity(path) not in listed:
             raise BundleError(
-                f"sha256 mismatch for {', '.join(bad)} in bundle {root}: the file changed after export; "
-                "restore it or re-export the bundle"
-            )
-
-    def require_listed(name: str, path: Path, where: str) -> None:
-        if not path.is_file() or _identity(path) not in listed:
-            raise BundleError(
-                f"{where}: {name!r} is not listed in the manifest's files, so it cannot be "
+                f"{where}: {relative!r} is not listed in the manifest's files, so it cannot be "
                 "checksummed; re-export the bundle (write_manifest lists it)"
             )
-
-    for relative, where in referenced_files(manifest):
-        require_listed(relative, resolve_inside(root, relative, where), where)
-        if _is_graph(where):   # parsed only once listed, hence checksummed
-            for name, path in _external_files(root, relative, where):
-                require_listed(name, path, where)
-    return bundle
+    models = manifest["models"]
+    generator = GeneratorEntry.from_manifest(models["generator"]) if "generator" in models else None
+    diffusion = {t: DiffusionEntry.from_manifest(spec) for t, spec in models.get("diffusion", {}).items()}
+    return Bundle(root, manifest, generator, diffusion, verify)
 
 
 def write_manifest(root: str | Path, manifest: dict) -> Path:
-    """Write ``root/manifest.json`` atomically, with ``files`` recomputed; return its path.
+    """Write ``root/manifest.json`` atomically, with ``files`` and ``sizes`` recomputed and each
+    graph's ``external_data`` recorded; return its path.
 
     Hashes every file the models reference, every ONNX external-data file those graphs
     need, and any name already in ``manifest["files"]``. Fills ``schema_version`` and
@@ -329,6 +287,8 @@ def write_manifest(root: str | Path, manifest: dict) -> Path:
         from galip import __version__
         manifest["galip_version"] = __version__
     validate_manifest(manifest, root / MANIFEST_NAME, require_files=False)
+    for entry, _ in _graph_entries(manifest):
+        entry.pop("external_data", None)          # recomputed below from the graph itself
     names: dict[str, str] = {}
     for relative, where in referenced_files(manifest):
         resolve_inside(root, relative, where)
@@ -336,20 +296,24 @@ def write_manifest(root: str | Path, manifest: dict) -> Path:
     for name in list(manifest.get("files", {})):
         resolve_inside(root, name, f"files[{name!r}]")
         names.setdefault(name, f"files[{name!r}]")
-    for name, where in list(names.items()):
-        if (_is_graph(where) and not where.startswith("files[")) or name.lower().endswith(".onnx"):
-            if resolve_inside(root, name, where).is_file():
-                for extra, _ in _external_files(root, name, where):
-                    names.setdefault(extra, f"{name} external data")
-    files = {}
+    for entry, where in _graph_entries(manifest):
+        if resolve_inside(root, entry["file"], where).is_file():
+            extra = sorted({name for name, _ in external_files(root, entry["file"], where)})
+            entry.update({"external_data": extra} if extra else {})
+            names.update((name, f"{entry['file']} external data") for name in extra if name not in names)
+    for name, where in list(names.items()):     # other listed graphs (by name) may hold external data
+        if where.startswith("files[") and name.lower().endswith(".onnx") and resolve_inside(root, name, where).is_file():
+            for extra, _ in external_files(root, name, where):
+                names.setdefault(extra, f"{name} external data")
+    files, sizes = {}, {}
     for name, where in sorted(names.items()):
         if name == MANIFEST_NAME:
             raise BundleError(f"{where}: the manifest cannot list itself; remove {MANIFEST_NAME!r}")
         path = resolve_inside(root, name, where)
         if not path.is_file():
             raise BundleError(f"{where}: {name!r} does not exist in {root}; write it before the manifest")
-        files[name] = sha256_file(path)
-    manifest["files"] = files
+        files[name], sizes[name] = sha256_file(path), path.stat().st_size
+    manifest["files"], manifest["sizes"] = files, sizes
     ordered = {key: manifest[key] for key in _KEY_ORDER if key in manifest}
     ordered.update((key, value) for key, value in manifest.items() if key not in ordered)
     target = root / MANIFEST_NAME

@@ -28,11 +28,12 @@ from .cli_support import err_console, user_errors
 from .errors import ConfigError, OutputError
 from .foreground import mask_from_file
 from .pipeline import CT_GUESS_BELOW, MASKS, Settings, Translator, guess_kind, prepare
-from .settings import parse_slices
+from .settings import LMI_MODES, parse_slices
 from .signals import stop_on_signals
 from .volume import load_volume, save_volume
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
+LMI_ENV = "GALIP_LMI"      # the default of --lmi, read here only (never inside the library)
 
 
 class ModelName(str, Enum):
@@ -169,6 +170,9 @@ def main(
         = None,
     tta: Annotated[str, typer.Option(metavar="none|flip", help="flip: also translate the left-right mirror and average (2x the time).")] = "none",
     any_source: Annotated[bool, typer.Option("--any-source", help="Translate a source kind (MRI/CT) the model was not trained on instead of refusing it.")] = False,
+    lmi: Annotated[str, typer.Option("--lmi", envvar=LMI_ENV, metavar="|".join(LMI_MODES),
+                                     help="Diffusion on onnxruntime-cpu: run the step's LMI on the native CPU kernel "
+                                          "(native), in the ONNX graph (onnx), or native where it can (auto).")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output (and preview).")] = False,
     # -- batch mode (runtime/batch_cli.py) --------------------------------------------------
     out_dir: Annotated[Optional[Path], typer.Option("--out-dir", show_default=False,
@@ -194,7 +198,8 @@ def main(
         settings = Settings(model=model.value, backend=backend.value, precision=precision.value if precision else None,
                             batch=batch, steps=steps, sampler=sampler.value if sampler else None, eta=eta,
                             seed=seed, threads=threads, mask=mask if mask in MASKS else "none",
-                            planes=planes, tta=tta, any_source=any_source, slices=parse_slices(slices))
+                            planes=planes, tta=tta, any_source=any_source, slices=parse_slices(slices),
+                            lmi=lmi.strip().lower() or "auto")
         settings.check()
         if is_batch(sources, out_dir, skip_existing, part, ray, workers, bids_root):
             if mask not in MASKS:

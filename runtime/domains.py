@@ -2,7 +2,7 @@
 
 One table used by data generation, training, export (baked into the manifest) and the
 runtime, so the caption a model was trained with is by construction the one it is run
-with (the reference code's train/test captions differ; see DESIGN.md).
+with (the reference code's train/test captions differ; see docs/design.md).
 """
 from __future__ import annotations
 
@@ -42,15 +42,16 @@ _ALIASES = {d.suffix.lower(): d.name for d in DOMAINS.values()} | {
 
 
 def get_domain(name: str, known: dict[str, Domain] | None = None) -> Domain:
-    """Look a domain up by name or file suffix, case-insensitively (``t2``, ``T2w``).
+    """Look a domain up by name, file suffix or long name, case-insensitively (``t2``, ``T2w``,
+    ``t2-weighted``): the one resolver of ``--to`` and every other domain argument.
 
-    ``known`` restricts the choice (for example to a bundle's domains); the error lists
-    what is available.
+    ``known`` restricts the choice (for example to a bundle's domains, whose own suffixes
+    count); the error lists what is available.
     """
     table = DOMAINS if known is None else known
-    key = name.strip()
-    by_lower = {k.lower(): k for k in table}
-    canonical = by_lower.get(key.lower()) or _ALIASES.get(key.lower())
+    key = name.strip().lower()
+    by_lower = {d.suffix.lower(): k for k, d in table.items()} | {k.lower(): k for k in table}
+    canonical = by_lower.get(key) or _ALIASES.get(key)
     if canonical is None or canonical not in table:
         raise ConfigError(
             f"unknown domain {name!r}; expected one of {', '.join(sorted(table))}"

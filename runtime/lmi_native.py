@@ -1,7 +1,7 @@
 """Native (C++/OpenMP) LMI kernel: built on first use, loaded with ctypes; numpy only.
 
 The kernel computes the local-wise mutual information of the MIDiffusion paper (Sec. 4.2,
-Eq. 8 and 11) under the galip contract (DESIGN.md, "The LMI operator"); the per-pixel math
+Eq. 8 and 11) under the galip contract (docs/design.md, "The LMI operator"); the per-pixel math
 lives in ``kernels/lmi.cuh`` and is shared with the CUDA kernel of the TensorRT plugin.
 
 Build: ``$CXX`` (else ``g++``) ``-O3 -march=native -fopenmp -shared -fPIC`` compiles
@@ -16,7 +16,6 @@ import ctypes
 import functools
 import hashlib
 import math
-import numbers
 import os
 import platform
 import shlex
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .contract.lmi import DEFAULT_LMI as _D, LmiParams
 from .errors import BackendError, ConfigError
 
 __all__ = ["lmi_numpy", "native_available", "check_lmi_args", "support_radius", "needs_float64",
@@ -55,7 +55,7 @@ _build_error: BackendError | None = None
 def check_lmi_args(x_shape, y_shape, patch, radius, bins, sigma) -> None:
     """Raise ``ConfigError`` (one line) unless x, y are (N, 1, H, W) alike and the params valid.
 
-    patch: odd int >= 1; radius: int >= 0; bins: int >= 2; sigma: float > 0.
+    The parameters are checked by :class:`~galip.runtime.contract.LmiParams`.
     """
     x_shape, y_shape = tuple(x_shape), tuple(y_shape)
     if len(x_shape) != 4 or x_shape[1] != 1:
@@ -65,14 +65,7 @@ def check_lmi_args(x_shape, y_shape, patch, radius, bins, sigma) -> None:
         raise ConfigError(f"LMI expects x and y of the same shape, got {x_shape} and {y_shape}")
     if x_shape[2] < 1 or x_shape[3] < 1:
         raise ConfigError(f"LMI expects H, W >= 1, got {x_shape}")
-    if not isinstance(patch, numbers.Integral) or patch < 1 or patch % 2 == 0:
-        raise ConfigError(f"LMI patch must be an odd int >= 1, got {patch!r}")
-    if not isinstance(radius, numbers.Integral) or radius < 0:
-        raise ConfigError(f"LMI radius must be an int >= 0, got {radius!r}")
-    if not isinstance(bins, numbers.Integral) or bins < 2:
-        raise ConfigError(f"LMI bins must be an int >= 2, got {bins!r}")
-    if not float(sigma) > 0.0:
-        raise ConfigError(f"LMI sigma must be > 0, got {sigma!r}")
+    LmiParams(patch, radius, bins, sigma)
 
 
 @functools.lru_cache(maxsize=64)
@@ -97,7 +90,7 @@ def _compiler() -> list[str]:
     if shutil.which(cxx[0]) is None:
         raise BackendError(
             f"LMI native kernel needs a C++ compiler, found none at {cxx[0]!r} "
-            "(set $CXX or install g++); lmi() falls back to the dense PyTorch path")
+            "(set $CXX or install g++)")
     return cxx
 
 
@@ -199,7 +192,7 @@ def native_unavailable_reason() -> str | None:
     return None
 
 
-def support_radius(bins: int = 27, sigma: float = 8 / 255) -> int:
+def support_radius(bins: int = _D.bins, sigma: float = _D.sigma) -> int:
     """Truncation radius K (bins) the kernel keeps around each sample's nearest centre."""
     return int(_load().galip_lmi_support_radius_host(bins, sigma))
 
@@ -222,17 +215,17 @@ def _default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def lmi_numpy(x: np.ndarray, y: np.ndarray, patch: int = 3, radius: int = 1, bins: int = 27,
-              sigma: float = 8 / 255, normalize: bool = True, *, num_threads: int | None = None,
+def lmi_numpy(x: np.ndarray, y: np.ndarray, patch: int = _D.patch, radius: int = _D.radius, bins: int = _D.bins,
+              sigma: float = _D.sigma, normalize: bool = _D.normalize, *, num_threads: int | None = None,
               algorithm: str = "planes") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Local-wise (normalised) mutual information of x against y with the native kernel.
 
     Args:
         x, y: (N, 1, H, W) arrays (cast to float32), values in [0, 1] (values outside soft-bin
             like the nearest edge bin).
-        patch: odd patch side p (default 3); radius: search radius r, (2r+1)^2 offsets
-            (default 1); bins: B soft bins, centres linspace(0, 1, B) (default 27); sigma:
-            Gaussian width (default 8/255); normalize: NMI = 2 MI / (H_X + H_Y) (default True).
+        patch, radius, bins, sigma, normalize: :class:`~galip.runtime.contract.LmiParams`
+            (patch side p, search radius r, B soft bins with centres linspace(0, 1, B),
+            Gaussian width, NMI = 2 MI / (H_X + H_Y); defaults there).
         num_threads: OpenMP threads; default $GALIP_NUM_THREADS or the usable cores (fewer for
             inputs under ~1k pixels per core).
         algorithm: ``planes`` (the host kernel) or ``rows``: the CUDA kernel's per-pixel path

@@ -127,6 +127,11 @@ class _Checker:
 
     def file(self, value: Any, where: str) -> None:
         self.string(self.obj(value, where, ("file",))["file"], f"{where}.file")
+        extra = value.get("external_data", [])
+        if not isinstance(extra, list) or len(extra) > MAX_FILES:
+            raise self.fail(f"{where}.external_data", "a list of file names", extra)
+        for i, name in enumerate(extra):
+            self.string(name, f"{where}.external_data[{i}]")
 
     def pair(self, value: Any, where: str, lo: float, hi: float) -> tuple[float, float]:
         if not isinstance(value, list) or len(value) != 2:
@@ -287,3 +292,8 @@ def validate_manifest(manifest: Any, source: Path, *, require_files: bool = True
     for name, digest in files.items():
         if not isinstance(digest, str) or not _SHA256.match(digest):
             raise c.fail(f"files[{name!r}]", "a 64-digit lowercase sha256 hex string", digest)
+    sizes = c.obj(manifest.get("sizes", {}), "sizes")    # absent in older bundles
+    if len(sizes) > MAX_FILES:
+        raise c.fail("sizes", f"at most {MAX_FILES} entries", f"{len(sizes)} entries")
+    for name, size in sizes.items():
+        c.integer(size, f"sizes[{name!r}]", 0, 1 << 50)

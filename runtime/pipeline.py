@@ -8,9 +8,9 @@ numpy only around the backends (never torch). The chain, per batch of ``batch`` 
     diffusion:  lmi_source = LMI(source, source) (lmi.onnx), x_T ~ N(0, I), then the step
                 graph once per row of the step table, x_prev fed back as x_t and
                 x0_pred as x0_last (schedule.py: one linear update for every sampler);
-                x_0 mapped from the model's data range to [0, 1]. On onnxruntime-cpu
-                with the native LMI kernel (Choice.lmi == "native") every LMI, the
-                step graph's and lmi.onnx's, runs on that kernel (SplitLmiRunner)
+                x_0 mapped from the model's data range to [0, 1]. Where each LMI
+                runs (the lmi engine, the native CPU kernel, the graph) is
+                select.py's policy (select_backend, select_lmi)
     clip to [0, 1] → SlicePlan.restore (CT window for CT targets; MRI targets: the model's
     0 → 0, 1 → the source's robust range) → written into the output slice stack;
     slices_to_volume at the end. ``planes=3`` repeats this along all three axes and
@@ -36,9 +36,10 @@ from typing import Callable
 import numpy as np
 
 from .backends.base import Runner, RunnerFactory
-from .backends.select import Choice, select_backend
+from .backends.select import Choice, select_backend, select_lmi
 from .bundle import Bundle
-from .domains import Domain
+from .contract import GEN_DOMAIN, GEN_IMAGE, GEN_OUTPUT, LMI_OUT, LMI_X, LMI_Y, DiffusionEntry, ModelEntry
+from .domains import Domain, get_domain
 from .errors import BackendError, BundleError, ConfigError, GalipError
 from .foreground import head_mask
 from .intensity import CT_WINDOW, IntensityMap
@@ -46,7 +47,7 @@ from .limits import affordable_batch
 from .geometry import canonical_span, voxel_axis
 from .preprocess import PreprocessConfig, SlicePlan, plan_volume, slices_to_volume
 from .sampling import Progress, _no_progress, run_sampler
-from .schedule import DEFAULT_SPACING, SPACINGS, NoiseSchedule, SliceNoise, StepTable, step_table
+from .schedule import SPACINGS, SliceNoise, StepTable, step_table
 from .settings import MASKS, MODELS, PLANES, TTAS, Model, Settings  # noqa: F401  (re-exported)
 
 #: A voxel below this (HU) makes ``guess_kind`` call a volume CT: air is about −1000 HU.
@@ -80,53 +81,51 @@ def target_intensity(target: Domain, plan: SlicePlan) -> IntensityMap:
     return IntensityMap(0.0, plan.source_map.hi - plan.source_map.lo)
 
 
-def source_kinds(bundle: Bundle, spec: dict, model: Model) -> set[str]:
+def source_kinds(bundle: Bundle, spec: ModelEntry, model: Model) -> set[str]:
     """Source kinds (``mri``/``ct``) a model was trained on: the manifest's ``source_kinds``,
     else the kinds of the generator's domains. Diffusion never sees its source (zero-shot),
     so it takes any kind."""
     if model == "diffusion":
         return {"mri", "ct"}
-    listed = spec.get("source_kinds")
-    if listed:
-        return set(listed)
-    return {bundle.domains[name].kind for name in spec.get("domains", bundle.domains) if name in bundle.domains}
+    if spec.source_kinds:
+        return set(spec.source_kinds)
+    names = bundle.domains if spec.domains is None else spec.domains
+    return {bundle.domains[name].kind for name in names if name in bundle.domains}
 
 
 def _list(names) -> str:
     return ", ".join(sorted(names)) or "none"
 
 
-def resolve_target(bundle: Bundle, to: str, model: Model) -> tuple[Domain, dict]:
-    """The target domain and the manifest entry of the model that translates to it.
+def resolve_target(bundle: Bundle, to: str, model: Model) -> tuple[Domain, ModelEntry]:
+    """The target domain (:func:`~galip.runtime.domains.get_domain` over the bundle's domains)
+    and the typed entry of the model that translates to it.
 
     ConfigError for an unknown ``to`` (listing the bundle's domains), a model the bundle
     lacks, or a target that model cannot produce (listing the targets it can).
     """
     domains = bundle.domains
-    key = to.strip().lower()
-    aliases = {d.name.lower(): d for d in domains.values()} | {d.suffix.lower(): d for d in domains.values()}
-    target = aliases.get(key)
-    if target is None:
+    try:
+        target = get_domain(to, domains)
+    except ConfigError:
         raise ConfigError(f"--to {to!r} is not a domain of bundle {bundle_name(bundle)}; "
-                          f"it translates to {_list(domains)}")
-    models = bundle.manifest["models"]
+                          f"it translates to {_list(domains)}") from None
     if model == "generator":
-        if "generator" not in models:
+        spec = bundle.generator
+        if spec is None:
             raise ConfigError(f"bundle {bundle_name(bundle)} has no generator; use --model diffusion "
-                              f"(targets: {_list(models.get('diffusion', {}))})")
-        spec = models["generator"]
-        have = spec.get("domains", list(domains))
+                              f"(targets: {_list(bundle.diffusion)})")
+        have = list(domains) if spec.domains is None else spec.domains
         if target.name not in have:
             raise ConfigError(f"the generator of bundle {bundle_name(bundle)} does not translate to {target.name}; "
                               f"it translates to {_list(have)}")
         return target, spec
-    diffusion = models.get("diffusion", {})
-    if not diffusion:
+    if not bundle.diffusion:
         raise ConfigError(f"bundle {bundle_name(bundle)} has no diffusion model; use --model generator")
-    if target.name not in diffusion:
+    if target.name not in bundle.diffusion:
         raise ConfigError(f"bundle {bundle_name(bundle)} has no diffusion model for {target.name}; "
-                          f"diffusion targets: {_list(diffusion)} (or use --model generator)")
-    return target, diffusion[target.name]
+                          f"diffusion targets: {_list(bundle.diffusion)} (or use --model generator)")
+    return target, bundle.diffusion[target.name]
 
 
 def bundle_name(bundle: Bundle) -> str:
@@ -134,35 +133,25 @@ def bundle_name(bundle: Bundle) -> str:
     return str(bundle.manifest.get("name") or bundle.root.resolve().name)
 
 
-def _data_range(spec: dict) -> tuple[float, float]:
-    value = spec.get("data_range")
-    try:
-        lo, hi = (float(v) for v in value)
-        if not hi > lo:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise BundleError(f"diffusion model: data_range should be [lo, hi] such as [-1, 1], found {value!r}; "
-                          "re-export the bundle") from None
-    return lo, hi
+def _data_range(spec: DiffusionEntry) -> tuple[float, float]:
+    if spec.data_range is None:
+        raise BundleError("diffusion model: data_range should be [lo, hi] such as [-1, 1], found None; "
+                          "re-export the bundle")
+    return spec.data_range
 
 
-def _sampler_table(spec: dict, settings: Settings) -> StepTable:
+def _sampler_table(spec: DiffusionEntry, settings: Settings) -> StepTable:
     """The step table of this run: the settings, else the manifest's ``sampler`` defaults."""
-    defaults = spec.get("sampler") or {}
-    schedule = NoiseSchedule.from_manifest(spec.get("schedule"))
-    try:
-        sampler = settings.sampler or str(defaults.get("default", "ddim"))
-        spacing = str(defaults.get("spacing", DEFAULT_SPACING))
-        eta = settings.eta if settings.eta is not None else float(defaults.get("eta", 0.0))
-        steps = settings.steps if settings.steps is not None else int(defaults.get("steps", 50))
-    except (AttributeError, TypeError, ValueError):
-        raise BundleError(f"diffusion sampler: expected {{default, steps[, eta, spacing]}}, found {defaults!r}; "
-                          "re-export the bundle") from None
-    if spacing not in SPACINGS:
-        raise BundleError(f"diffusion sampler: spacing should be one of {', '.join(SPACINGS)}, found {spacing!r}")
+    defaults = spec.sampler
+    sampler = settings.sampler or defaults.default
+    eta = settings.eta if settings.eta is not None else defaults.eta
+    steps = settings.steps if settings.steps is not None else defaults.steps
+    if defaults.spacing not in SPACINGS:
+        raise BundleError(f"diffusion sampler: spacing should be one of {', '.join(SPACINGS)}, found "
+                          f"{defaults.spacing!r}")
     if sampler == "ddpm":
-        return step_table(schedule, "ddpm", settings.steps)
-    return step_table(schedule, sampler, steps, eta, spacing)
+        return step_table(spec.schedule, "ddpm", settings.steps)
+    return step_table(spec.schedule, sampler, steps, eta, defaults.spacing)
 
 
 def _checked_model_call(call: Callable) -> Callable:
@@ -201,7 +190,7 @@ class Translator:
     bundle: Bundle
     target: Domain
     settings: Settings
-    spec: dict
+    spec: ModelEntry
     factory: RunnerFactory
     choice: Choice
     config: PreprocessConfig
@@ -329,8 +318,8 @@ class Translator:
         """I2I-Galip generator: one call per batch, the target's class id per slice."""
         (runner,) = runners
         domain = np.full(len(x), self.target.class_id, dtype=np.int64)
-        outputs = runner.infer({"image": x, "domain": domain})
-        return _output(outputs, "translated").astype(np.float32, copy=False)
+        outputs = runner.infer({GEN_IMAGE: x, GEN_DOMAIN: domain})
+        return _output(outputs, GEN_OUTPUT).astype(np.float32, copy=False)
 
     @_checked_model_call
     def _diffuse(self, runners: list[Runner], source: np.ndarray, start: int, on_step: Progress) -> np.ndarray:
@@ -339,7 +328,7 @@ class Translator:
         step, lmi = runners
         table = self.table
         # 1. LMI(source, source): fixed over the whole loop (paper Eq. 13, second channel).
-        lmi_source = _output(lmi.infer({"x": source, "y": source}), "lmi").astype(np.float32, copy=False)
+        lmi_source = _output(lmi.infer({LMI_X: source, LMI_Y: source}), LMI_OUT).astype(np.float32, copy=False)
         # 2. x_T ~ N(0, I) and every step's z from one Generator per slice (seed, slice index).
         noise = SliceNoise(self.settings.seed, start, len(source), source.shape[1:])
         # 3. The loop (kept on device by TensorRT).
@@ -355,27 +344,6 @@ def _output(outputs: dict[str, np.ndarray], name: str) -> np.ndarray:
     raise BundleError(f"the graph has outputs {list(outputs)}, expected {name!r}; re-export the bundle")
 
 
-def _lmi_factory(bundle: Bundle, spec: dict, choice: Choice, threads: int | None) -> RunnerFactory:
-    """Runner over the bundle's ``lmi.onnx``: onnxruntime (CUDA when the step runs there), or
-    the native CPU kernel when the step's LMI runs there (``choice.lmi == "native"``) or the
-    step runs on TensorRT (LMI(source, source) is once per batch; the host kernel beats the
-    ONNX function body on the CPU). The parameters are read from lmi.onnx's node."""
-    from .backends.onnxruntime.loader import cuda_providers
-    from .backends.onnxruntime.runner import onnxrt_factory
-    entry = spec.get("lmi_graph")
-    if not isinstance(entry, dict) or "file" not in entry:
-        raise BundleError(f"diffusion model: lmi_graph should be {{'file': 'lmi.onnx'}}, found {entry!r}; "
-                          "re-export the bundle")
-    path = bundle.path(entry["file"])
-    from . import lmi_native
-    if choice.lmi == "native" or (choice.name == "tensorrt" and lmi_native.native_unavailable_reason() is None):
-        from .backends.onnxruntime.split_lmi import split_lmi_factory
-        return split_lmi_factory(path, threads=threads, precision="fp32", name="onnxruntime-cpu")
-    providers = cuda_providers() if choice.name == "onnxruntime-cuda" else ["CPUExecutionProvider"]
-    name = "onnxruntime-cuda" if choice.name == "onnxruntime-cuda" else "onnxruntime-cpu"
-    return onnxrt_factory(path, providers, threads=threads, precision="fp32", name=name)
-
-
 def prepare(bundle: Bundle, to: str, settings: Settings = Settings()) -> Translator:
     """Check the settings against the bundle and pick the backend; nothing heavy runs yet.
 
@@ -384,15 +352,15 @@ def prepare(bundle: Bundle, to: str, settings: Settings = Settings()) -> Transla
     """
     settings.check()
     target, spec = resolve_target(bundle, to, settings.model)
-    config = PreprocessConfig.from_dict(spec.get("preprocess") or bundle.preprocess)
+    config = spec.preprocess or PreprocessConfig.from_dict(bundle.preprocess)
     table, data_range = None, (0.0, 1.0)
     if settings.model == "diffusion":
         table = _sampler_table(spec, settings)
         data_range = _data_range(spec)
     factory, choice = select_backend(bundle, settings.model, settings.backend, settings.precision,
                                      domain=target.name if settings.model == "diffusion" else None,
-                                     threads=settings.threads)
+                                     threads=settings.threads, lmi=settings.lmi)
     translator = Translator(bundle, target, settings, spec, factory, choice, config, table, data_range)
     if settings.model == "diffusion":
-        translator.lmi_factory = _lmi_factory(bundle, spec, choice, settings.threads)
+        translator.lmi_factory = select_lmi(bundle, spec, choice, settings.threads)
     return translator

@@ -12,8 +12,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .backends.base import DIFFUSION_CARRY, Runner
+from .contract import STEP_LMI_SOURCE, STEP_NOISE, STEP_SCALAR_INPUTS, STEP_SOURCE, STEP_X0_LAST, STEP_X_PREV, STEP_X_T
 from .errors import BundleError
-from .schedule import STEP_SCALARS, SliceNoise, StepTable
+from .schedule import SliceNoise, StepTable
 
 Progress = Callable[[int, int], None]   # (done, total)
 
@@ -24,7 +25,7 @@ def _no_progress(done: int, total: int) -> None:
 
 def _check_step_inputs(step: Runner) -> None:
     """A step graph of an older galip (no ``x0_last`` / per-step coefficients) gets one line."""
-    missing = [name for name in ("x0_last", *STEP_SCALARS) if name not in step.input_names]
+    missing = [name for name in (STEP_X0_LAST, *STEP_SCALAR_INPUTS) if name not in step.input_names]
     if missing:
         raise BundleError(f"{step.name}: the step graph lacks the inputs {missing} of this galip's sampler "
                           "contract (docs/contracts.md); re-export the bundle with this galip-export")
@@ -42,11 +43,11 @@ def run_sampler(step: Runner, source: np.ndarray, lmi_source: np.ndarray, table:
         on_step(0, len(table))
         for index, row in enumerate(table.feeds()):
             # σ = 0 (DDIM η = 0, DPM-Solver++, the last step) ignores z: draw nothing.
-            row["noise"] = noise.draw() if float(row["sigma"].reshape(-1)[0]) != 0.0 else no_noise
+            row[STEP_NOISE] = noise.draw() if float(row["sigma"].reshape(-1)[0]) != 0.0 else no_noise
             yield row
             on_step(index + 1, len(table))   # resumed once the step has run
 
-    init = {"x_t": noise.draw(), "source": source, "lmi_source": lmi_source, "x0_last": no_noise}
+    init = {STEP_X_T: noise.draw(), STEP_SOURCE: source, STEP_LMI_SOURCE: lmi_source, STEP_X0_LAST: no_noise}
     outputs = step.run_loop(init, updates(), carry=DIFFUSION_CARRY)
     # the last row lands on ᾱ = 1, where x_prev = x̂_0
-    return outputs["x_prev"].astype(np.float32, copy=False)
+    return outputs[STEP_X_PREV].astype(np.float32, copy=False)

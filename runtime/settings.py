@@ -16,6 +16,8 @@ MODELS = ("generator", "diffusion")
 MASKS = ("auto", "none")
 PLANES = (1, 3)
 TTAS = ("none", "flip")
+#: Where a diffusion step on onnxruntime-cpu runs its LMI (galip.runtime.backends.select).
+LMI_MODES = ("auto", "native", "onnx")
 
 @dataclass(frozen=True)
 class Settings:
@@ -29,7 +31,9 @@ class Settings:
     mirror and averages. ``any_source``: translate a source kind (MRI/CT) the model was
     not trained on instead of refusing it. ``slices``: ``(a, b)`` translates only the input's
     voxel slices a … b−1 along the bundle's slicing axis (a preview slab); the rest of the
-    output is the target's background.
+    output is the target's background. ``lmi``: where a diffusion step on onnxruntime-cpu
+    runs its LMI, ``auto``, ``native`` (the native CPU kernel, or an error) or ``onnx`` (the
+    graph's own LMI); galip-run's ``--lmi`` defaults to ``$GALIP_LMI``.
     """
 
     model: Model = "generator"
@@ -45,6 +49,7 @@ class Settings:
     planes: int = 1
     tta: str = "none"
     any_source: bool = False
+    lmi: str = "auto"
     slices: tuple[int, int] | None = None
 
     def check(self) -> None:
@@ -68,6 +73,8 @@ class Settings:
             raise ConfigError(f"--planes must be 1 or 3, got {self.planes}")
         if self.tta not in TTAS:
             raise ConfigError(f"--tta must be one of {', '.join(TTAS)}, got {self.tta!r}")
+        if self.lmi not in LMI_MODES:
+            raise ConfigError(f"--lmi must be one of {', '.join(LMI_MODES)}, got {self.lmi!r}")
         if self.slices is not None:
             a, b = self.slices
             if not 0 <= a < b:

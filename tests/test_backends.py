@@ -655,6 +655,15 @@ def bundle(tmp_path):
     return load_bundle(root)
 
 
+def edit_engine(bundle, **changes):
+    """The bundle re-written with its generator engine entry changed (and re-checksummed)."""
+    manifest = json.loads(json.dumps(bundle.manifest))
+    manifest["models"]["generator"]["engines"][0].update(changes)
+    del manifest["files"]
+    write_manifest(bundle.root, manifest)
+    return load_bundle(bundle.root)
+
+
 @pytest.fixture
 def no_tensorrt(monkeypatch):
     monkeypatch.setattr(device_info, "import_tensorrt", lambda: None)
@@ -750,7 +759,7 @@ def test_no_onnxruntime_at_all(bundle, no_tensorrt, monkeypatch):
 
 
 def test_engine_compatibility_rules():
-    engine = {"compute_capability": "9.0", "tensorrt_version": "10.13.0.35"}
+    engine = {"file": "g.engine", "precision": "fp16", "compute_capability": "9.0", "tensorrt_version": "10.13.0.35"}
     assert engine_mismatch(engine, "9.0", "10.13.0.35") is None
     assert engine_mismatch(engine, "9.0", "10.13.0.99") is None          # build number does not matter
     assert engine_mismatch(engine, "9.0", "10.14.0.1") is not None
@@ -770,8 +779,7 @@ def test_runner_base_is_abstract():
 def test_engine_whose_ptx_the_driver_cannot_jit_is_refused(bundle, monkeypatch):
     gpu(monkeypatch, capability="9.0")
     monkeypatch.setattr(device_info, "driver_version", lambda: 12080)
-    spec = bundle.model("generator")
-    spec["engines"][0].update(ptx_isa="9.0", min_driver_cuda=13000)
+    bundle = edit_engine(bundle, ptx_isa="9.0", min_driver_cuda=13000)
     _, choice = select_backend(bundle)
     assert choice.name == "onnxruntime-cpu"
     assert ("driver too old: the LMI kernel is PTX ISA 9.0, which needs a CUDA 13.0 (r580+) driver; "
@@ -811,7 +819,7 @@ def test_lean_runtime_runs_only_version_compatible_engines(bundle, lean_gpu):
         EngineFromBytes(b"ENGINE")()
     # a version-compatible plan: picked, and it deserialises because host code is allowed
     (bundle.root / "generator_fp16.engine").write_bytes(b"VC-ENGINE")
-    bundle.model("generator")["engines"][0]["version_compatible"] = True
+    bundle = edit_engine(bundle, version_compatible=True)
     factory, choice = select_backend(bundle, lmi=None)
     assert choice.name == "tensorrt"
     loader = factory().engine_source

@@ -1,4 +1,4 @@
-"""Bundle manifest: write, load, verify, and refuse what escapes or was tampered with."""
+"""Bundle manifest: write, load, verify when opened, and refuse what escapes or was tampered with."""
 from __future__ import annotations
 
 import hashlib
@@ -73,10 +73,12 @@ def test_write_then_load_verifies(folder):
     assert list(written)[:2] == ["schema_version", "galip_version"] and written["schema_version"] == SCHEMA_VERSION
     expected = hashlib.sha256((folder / "generator.onnx").read_bytes()).hexdigest()
     assert written["files"] == {"generator.onnx": expected}
+    assert written["sizes"] == {"generator.onnx": (folder / "generator.onnx").stat().st_size}
     assert sorted(p.name for p in folder.iterdir()) == ["generator.onnx", MANIFEST_NAME]   # no temp files left
     bundle = load_bundle(folder)
     assert bundle.domains["T2"].caption == "this MRI is T2-weighted" and bundle.domains["T2"].class_id == 1
-    assert bundle.model("generator", "t2w")["graphs"]["fp32"]["file"] == "generator.onnx"
+    assert bundle.model("generator", "t2w").graphs["fp32"].file == "generator.onnx"
+    assert bundle.model("generator", "t2-weighted") is bundle.generator
     assert bundle.graph_path("generator") == (folder / "generator.onnx").resolve()
     assert bundle.preprocess["size_multiple"] == 32 and verify_checksums(bundle) == []
     with pytest.raises(ConfigError, match="no fp16 graph"):
@@ -101,7 +103,7 @@ def test_diffusion_models_and_extra_files(folder):
     write_manifest(folder, manifest)
     bundle = load_bundle(folder)
     assert set(bundle.manifest["files"]) == {"generator.onnx", "diffusion_T2_step.onnx", "lmi.onnx", "notes.npz"}
-    assert bundle.model("diffusion", "T2w")["lmi_graph"]["file"] == "lmi.onnx"
+    assert bundle.model("diffusion", "T2w").lmi_graph.file == "lmi.onnx"
     with pytest.raises(ConfigError, match="needs a target domain"):
         bundle.model("diffusion")
 
@@ -112,10 +114,15 @@ def test_tampered_byte_names_the_file(folder):
     two, three = np.float32(2).tobytes(), np.float32(3).tobytes()
     assert data.count(two) == 1                                  # the "scale" weight: still a valid graph
     (folder / "generator.onnx").write_bytes(data.replace(two, three))
+    bundle = load_bundle(folder)                  # same size: found when the graph is opened
     with pytest.raises(BundleError, match=r"sha256 mismatch for generator\.onnx") as info:
-        load_bundle(folder)
+        bundle.graph_source(bundle.generator.graphs["fp32"])
     assert "\n" not in str(info.value) and "re-export" in str(info.value)
     assert verify_checksums(load_bundle(folder, verify=False)) == ["generator.onnx"]
+    assert load_bundle(folder, verify=False).graph_source("generator.onnx") == data.replace(two, three)
+    (folder / "generator.onnx").write_bytes(data + b"\0")
+    with pytest.raises(BundleError, match=r"'generator.onnx' has [0-9,]+ bytes, the manifest says"):
+        load_bundle(folder)
 
 
 @pytest.mark.parametrize("bad", ["../outside.onnx", "sub/../../outside.onnx"])
@@ -210,9 +217,17 @@ def test_external_data_listed_and_checked(folder):
     write_manifest(folder, base_manifest())
     bundle = load_bundle(folder)
     assert "generator.weights" in bundle.manifest["files"]
+    assert bundle.generator.graphs["fp32"].external_data == ("generator.weights",)   # recorded by the writer
+    assert bundle.graph_source(bundle.generator.graphs["fp32"]) == (folder / "generator.onnx").resolve()
     (folder / "generator.weights").write_bytes(b"tampered")
     with pytest.raises(BundleError, match="generator.weights"):
-        load_bundle(folder)
+        load_bundle(folder)                       # another size
+    size = len(b"tampered")
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    write_raw(folder, {**manifest, "sizes": {**manifest["sizes"], "generator.weights": size}})
+    bundle = load_bundle(folder)
+    with pytest.raises(BundleError, match="sha256 mismatch for generator.weights"):
+        bundle.graph_source(bundle.generator.graphs["fp32"])
 
 
 def test_external_data_escaping_refused(folder):
@@ -227,10 +242,15 @@ def test_external_data_escaping_refused(folder):
                 entry.value = "../secret.bin"
     (folder / "generator.onnx").write_bytes(model.SerializeToString())
     assert onnx_external_locations((folder / "generator.onnx").read_bytes()) == ["../secret.bin"] * 3
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())     # sizes edited to match
+    manifest["sizes"]["generator.onnx"] = (folder / "generator.onnx").stat().st_size
+    write_raw(folder, manifest)
+    bundle = load_bundle(folder)
     with pytest.raises(BundleError, match="sha256 mismatch for generator.onnx"):
-        load_bundle(folder)
+        bundle.graph_source(bundle.generator.graphs["fp32"])
+    bundle = load_bundle(folder, verify=False)    # the path check is never skipped
     with pytest.raises(BundleError, match="external data location '../secret.bin'.*climbs out"):
-        load_bundle(folder, verify=False)
+        bundle.graph_source(bundle.generator.graphs["fp32"])
     with pytest.raises(BundleError, match="climbs out"):
         write_manifest(folder, base_manifest())
 

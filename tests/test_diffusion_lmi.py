@@ -58,3 +58,23 @@ def test_cached_reference_lmi_equals_the_recomputed_one():
         np.testing.assert_allclose(cached[i], recomputed, rtol=0, atol=1e-6)
     assert cached.shape == slices.shape and cached.dtype == np.float32
     assert not np.allclose(cached[0], cached[1])
+
+
+def test_condition_channels_are_the_reference_operator_and_the_runtime_kernel():
+    """The fast operator the condition uses equals the dense PyTorch reference, and its
+    LMI(x0, x0) channel is what the runtime's native kernel computes for the bundle."""
+    from galip.runtime.lmi_native import lmi_numpy
+    from galip.train.lmi import lmi_dense
+    x0 = smooth_slices(seed=3)
+    x_t = q_sample(img2x(x0), torch.tensor([500, 500]), torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)),
+                   DDPMSchedule().alphas_cumprod)
+    config = LMIConfig()
+    cond = conditioning.condition(x_t, x0, None, config)
+
+    def dense(x, y, config):
+        return lmi_dense(x, y, **config.lmi_kwargs())[0]
+    reference = conditioning.condition(x_t, x0, None, config, lmi_fn=dense)
+    torch.testing.assert_close(cond, reference, atol=1e-5, rtol=0)
+    native = lmi_numpy(x0.numpy(), x0.numpy(), **config.kwargs())[0]
+    np.testing.assert_allclose(cond[:, 2:].numpy(), native, atol=1e-5, rtol=0)
+    assert cond[:, 1:].std() > 0.01                  # not a constant map

@@ -114,7 +114,8 @@ def test_generator_then_diffusion_share_one_bundle(checkpoints, tmp_path, no_ten
 def test_tampered_bundle_is_refused(checkpoints, tmp_path, no_tensorrt):
     bundle = tmp_path / "bundle"
     assert invoke(checkpoints["diffusion"], "--out", bundle, "--no-fp16").exit_code == 0
-    (bundle / "lmi.onnx").write_bytes(b"changed")
+    data = (bundle / "lmi.onnx").read_bytes()
+    (bundle / "lmi.onnx").write_bytes(data.replace(b"galip", b"GALIP"))       # same size, other bytes
     _one_line_error(invoke(checkpoints["diffusion"], "--out", bundle, "--no-fp16"), "sha256")
 
 

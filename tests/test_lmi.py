@@ -1,6 +1,6 @@
 """LMI: the native kernel, the dense PyTorch reference and lmi() agree with the contract.
 
-The brute force below is written straight from DESIGN.md ("The LMI operator") in float64:
+The brute force below is written straight from docs/design.md ("The LMI operator") in float64:
 dense soft binning over all B bins, one pixel and one offset at a time.
 """
 import os

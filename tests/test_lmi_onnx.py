@@ -1,6 +1,6 @@
 """galip::LMI as an ONNX local function: onnxruntime (CPU) against a brute-force loop.
 
-The loop below is written from DESIGN.md's LMI contract, pixel by pixel and offset by
+The loop below is written from docs/design.md's LMI contract, pixel by pixel and offset by
 offset, in float64; the graph must agree to 1e-5 (fp32) on LMI and, wherever the best
 offset is not a near-tie, on y_at.
 """

@@ -34,6 +34,7 @@ from galip.runtime.backends.select import select_backend  # noqa: E402
 from galip.runtime.bundle import load_bundle  # noqa: E402
 from galip.runtime.cli import app  # noqa: E402
 from galip.runtime.errors import BackendError, ConfigError  # noqa: E402
+from galip.runtime.settings import Settings  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not lmi_native.native_available(),
                                 reason=f"native LMI kernel unavailable: {lmi_native.native_unavailable_reason()}")
@@ -211,28 +212,27 @@ def no_gpu_backends(monkeypatch):
 
 def test_selection_says_where_the_lmi_runs(bundle, no_gpu_backends, monkeypatch):
     loaded = load_bundle(bundle)
-    monkeypatch.delenv("GALIP_LMI", raising=False)
+    monkeypatch.setenv("GALIP_LMI", "onnx")         # only galip-run's --lmi default reads it
     factory, choice = select_backend(loaded, "diffusion", "onnxruntime-cpu", domain="T2")
     assert choice.lmi == "native" and choice.reason.endswith("; LMI on the native CPU kernel")
     assert isinstance(factory(), SplitLmiRunner)
-    monkeypatch.setenv("GALIP_LMI", "onnx")
-    factory, choice = select_backend(loaded, "diffusion", "onnxruntime-cpu", domain="T2")
-    assert choice.lmi == "onnx" and choice.reason.endswith("; LMI in the ONNX graph (GALIP_LMI=onnx)")
+    factory, choice = select_backend(loaded, "diffusion", "onnxruntime-cpu", domain="T2", lmi="onnx")
+    assert choice.lmi == "onnx" and choice.reason.endswith("; LMI in the ONNX graph (--lmi onnx)")
     assert type(factory()) is OnnxrtRunner
-    monkeypatch.setenv("GALIP_LMI", "bogus")
-    with pytest.raises(ConfigError, match="GALIP_LMI must be one of auto, native, onnx"):
-        select_backend(loaded, "diffusion", "onnxruntime-cpu", domain="T2")
+    with pytest.raises(ConfigError, match="--lmi must be one of auto, native, onnx"):
+        select_backend(loaded, "diffusion", "onnxruntime-cpu", domain="T2", lmi="bogus")
+    with pytest.raises(ConfigError, match="--lmi must be one of auto, native, onnx"):
+        Settings(lmi="bogus").check()
 
 
 def test_without_the_kernel_auto_falls_back_and_native_refuses(bundle, no_gpu_backends, monkeypatch):
     monkeypatch.setattr(lmi_native, "native_unavailable_reason", lambda: "no C++ compiler")
     loaded = load_bundle(bundle)
-    monkeypatch.delenv("GALIP_LMI", raising=False)
     factory, choice = select_backend(loaded, "diffusion", domain="T2")
     assert choice.name == "onnxruntime-cpu" and choice.lmi == "onnx"
     assert choice.reason.endswith("LMI in the ONNX graph (native CPU kernel unavailable: no C++ compiler)")
     assert type(factory()) is OnnxrtRunner
-    with pytest.raises(BackendError, match="GALIP_LMI=native but .*no C\\+\\+ compiler"):
+    with pytest.raises(BackendError, match="--lmi native but .*no C\\+\\+ compiler"):
         select_backend(loaded, "diffusion", domain="T2", lmi="native")
 
 
@@ -240,17 +240,17 @@ def test_galip_run_gives_the_same_volume_with_either_lmi(bundle, tmp_path, no_gp
     data = phantom_volume(shape=(20, 24, 3))
     source = write_volume(tmp_path / "s.nii.gz", data, lps_affine())
     volumes, outputs = {}, {}
-    for mode in ("onnx", "auto"):
-        monkeypatch.setenv("GALIP_LMI", mode)
+    for mode, flag in (("onnx", []), ("auto", ["--lmi", "auto"])):
+        monkeypatch.setenv("GALIP_LMI", mode)       # the default of --lmi; the flag wins
         out = tmp_path / f"{mode}.nii.gz"
         result = CliRunner().invoke(app, [str(source), "--to", "T2", "--model", "diffusion", "--bundle",
                                           str(bundle), "--out", str(out), "--steps", "3", "--eta", "1",
-                                          "--threads", str(THREADS)])
+                                          "--threads", str(THREADS), *flag])
         assert result.exit_code == 0, result.output
         outputs[mode] = result.stdout
         volumes[mode] = np.asarray(nib.load(str(out)).dataobj, dtype=np.float32)
     assert "LMI on the native CPU kernel" in outputs["auto"]
-    assert "LMI in the ONNX graph (GALIP_LMI=onnx)" in outputs["onnx"]
+    assert "LMI in the ONNX graph (--lmi onnx)" in outputs["onnx"]
     scale = np.abs(volumes["onnx"]).max()
     assert scale > 0
     np.testing.assert_allclose(volumes["auto"], volumes["onnx"], rtol=0, atol=1e-4 * scale)
@@ -260,11 +260,11 @@ def test_step_table_rows_feed_the_split_runner(bundle, no_gpu_backends, monkeypa
     """The runtime's own table (not a hand-made one) through both runners, one batch."""
     loaded = load_bundle(bundle)
     spec = loaded.model("diffusion", "T2")
-    table = S.step_table(S.NoiseSchedule.from_manifest(spec["schedule"]), "dpmpp2m", 4)
+    table = S.step_table(spec.schedule, "dpmpp2m", 4)
     source = phantom_slices(1, 32, 32, seed=9)
     rng = np.random.default_rng(0)
-    step = loaded.path(spec["graphs"]["fp32"]["file"])
-    with plain(step) as reference, split(step) as runner, split(loaded.path(spec["lmi_graph"]["file"])) as lmi:
+    step = loaded.path(spec.graphs["fp32"].file)
+    with plain(step) as reference, split(step) as runner, split(loaded.path(spec.lmi_graph.file)) as lmi:
         init = {"x_t": rng.standard_normal(source.shape, dtype=np.float32), "source": source,
                 "lmi_source": lmi.infer({"x": source, "y": source})["lmi"], "x0_last": np.zeros_like(source)}
         rows = [{**row, "noise": rng.standard_normal(source.shape, dtype=np.float32)} for row in table.feeds()]

@@ -1,7 +1,7 @@
 """Training checkpoints: written atomically, read without unpickling code.
 
 A checkpoint is one ``torch.save`` of a plain dict (tensors, numbers, strings, lists,
-dicts). It is loaded with ``weights_only=True`` (DESIGN.md: a checkpoint is data, never
+dicts). It is loaded with ``weights_only=True`` (docs/design.md: a checkpoint is data, never
 code), so RNG states of non-torch generators are stored as JSON strings.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Local-wise mutual information (LMI), MIDiffusion paper Sec. 4.2 (Def. 3, Eq. 8, Prop. 1).
 
-Contract (DESIGN.md, "The LMI operator"): for every pixel i and offset tau in [-r, r]^2,
+Contract (docs/design.md, "The LMI operator"): for every pixel i and offset tau in [-r, r]^2,
 soft-bin every pixel with Gaussian weights normalised over B bins (centres linspace(0, 1, B)),
 build the joint histogram P_tau of (X_j, Y_{j+tau}) over the p x p patch around i from the
 pairs with both samples inside the image, and take MI_tau(i) = sum P log(P / (P_X P_Y))
@@ -24,6 +24,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from galip.runtime.contract.lmi import DEFAULT_LMI as _D
 from galip.runtime.errors import ConfigError
 from galip.runtime.lmi_native import (
     TIE_TOL,
@@ -39,7 +40,7 @@ __all__ = ["lmi", "lmi_dense", "soft_bins"]
 _warned_fallback = False
 
 
-def soft_bins(v: torch.Tensor, bins: int = 27, sigma: float = 8 / 255) -> torch.Tensor:
+def soft_bins(v: torch.Tensor, bins: int = _D.bins, sigma: float = _D.sigma) -> torch.Tensor:
     """Gaussian soft-bin weights: (N, 1, H, W) -> (N, B, H, W), normalised over the B bins.
 
     w_a(v) = exp(-(v - c_a)^2 / 2 sigma^2) / sum_b exp(-(v - c_b)^2 / 2 sigma^2),
@@ -151,15 +152,15 @@ def _mi_at_index(x, y, index, patch, radius, bins, sigma, normalize) -> torch.Te
     return _mi_at(wx, wy, dy, dx, patch, radius, normalize).unsqueeze(1).to(x.dtype)
 
 
-def lmi_dense(x: torch.Tensor, y: torch.Tensor, patch: int = 3, radius: int = 1, bins: int = 27,
-              sigma: float = 8 / 255, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def lmi_dense(x: torch.Tensor, y: torch.Tensor, patch: int = _D.patch, radius: int = _D.radius,
+              bins: int = _D.bins, sigma: float = _D.sigma, normalize: bool = _D.normalize
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference LMI in pure PyTorch (all offsets, autograd through everything).
 
     Args:
         x, y: (N, 1, H, W) float32/float64 tensors, values in [0, 1], any device.
-        patch: odd patch side p (default 3); radius: search radius r, (2r+1)^2 offsets
-            (default 1); bins: B (default 27); sigma: Gaussian width (default 8/255);
-            normalize: NMI = 2 MI / (H_X + H_Y) (default True).
+        patch, radius, bins, sigma, normalize: :class:`~galip.runtime.contract.LmiParams`
+            (defaults and meaning there).
 
     Returns:
         lmi_map (N, 1, H, W) and y_at_argmax (N, 1, H, W), both in the dtype of x. Memory:
@@ -221,15 +222,14 @@ def _native_ok(x: torch.Tensor) -> bool:
     return False
 
 
-def lmi(x: torch.Tensor, y: torch.Tensor, patch: int = 3, radius: int = 1, bins: int = 27,
-        sigma: float = 8 / 255, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def lmi(x: torch.Tensor, y: torch.Tensor, patch: int = _D.patch, radius: int = _D.radius, bins: int = _D.bins,
+        sigma: float = _D.sigma, normalize: bool = _D.normalize) -> tuple[torch.Tensor, torch.Tensor]:
     """Local-wise (normalised) mutual information of x against y, differentiable.
 
     Args:
         x, y: (N, 1, H, W) float32/float64 tensors, values in [0, 1], any N, H, W.
-        patch: odd patch side p (default 3); radius: search radius r, (2r+1)^2 offsets
-            (default 1); bins: B soft bins (default 27); sigma: Gaussian width (default 8/255);
-            normalize: NMI = 2 MI / (H_X + H_Y) (default True).
+        patch, radius, bins, sigma, normalize: :class:`~galip.runtime.contract.LmiParams`
+            (defaults and meaning there).
 
     Returns:
         lmi_map (N, 1, H, W): max over offsets of MI/NMI (paper Eq. 11); y_at_argmax

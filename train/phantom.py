@@ -1,6 +1,6 @@
 """Co-registered T1w/T2w/PDw brain volumes synthesised from the real ICBM152 anatomy.
 
-No multi-contrast MRI data set can be downloaded here (DESIGN.md, "Data: multi-contrast
+No multi-contrast MRI data set can be downloaded here (docs/design.md, "Data: multi-contrast
 brain MRI made from real anatomy"), so galip makes its own from the ICBM152 2009a
 template that ships inside the nilearn wheel: tissue fractions (GM, WM, CSF) -> per
 subject a smooth warp, jittered tissue parameters, a bias field and Rician noise ->

@@ -1,6 +1,6 @@
 """TensorRT plugin ``galip::LMI``: the CUDA LMI kernel as a quickly deployable AOT plugin.
 
-DESIGN.md ("Environment facts"): the kernel of ``runtime/kernels/lmi.cuh`` is compiled by
+docs/design.md ("Environment facts"): the kernel of ``runtime/kernels/lmi.cuh`` is compiled by
 nvcc to PTX (:func:`galip.export.kernels.compile_lmi_ptx`) and served to TensorRT >= 10.9
 through ``tensorrt.plugin``: ``@trtp.register`` describes the outputs, ``@trtp.aot_impl``
 returns kernel name, PTX, launch parameters and the extra scalar kernel arguments. The PTX
@@ -42,14 +42,14 @@ import numpy as np
 import numpy.typing as npt
 
 from galip.export import kernels
-from galip.export.lmi_onnx import OP_TYPE, PLUGIN_NAMESPACE, lmi_params
+from galip.runtime.contract.lmi import DEFAULT_LMI, LMI_OP_TYPE as OP_TYPE, LMI_PLUGIN_ID as PLUGIN_ID
+from galip.runtime.contract.lmi import LMI_PLUGIN_NAMESPACE as PLUGIN_NAMESPACE, LmiParams
 from galip.runtime.errors import BackendError, ConfigError
 
 __all__ = ["PLUGIN_ID", "KERNEL_ABI", "add_lmi_layer", "attribute_arrays", "check_device_params",
            "check_kernel_abi", "kernel_scalar_args", "launch_grid", "register_lmi_plugin", "registered_ptx",
            "sigma_bits"]
 
-PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{OP_TYPE}"       # "galip::LMI"
 DEVICE_MAX_BINS = 32                                # GALIP_LMI_DEVICE_MAX_BINS (lmi.cuh)
 DEVICE_MAX_RADIUS = 3                               # GALIP_LMI_DEVICE_MAX_RADIUS (lmi.cuh)
 DEVICE_MAX_PATCH = 3                                # GALIP_LMI_DEVICE_MAX_PATCH (lmi.cuh)
@@ -104,7 +104,7 @@ def check_device_params(patch: int, radius: int, bins: int, sigma: float, normal
     The bounds are lmi.cuh's; the support-width bound (wide Gaussians keep more bins per
     sample) is asked of the header itself through the host build when it is available.
     """
-    params = lmi_params(patch, radius, bins, sigma, bool(normalize))
+    params = LmiParams(patch, radius, bins, sigma, bool(normalize)).to_manifest()
     fits = (params["bins"] <= DEVICE_MAX_BINS and params["radius"] <= DEVICE_MAX_RADIUS
             and params["patch"] <= DEVICE_MAX_PATCH)
     if fits:
@@ -226,8 +226,7 @@ def add_lmi_layer(network: Any, x: Any, y: Any, **params) -> Any:
     """
     register_lmi_plugin()
     trtp = _import_trtp()
-    p = check_device_params(**{**{"patch": 3, "radius": 1, "bins": 27, "sigma": 8 / 255,
-                                  "normalize": True}, **params})
+    p = check_device_params(**{**DEFAULT_LMI.kwargs(), **params})
     call = getattr(getattr(trtp.op, PLUGIN_NAMESPACE), OP_TYPE)
     return network.add_plugin(call(x, y, **attribute_arrays(p)), aot=True)
 

@@ -19,10 +19,8 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
+from ..contract.graphs import STEP_CARRY as DIFFUSION_CARRY   # step graph input ← output of the step before
 from ..errors import BackendError
-
-#: The diffusion loop's carried tensors, step graph input ← output of the step before.
-DIFFUSION_CARRY = {"x_t": "x_prev", "x0_last": "x0_pred"}
 
 Shape = tuple[int | str | None, ...]   # ints are fixed, str/None are dynamic dimensions
 

@@ -1,5 +1,5 @@
 // Local-wise mutual information (LMI), MIDiffusion paper Sec. 4.2 (Def. 3, Eq. 8, Prop. 1),
-// galip contract in DESIGN.md "The LMI operator: one contract, three implementations".
+// galip contract in docs/design.md, "The LMI operator" (one contract, three implementations).
 //
 // One header, three consumers: the host build (lmi_host.cpp, g++ + OpenMP), nvcc -> PTX for
 // the TensorRT plugin, and CuPy on a GPU machine. The per-pixel math is one __host__ __device__
@@ -202,7 +202,7 @@ GALIP_HD inline int galip_lmi_first_bin(float v, int bins, int support) {
   return galip_imin(galip_imax(galip_lmi_nearest(v, bins) - support / 2, 0), bins - support);
 }
 
-// Step 2: normalised Gaussian soft-bin weights of v over bins [start, start + S) (DESIGN.md
+// Step 2: normalised Gaussian soft-bin weights of v over bins [start, start + S) (docs/design.md
 // "soft-bin every pixel with Gaussian weights normalised over bins"). With delta = v/h - a0
 // (a0 the nearest centre), bin a0 + k has weight exp(-c (k^2 - 2 k delta)) relative to bin
 // a0; neighbouring ratios form a geometric sequence, so one sample costs two exp calls (in

@@ -7,7 +7,7 @@ through ``SiLU → Linear(4 * base, out_ch)``. The target caption's context toke
 through cross-attention in SpatialTransformers. Written for export: plain matmul/softmax
 attention, no gradient-checkpointing autograd Function, any H, W multiple of 2^(levels-1).
 
-Reference configuration (DESIGN.md): base 32, multipliers (1, 1, 2, 2, 4, 4), 2 res
+Reference configuration (docs/design.md): base 32, multipliers (1, 1, 2, 2, 4, 4), 2 res
 blocks, attention at downsample factors 8/16/32 + middle, 32 channels per head,
 context 512, 3 class rows (T1/T2/PD, IXI) → 13,242,881 parameters (context 768 →
 14,127,617). The class embedding is indexed by ``Domain.class_id`` of the runtime's
@@ -73,8 +73,11 @@ class ResBlock(nn.Module):
 
     ``down``/``up`` resample inside the block (avg-pool / nearest ×2) on both the
     features and the skip path, as ``resblock_updown=True`` in LDM.
-    x: (N, C_in, H, W), emb: (N, E) → (N, C_out, H', W').
+    x: (N, C_in, H, W), emb: (N, E) → (N, C_out, H', W'). ``term``: the class term
+    ``emb(SiLU(emb))`` (N, C_out) when the caller has it already (export's per-domain table).
     """
+
+    takes = "emb"      # what a Stage passes it besides x
 
     def __init__(self, ch: int, emb_dim: int, out_ch: int, groups: int, dropout: float,
                  down: bool = False, up: bool = False):
@@ -95,11 +98,12 @@ class ResBlock(nn.Module):
             return F.interpolate(x, scale_factor=2.0, mode="nearest")
         return x
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None, term: torch.Tensor | None = None) -> torch.Tensor:
         h = F.silu(self.in_norm(x))
         h = self.in_conv(self._resample(h))
         x = self._resample(x)
-        h = h + self.emb(F.silu(emb))[:, :, None, None]
+        term = self.emb(F.silu(emb)) if term is None else term
+        h = h + term[:, :, None, None]
         h = self.out_conv(self.dropout(F.silu(self.out_norm(h))))
         return self.skip(x) + h
 
@@ -107,7 +111,9 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head (cross-)attention, softmax(QKᵀ/√d)V with plain matmuls (exports to ONNX).
 
-    x: (N, T, C), context: (N, L, C_ctx) or None (self-attention) → (N, T, C).
+    x: (N, T, C), context: (N, L, C_ctx) or None (self-attention) → (N, T, C). ``kv``: keys
+    and values already projected and split into heads, (N, h, L, d) each (export's
+    per-domain table), instead of ``context``.
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None):
@@ -124,9 +130,12 @@ class Attention(nn.Module):
         n, length, _ = t.shape
         return t.reshape(n, length, self.heads, -1).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        q, k, v = self._split(self.to_q(x)), self._split(self.to_k(context)), self._split(self.to_v(context))
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if kv is None:
+            context = x if context is None else context
+            kv = self._split(self.to_k(context)), self._split(self.to_v(context))
+        q, (k, v) = self._split(self.to_q(x)), kv
         weights = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale, dim=-1)
         out = torch.matmul(weights, v).transpose(1, 2)          # (N, T, h, d)
         return self.to_out(out.reshape(out.shape[0], out.shape[1], -1))
@@ -167,6 +176,8 @@ class SpatialTransformer(nn.Module):
     x: (N, C, H, W), context: (N, L, C_ctx) → (N, C, H, W).
     """
 
+    takes = "context"
+
     def __init__(self, ch: int, head_dim: int, depth: int, context_dim: int, groups: int):
         super().__init__()
         heads = ch // head_dim
@@ -188,16 +199,13 @@ class SpatialTransformer(nn.Module):
 
 
 class Stage(nn.ModuleList):
-    """A sequence of layers; res blocks get ``emb``, transformers get ``context``."""
+    """A sequence of layers; a layer whose ``takes`` is ``emb`` (res blocks) gets ``emb``, one
+    whose ``takes`` is ``context`` (transformers) gets ``context``, others x alone."""
 
     def forward(self, x, emb, context):  # noqa: D102 - see class docstring
         for layer in self:
-            if isinstance(layer, ResBlock):
-                x = layer(x, emb)
-            elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
-            else:
-                x = layer(x)
+            takes = getattr(layer, "takes", None)
+            x = layer(x, emb) if takes == "emb" else layer(x, context) if takes == "context" else layer(x)
         return x
 
 
@@ -248,7 +256,11 @@ class I2IGalipUNet(nn.Module):
                                  _zero(nn.Conv2d(ch, cfg.out_channels, 3, padding=1)))
 
     def forward(self, image: torch.Tensor, context: torch.Tensor, class_id: torch.Tensor) -> torch.Tensor:
-        emb = self.class_embed(class_id)                          # (N, 4·base)
+        return self.body(image, self.class_embed(class_id), context)    # emb: (N, 4·base)
+
+    def body(self, image: torch.Tensor, emb, context) -> torch.Tensor:
+        """The U-Net over ``image`` with ``emb`` for the res blocks and ``context`` for the
+        transformers (export passes the domain index for both; its table layers read it)."""
         h, skips = image, []
         for stage in self.input_blocks:
             h = stage(h, emb, context)

@@ -10,12 +10,13 @@ different normalisations at training and sampling, which this module makes impos
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
+from galip.runtime.contract.lmi import LmiParams
 from galip.runtime.errors import ConfigError
 
 from .schedule import x2img
@@ -25,31 +26,19 @@ XT_MAP = "clip((x_t+1)/2,0,1)"
 
 
 @dataclass(frozen=True)
-class LMIConfig:
-    """Settings of the LMI operator (DESIGN.md, LMI contract), fixed per trained model."""
+class LMIConfig(LmiParams):
+    """The LMI operator's settings (:class:`~galip.runtime.contract.LmiParams`: defaults and
+    validation) plus the x_t → LMI-input map, fixed per trained model."""
 
-    patch: int = 3
-    radius: int = 1
-    bins: int = 27
-    sigma: float = 8 / 255
-    normalize: bool = True          # NMI: 2·MI / (H_X + H_Y)
     xt_map: str = XT_MAP            # records lmi_input() for the manifest; not a switch
 
     def __post_init__(self):
-        if self.patch < 1 or self.patch % 2 == 0:
-            raise ConfigError(f"LMI patch must be an odd positive integer, got {self.patch}")
-        if self.radius < 0 or self.bins < 2 or self.sigma <= 0:
-            raise ConfigError(f"LMI needs radius >= 0, bins >= 2, sigma > 0; got "
-                              f"{self.radius}, {self.bins}, {self.sigma}")
+        super().__post_init__()
         if self.xt_map != XT_MAP:
             raise ConfigError(f"unknown x_t → LMI-input map {self.xt_map!r}; this galip knows {XT_MAP!r}")
 
     def lmi_kwargs(self) -> dict:
-        return {"patch": self.patch, "radius": self.radius, "bins": self.bins,
-                "sigma": self.sigma, "normalize": self.normalize}
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        return self.kwargs()
 
     @classmethod
     def from_dict(cls, d: dict) -> "LMIConfig":

@@ -7,7 +7,7 @@ downsampling and nearest + 3 × 3 conv upsampling, a middle block res-attn-res. 
 export: plain matmul/softmax attention, no gradient checkpointing, any H, W multiple of
 2^(levels-1).
 
-Reference configuration (DESIGN.md): ch 64, multipliers (1, 2, 2, 2), 2 res blocks,
+Reference configuration (docs/design.md): ch 64, multipliers (1, 2, 2, 2), 2 res blocks,
 attention at downsample factor 8 (16² at 128²), dropout 0.1, 3 input channels
 (x_t, LMI(source, x_t), LMI(source, source)), 1 output channel → 8,950,913 parameters.
 """

@@ -2,7 +2,7 @@
 
 DDPM training (Ho et al. 2020, Alg. 1) with the LMI condition built from the clean
 target slice: ε_θ([x_t, LMI(x_0, u(x_t)), LMI(x_0, x_0)], t) regresses ε. Adam 3e-4,
-gradient clipping 1.0, EMA 0.9999, batch 4 (DESIGN.md). Checkpoint conventions are the
+gradient clipping 1.0, EMA 0.9999, batch 4 (docs/design.md). Checkpoint conventions are the
 generator's: ``OUT/checkpoint.pt`` written atomically every ``save_every`` steps, at the
 end and on Ctrl-C, holding everything needed to continue bit-for-bit.
 """

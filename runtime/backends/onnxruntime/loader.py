@@ -102,7 +102,7 @@ class SessionFromOnnx:
             where = "<bytes>" if isinstance(source, (bytes, bytearray)) else source
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise BackendError(
-                f"onnxruntime could not load {where}: {first}; check the bundle (galip-run --verify) or re-export"
+                f"onnxruntime could not load {where}: {first}; re-export the bundle (galip-export)"
             ) from None
 
 

@@ -34,16 +34,12 @@ from typing import Any, Callable, Sequence, Union
 import numpy as np
 
 from ... import lmi_native
+from ...contract.lmi import LMI_DOMAIN, LMI_NODE_OUTPUT_TYPES, LMI_OP_TYPE, LMI_PARAM_NAMES
 from ...errors import BackendError
 from ..base import Runner, TensorMeta
 from .loader import INSTALL_CPU, Provider, SessionFromOnnx
 from .runner import OnnxrtRunner
 
-LMI_DOMAIN = "galip"          # the node's domain (== galip.export.lmi_onnx.DOMAIN)
-LMI_OP_TYPE = "LMI"           # its op_type (== galip.export.lmi_onnx.OP_TYPE)
-LMI_PARAMS = ("patch", "radius", "bins", "sigma", "normalize")
-# lmi_numpy returns (lmi, y_at, offset_index): the node's outputs in order, with these types
-_LMI_OUTPUT_TYPES = ("float32", "float32", "int32")
 NATIVE_NOTE = "LMI on the native CPU kernel"
 
 ModelSource = Union[str, Path, bytes, Any]   # path, serialized bytes or an onnx.ModelProto
@@ -70,7 +66,7 @@ def load_model(source: ModelSource, *, external_data: bool = True):
         return onnx.load(str(source), load_external_data=external_data)
     except Exception as error:   # DecodeError, OSError
         raise BackendError(f"onnx could not read {source if not isinstance(source, bytes) else '<bytes>'}: "
-                           f"{error}; check the bundle (galip-run --verify) or re-export") from None
+                           f"{error}; re-export the bundle (galip-export)") from None
 
 
 # ----------------------------------------------------------------------------- LMI nodes
@@ -104,7 +100,7 @@ _CAST = {"patch": int, "radius": int, "bins": int, "sigma": lambda v: float(np.f
 
 def _typed(attributes: dict) -> dict:
     """The LMI parameters among ``attributes``, typed as ``lmi_numpy`` takes them."""
-    return {k: _CAST[k](attributes[k]) for k in LMI_PARAMS if k in attributes}
+    return {k: _CAST[k](attributes[k]) for k in LMI_PARAM_NAMES if k in attributes}
 
 
 def lmi_calls(model) -> list[LmiCall]:
@@ -121,11 +117,11 @@ def lmi_calls(model) -> list[LmiCall]:
         if not is_lmi_node(node):
             continue
         label = f"LMI node {node.name or index!r}"
-        if len(node.input) != 2 or len(node.output) > len(_LMI_OUTPUT_TYPES):
+        if len(node.input) != 2 or len(node.output) > len(LMI_NODE_OUTPUT_TYPES):
             raise BackendError(f"{label} has inputs {list(node.input)} and outputs {list(node.output)}; "
                                "galip::LMI takes (x, y) and gives (lmi, y_at[, offset_index])")
         params = {**baked, **_typed(_attributes(node.attribute))}
-        missing = [k for k in LMI_PARAMS if k not in params]
+        missing = [k for k in LMI_PARAM_NAMES if k not in params]
         if missing:
             raise BackendError(f"{label} has no {', '.join(missing)} attribute; re-export the bundle")
         if any(params[k] != v for k, v in baked.items()):
@@ -212,7 +208,7 @@ def _add_lmi_output_types(model, calls: list[LmiCall]) -> None:
     onnx = _onnx()
     known = {v.name for v in (*model.graph.value_info, *model.graph.input, *model.graph.output)}
     for call in calls:
-        for name, dtype in zip(call.outputs, _LMI_OUTPUT_TYPES):
+        for name, dtype in zip(call.outputs, LMI_NODE_OUTPUT_TYPES):
             if name and name not in known:
                 elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
                 model.graph.value_info.append(onnx.helper.make_tensor_value_info(name, elem, None))
