@@ -27,12 +27,12 @@ from typing import Callable, ContextManager, Iterator
 from galip.runtime.bundle import MANIFEST_NAME, load_bundle, verify_checksums, write_manifest
 from galip.runtime.errors import BundleError, ConfigError
 from galip.runtime.preprocess import PreprocessConfig
+from galip.runtime.contract import DEFAULT_SAMPLER, DEFAULT_STEPS
 from galip.runtime.schedule import parse_sampler
 
 DOMAIN_KEYS = ("caption", "class_id", "kind", "suffix")
-#: The diffusion model's default sampler, as ``galip-eval samplers`` measured it on the demo
-#: model: the cheapest setting within 0.5 dB of the 1000-step ancestral sampler.
-DEFAULT_SAMPLER = "dpmpp2m:20"
+#: ``--sampler`` default: the contract's default sampler (runtime/contract/entries.py)
+EXPORT_SAMPLER = f"{DEFAULT_SAMPLER}:{DEFAULT_STEPS}"
 MIN_OPSET, MAX_OPSET = 18, 20       # LayerNormalization et al.; torch.onnx TorchScript exporter max
 
 
@@ -49,7 +49,7 @@ class ExportOptions:
     opset: int = 18
     timing_cache: Path | None = None
     version_compatible: bool = False
-    sampler: str = DEFAULT_SAMPLER       # the diffusion model's default sampler in the manifest
+    sampler: str = EXPORT_SAMPLER       # the diffusion model's default sampler in the manifest
 
     def check(self, multiple: int = 1) -> None:
         """ConfigError unless min <= opt <= max are positive multiples of ``multiple``."""

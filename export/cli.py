@@ -20,7 +20,7 @@ from rich.console import Console
 from galip.runtime.cli_support import is_interactive, user_errors
 from galip.runtime.errors import ConfigError
 
-from .bundle_writer import DEFAULT_SAMPLER
+from .bundle_writer import EXPORT_SAMPLER
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Export a galip-train checkpoint (generator or diffusion) into a bundle.")
@@ -54,7 +54,7 @@ def export(
     opset: Annotated[int, typer.Option(help="ONNX opset of the graphs (18 or newer).")] = 18,
     timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT timing-cache file name, keyed by TensorRT version and GPU (timing.trt10.13.0.sm_90.cache), read if present and updated.",
                                                          dir_okay=False)] = None,
-    sampler: Annotated[str, typer.Option(metavar="SAMPLER", help="Default sampler of a diffusion model in the manifest: ddpm, ddim:STEPS[:ETA] or dpmpp2m:STEPS (galip-run --sampler/--steps override it).")] = DEFAULT_SAMPLER,
+    sampler: Annotated[str, typer.Option(metavar="SAMPLER", help="Default sampler of a diffusion model in the manifest: ddpm, ddim:STEPS[:ETA] or dpmpp2m:STEPS (galip-run --sampler/--steps override it).")] = EXPORT_SAMPLER,
     version_compatible: Annotated[bool, typer.Option("--version-compatible", help="Build version-compatible engines: they run on later TensorRT of the same major and on the lean runtime (tensorrt_lean), possibly slower.")] = False,
 ) -> None:
     """Export CHECKPOINT into the bundle folder --out (graphs, fp16 graphs, engines, manifest.json)."""

@@ -74,6 +74,23 @@ def canonical_span(ornt: np.ndarray, world_axis: int, span: tuple[int, int], n: 
     return (n - b, n - a) if ornt[row, 1] < 0 else (a, b)
 
 
+def canonical_slices(affine: np.ndarray, shape: tuple[int, ...], world_axis: int,
+                     span: tuple[int, int] | None = None, keep: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the canonical slices along ``world_axis`` of a volume of ``shape`` on
+    ``affine`` to translate, ascending: all, or the input's voxel slab ``span`` = [a, b), and
+    of those only the ones where the boolean input-grid mask ``keep`` has a voxel."""
+    ornt = orientations.io_orientation(np.asarray(affine, dtype=np.float64))
+    axis = voxel_axis(affine, world_axis)
+    n = shape[axis]
+    first, last = canonical_span(ornt, world_axis, span, n) if span else (0, n)
+    indices = np.arange(first, last)
+    if keep is not None:
+        occupied = np.asarray(keep).any(axis=tuple(a for a in range(3) if a != axis))   # per voxel slice
+        occupied = occupied[::-1] if ornt[axis, 1] < 0 else occupied                   # per canonical slice
+        indices = indices[occupied[first:last]]
+    return indices
+
+
 def from_canonical(data_c: np.ndarray, ornt: np.ndarray) -> np.ndarray:
     """Exactly undo :func:`to_canonical`: return ``data_c`` in the original voxel order.
 

@@ -42,9 +42,9 @@ from .contract import GEN_DOMAIN, GEN_IMAGE, GEN_OUTPUT, LMI_OUT, LMI_X, LMI_Y, 
 from .domains import Domain, get_domain
 from .errors import BackendError, BundleError, ConfigError, GalipError
 from .foreground import head_mask
-from .intensity import CT_WINDOW, IntensityMap
+from .intensity import CT_WINDOW, IntensityMap, fit_intensity
 from .limits import affordable_batch
-from .geometry import canonical_span, voxel_axis
+from .geometry import canonical_slices, voxel_axis
 from .preprocess import PreprocessConfig, SlicePlan, plan_volume, slices_to_volume
 from .sampling import Progress, _no_progress, run_sampler
 from .schedule import SPACINGS, SliceNoise, StepTable, step_table
@@ -159,9 +159,10 @@ def _checked_model_call(call: Callable) -> Callable:
     the wrong shape or with NaN/Inf becomes one BackendError naming the graph and the bundle,
     raised before anything is written."""
     @functools.wraps(call)
-    def checked(self: "Translator", runners: list[Runner], x: np.ndarray, start: int, on_step: Progress) -> np.ndarray:
+    def checked(self: "Translator", runners: list[Runner], x: np.ndarray, slices: np.ndarray,
+                on_step: Progress) -> np.ndarray:
         try:
-            y = np.asarray(call(self, runners, x, start, on_step))
+            y = np.asarray(call(self, runners, x, slices, on_step))
         except GalipError:
             raise
         except Exception as error:   # onnxruntime/TensorRT raise their own types (Fail, RuntimeError, ...)
@@ -173,8 +174,8 @@ def _checked_model_call(call: Callable) -> Callable:
                                "input's shape (docs/contracts.md); re-export the bundle")
         bad = int(np.count_nonzero(~np.isfinite(y)))
         if bad:
-            raise BackendError(f"{self.graph_label} returned {bad} NaN/Inf values of {y.size} (slices {start} to "
-                               f"{start + len(x) - 1}), nothing written; the model or its conversion is broken: "
+            raise BackendError(f"{self.graph_label} returned {bad} NaN/Inf values of {y.size} (slices {slices[0]} to "
+                               f"{slices[-1]}), nothing written; the model or its conversion is broken: "
                                "try --precision fp32 or re-export the bundle")
         return y
     return checked
@@ -232,23 +233,26 @@ class Translator:
         passes = [(axis, flip) for axis in axes for flip in flips]
         mirror = voxel_axis(affine, 0)                         # left-right
         span = self._slab(data, affine)
-        # slices along canonical axis a = the input's extent on the voxel axis that maps to it
-        total = sum(span[1] - span[0] if span else np.shape(data)[voxel_axis(affine, axis)] for axis, _ in passes)
-        started, fused, done = time.perf_counter(), None, 0
-        for axis, flip in passes:
+        started = time.perf_counter()
+        if foreground is None and self.settings.mask == "auto":
+            foreground = head_mask(data, fit_intensity(np.asarray(data), kind, percentiles=tuple(self.config.percentiles)))
+        # per pass, the canonical slices that reach the model: the slab (if any), and of it
+        # only slices with foreground (an empty slice is background whatever the model says)
+        todo = [canonical_slices(affine, np.shape(data), axis, self._mirrored(span, data, affine, mirror) if flip else span,
+                                 None if foreground is None else (np.flip(foreground, mirror) if flip else foreground))
+                for axis, flip in passes]
+        total, fused, done = sum(len(t) for t in todo), None, 0
+        for (axis, flip), indices in zip(passes, todo):
             source = np.flip(data, mirror) if flip else data
             # the mirrored volume keeps the affine: the model sees a mirrored head, undone below
             out, plan, target_map = self._translate_along(
-                source, affine, kind, replace(self.config, axis=axis),
-                lambda d, t, base=done: on_slices(base + d, total), on_step,
-                self._mirrored(span, data, affine, mirror) if flip else span)
-            done += span[1] - span[0] if span else plan.n_slices
+                source, affine, kind, replace(self.config, axis=axis), indices,
+                lambda d, t, base=done: on_slices(base + d, total), on_step)
+            done += len(indices)
             out = np.flip(out, mirror) if flip else out
             fused = out if fused is None else fused + out.astype(np.float64)
         # one pass (the default) is the volume itself: no float64 copy of it on the hot path
         volume = fused if len(passes) == 1 else (fused / len(passes)).astype(np.float32)
-        if foreground is None and self.settings.mask == "auto":
-            foreground = head_mask(data, plan.source_map)
         if foreground is not None:
             volume[~foreground] = target_map.lo               # the target's background
         seconds = time.perf_counter() - started
@@ -283,28 +287,29 @@ class Translator:
         return n - span[1], n - span[0]
 
     def _translate_along(self, data: np.ndarray, affine: np.ndarray, kind: str, config: PreprocessConfig,
-                         on_slices: Progress, on_step: Progress, span: tuple[int, int] | None = None
+                         indices: np.ndarray, on_slices: Progress, on_step: Progress
                          ) -> tuple[np.ndarray, SlicePlan, IntensityMap]:
         """One pass: slices along ``config.axis`` → model → volume in the input's voxel order.
-        ``span``: only the input's voxel slices ``[a, b)`` go through the model, the others are
-        the target's background (normalisation and mask still come from the whole volume)."""
+        Only the canonical slices ``indices`` go through the model, the others are the
+        target's background (normalisation still comes from the whole volume)."""
         plan, raw = plan_volume(data, affine, kind, config)
         target_map = target_intensity(self.target, plan)
-        first, last = canonical_span(plan.ornt, config.axis, span, len(raw)) if span else (0, len(raw))
         out = np.full(raw.shape, target_map.lo, dtype=np.float32)
-        n, batch = last - first, affordable_batch(self.settings.batch, plan.model_shape)
+        n, batch = len(indices), affordable_batch(self.settings.batch, plan.model_shape)
         diffusion = self.settings.model == "diffusion"
         call = self._diffuse if diffusion else self._generate
         on_slices(0, n)
+        if n == 0:
+            return slices_to_volume(out, plan), plan, target_map
         with contextlib.ExitStack() as stack:    # deactivates every runner, also on errors
             runners = [stack.enter_context(make()) for make in
                        ((self.factory, self.lmi_factory) if diffusion else (self.factory,))]
-            for start in range(first, last, batch):
-                stop = min(start + batch, last)
-                x = plan.prepare(raw[start:stop])[:, None]                  # (b, 1, H', W') in [0, 1]
-                y = call(runners, x, start, on_step)                         # (b, 1, H', W') in [0, 1]
-                out[start:stop] = plan.restore(np.clip(y[:, 0], 0.0, 1.0), target_map)
-                on_slices(stop - first, n)
+            for start in range(0, n, batch):
+                chunk = indices[start:start + batch]
+                x = plan.prepare(raw[chunk])[:, None]                       # (b, 1, H', W') in [0, 1]
+                y = call(runners, x, chunk, on_step)                         # (b, 1, H', W') in [0, 1]
+                out[chunk] = plan.restore(np.clip(y[:, 0], 0.0, 1.0), target_map)
+                on_slices(start + len(chunk), n)
         return slices_to_volume(out, plan), plan, target_map
 
     # -- model calls ---------------------------------------------------------------------
@@ -314,7 +319,7 @@ class Translator:
         return f"{self.choice.file.name} of bundle {bundle_name(self.bundle)} ({self.bundle.root})"
 
     @_checked_model_call
-    def _generate(self, runners: list[Runner], x: np.ndarray, start: int, on_step: Progress) -> np.ndarray:
+    def _generate(self, runners: list[Runner], x: np.ndarray, slices: np.ndarray, on_step: Progress) -> np.ndarray:
         """I2I-Galip generator: one call per batch, the target's class id per slice."""
         (runner,) = runners
         domain = np.full(len(x), self.target.class_id, dtype=np.int64)
@@ -322,7 +327,7 @@ class Translator:
         return _output(outputs, GEN_OUTPUT).astype(np.float32, copy=False)
 
     @_checked_model_call
-    def _diffuse(self, runners: list[Runner], source: np.ndarray, start: int, on_step: Progress) -> np.ndarray:
+    def _diffuse(self, runners: list[Runner], source: np.ndarray, slices: np.ndarray, on_step: Progress) -> np.ndarray:
         """MIDiffusion sampling of one batch (paper Alg. 1; the step graph runs DDPM, DDIM or
         DPM-Solver++(2M) from the table's coefficients)."""
         step, lmi = runners
@@ -330,7 +335,7 @@ class Translator:
         # 1. LMI(source, source): fixed over the whole loop (paper Eq. 13, second channel).
         lmi_source = _output(lmi.infer({LMI_X: source, LMI_Y: source}), LMI_OUT).astype(np.float32, copy=False)
         # 2. x_T ~ N(0, I) and every step's z from one Generator per slice (seed, slice index).
-        noise = SliceNoise(self.settings.seed, start, len(source), source.shape[1:])
+        noise = SliceNoise(self.settings.seed, slices, source.shape[1:])
         # 3. The loop (kept on device by TensorRT).
         x0 = run_sampler(step, source, lmi_source, table, noise, on_step)
         # 4. The last step lands on ᾱ = 1: x_prev = x̂_0 in the model's data range → [0, 1].

@@ -29,7 +29,7 @@ Computed in float64; the runtime casts each row to float32 when it feeds the gra
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Literal, Mapping
+from typing import Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -241,12 +241,12 @@ class SliceNoise:
     ``(seed, slice index)``, so a slice's sample depends on neither the batch size nor the
     backend (the runtime and the eager PyTorch sampler both draw from here).
 
-    ``draw()`` returns the next standard normal ``(n, *shape)`` float32: first x_T, then
-    one z per step with σ > 0.
+    ``slices``: the volume's slice indices of the batch, in order. ``draw()`` returns the next
+    standard normal ``(len(slices), *shape)`` float32: first x_T, then one z per step with σ > 0.
     """
 
-    def __init__(self, seed: int, first_slice: int, n: int, shape: tuple[int, ...]):
-        self._rngs = [np.random.default_rng([seed, first_slice + i]) for i in range(n)]
+    def __init__(self, seed: int, slices: Sequence[int], shape: tuple[int, ...]):
+        self._rngs = [np.random.default_rng([seed, int(i)]) for i in slices]
         self.shape = tuple(shape)
 
     def draw(self) -> np.ndarray:

@@ -244,7 +244,7 @@ def test_galip_run_gives_the_same_volume_with_either_lmi(bundle, tmp_path, no_gp
         monkeypatch.setenv("GALIP_LMI", mode)       # the default of --lmi; the flag wins
         out = tmp_path / f"{mode}.nii.gz"
         result = CliRunner().invoke(app, [str(source), "--to", "T2", "--model", "diffusion", "--bundle",
-                                          str(bundle), "--out", str(out), "--steps", "3", "--eta", "1",
+                                          str(bundle), "--out", str(out), "--sampler", "ddim", "--steps", "3", "--eta", "1",
                                           "--threads", str(THREADS), *flag])
         assert result.exit_code == 0, result.output
         outputs[mode] = result.stdout

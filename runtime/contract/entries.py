@@ -17,7 +17,10 @@ from .lmi import LmiParams
 
 PRECISIONS = ("fp32", "fp16")
 #: The manifest's ``sampler`` defaults galip-export writes (DDIM, 50 steps, η = 0).
-DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_ETA = "ddim", 50, 0.0
+#: A diffusion model's sampler when neither the manifest nor the user names one: the
+#: cheapest setting within 0.5 dB of the 1000-step ancestral sampler on the demo model
+#: (``galip-eval samplers``; docs/diffusion.md). galip-export writes it unless --sampler.
+DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_ETA = "dpmpp2m", 20, 0.0
 
 
 def _extra(entry: Mapping, known: tuple[str, ...]) -> dict:
