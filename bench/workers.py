@@ -66,7 +66,7 @@ def session(path: str, threads: int | None = None, options: dict | None = None) 
     return _active(OnnxrtRunner(SessionFromOnnx(path, threads=threads, **(options or {}))))
 
 
-def lmi(kind: str, settings: dict, threads: int = 1) -> Callable:
+def lmi(kind: str, settings: dict, threads: int = 1, device: str = "cpu") -> Callable:
     """One LMI implementation: ``authors``, ``dense`` (lmi_dense), ``native`` (lmi_numpy's
     default kernel), ``native-previous`` (the kernel before issue 14, kept to measure against).
     The feed holds ``x`` and ``y`` (1, 1, H, W); returns the LMI map as ``{"lmi": ...}``."""
@@ -85,17 +85,17 @@ def lmi(kind: str, settings: dict, threads: int = 1) -> Callable:
         keys = ("patch", "radius", "bins", "sigma", "normalize")
 
         def run_authors(feed: dict) -> dict:
-            out = lmi_authors(torch.from_numpy(feed["x"]), torch.from_numpy(feed["y"]),
+            out = lmi_authors(torch.from_numpy(feed["x"]).to(device), torch.from_numpy(feed["y"]).to(device),
                               *(settings[k] for k in keys))[0]
-            return {"lmi": out.numpy()}
+            return {"lmi": out.cpu().numpy()}
         return run_authors
     if kind == "dense":
         from galip.train.lmi import lmi_dense
 
         def run_dense(feed: dict) -> dict:
             with torch.no_grad():
-                return {"lmi": lmi_dense(torch.from_numpy(feed["x"]), torch.from_numpy(feed["y"]),
-                                         **settings)[0].numpy()}
+                x, y = (torch.from_numpy(feed[k]).to(device) for k in "xy")
+                return {"lmi": lmi_dense(x, y, **settings)[0].cpu().numpy()}
         return run_dense
     raise ValueError(f"unknown LMI kind {kind!r}")
 
