@@ -60,8 +60,13 @@ def runtime(bundle: str, model: str, requested: str, precision: str, domain: str
 
 def session(path: str, threads: int | None = None, options: dict | None = None) -> Callable:
     """One ONNX graph on onnxruntime's CPU provider with explicit session ``options``
-    (:class:`galip.runtime.backends.onnxruntime.loader.SessionFromOnnx` keywords)."""
+    (:class:`galip.runtime.backends.onnxruntime.loader.SessionFromOnnx` keywords);
+    ``threads=None``: the runtime's own default, as if no thread count were pinned."""
+    import os
+
     from galip.runtime.backends.onnxruntime.loader import SessionFromOnnx
+    if threads is None:
+        os.environ.pop("GALIP_NUM_THREADS", None)
     from galip.runtime.backends.onnxruntime.runner import OnnxrtRunner
     return _active(OnnxrtRunner(SessionFromOnnx(path, threads=threads, **(options or {}))))
 
