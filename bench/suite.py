@@ -54,7 +54,8 @@ def run_bench(config: BenchConfig, out: Path, log: Callable[[str], None] = print
             fp16 = config.fp16 if config.fp16 is not None else config.device == "cuda"
             models = build_models(workdir / "models", unet=config.unet, net=config.net,
                                   timesteps=config.timesteps, fp16=fp16, engines=config.device == "cuda",
-                                  seed=config.seed, target=config.target or "T2", log=log)
+                                  seed=config.seed, target=config.target or "T2", log=log,
+                                  int8=config.int8 and config.device == "cpu")
         setup_s = time.perf_counter() - setup_started
         ctx = Context(config, models, workdir, log)
         for name, case in (("generator", generator_cases), ("generator volume", volume_cases),

@@ -32,7 +32,7 @@ ROW_FIELDS = {"case", "backend", "precision", "device", "batch", "size", "median
 def tiny_config(**overrides) -> BenchConfig:
     base = dict(quick=True, threads=1, repeats=1, slow_repeats=1, warmup=0, case_budget_s=5.0, sizes=(32,),
                 batches=(1, 2), volumes=(8.0,), slice_spacing=8.0, volume_repeats=1, lmi_sizes=(32,),
-                step_size=32, ddim_steps=4, few_steps=2, ddim_all=False, compile_budget_s=0.0, lmi_rounds=2,
+                step_size=32, ddim_steps=4, few_steps=2, ddim_all=False, compile_budget_s=0.0, lmi_rounds=2, int8=False,
                 unet=TINY_UNET, net=TINY_NET, timesteps=20)
     return BenchConfig(**{**base, **overrides})
 
