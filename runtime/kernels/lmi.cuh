@@ -525,10 +525,11 @@ GALIP_HD inline double galip_lmi_entropy_of_mass(const float* r, int n, double t
   return log(total) - (double)galip_lmi_xlogx(r, n) / total;
 }
 
-// Dense windows of one image: win (H*W, 32) floats, first (H*W) first bins, mass (H*W) window
+// Dense windows of one image: value (H*W) its pixels, win (H*W, 32) floats, first (H*W) first bins, mass (H*W) window
 // sums, hfull (H*W) entropy of the full p x p patch's marginal (NaN where the patch leaves the
 // image).
 struct GalipLmiDense {
+  const float* value;  // the image itself (H*W)
   const float* win;
   const int* first;
   const float* mass;
@@ -573,15 +574,25 @@ GALIP_HD inline void galip_lmi_pixel_dense(const GalipLmiDense& sx, const GalipL
     // 4a: the valid pairs' windows, the rows and 8-column blocks they reach, the total mass.
     int n = 0, xlo = GALIP_LMI_DENSE_BINS, xhi = 0, ylo = GALIP_LMI_DENSE_BINS, yhi = 0;
     double total = 0.0;
+    const float x0 = sx.value[sx.idx(box.ha, box.wa)], y0 = sy.value[sy.idx(box.ha + dy, box.wa + dx)];
+    bool x_const = true, y_const = true;
     for (int jh = box.ha; jh <= box.hb; ++jh) {
       for (int jw = box.wa; jw <= box.wb; ++jw, ++n) {
         const int ix = sx.idx(jh, jw), iy = sy.idx(jh + dy, jw + dx);
+        x_const = x_const && sx.value[ix] == x0, y_const = y_const && sy.value[iy] == y0;
         wx[n] = sx.at(jh, jw), wy[n] = sy.at(jh + dy, jw + dx);
         mx[n] = sx.mass[ix], my[n] = sy.mass[iy];
         xlo = galip_imin(xlo, sx.first[ix]), xhi = galip_imax(xhi, sx.first[ix]);
         ylo = galip_imin(ylo, sy.first[iy]), yhi = galip_imax(yhi, sy.first[iy]);
         total += (double)mx[n] * my[n];
       }
+    }
+    // One image constant over the pairs: identical windows, so P = P_X (x) P_Y and MI = 0
+    // exactly (float rounding would only add noise around it).
+    if (x_const || y_const) {
+      mi[t] = 0.0;
+      best = best > 0.0 ? best : 0.0;
+      continue;
     }
     // 4b: sum J log J over the rows and 8-column blocks the windows reach.
     const int L = GALIP_LMI_LANES, cb0 = ylo / L, a1 = xhi + S;

@@ -142,8 +142,8 @@ static int galip_lmi_run_dense(const float* x, const float* y, int N, const Gali
     for (long k = 0; k < npix; ++k) {
       const long off = (k / hw) * hw;
       const int h = (int)((k - off) / W), w = (int)((k - off) % W);
-      GalipLmiDense sx = {win + off * NB, first + off, mass + off, hfull + off, W};
-      GalipLmiDense sy = {win + (npix + off) * NB, first + npix + off, mass + npix + off,
+      GalipLmiDense sx = {x + off, win + off * NB, first + off, mass + off, hfull + off, W};
+      GalipLmiDense sy = {y + off, win + (npix + off) * NB, first + npix + off, mass + npix + off,
                           hfull + npix + off, W};
       float v;
       int tau;
