@@ -70,7 +70,7 @@ class BenchConfig:
     def quick_config(cls, **overrides) -> "BenchConfig":
         """``--quick``: one thread, 128² only, 2 mm volume only, few repeats, DDIM-50 on the
         fastest backend and ``few_steps`` on the rest, a 60 s torch.compile budget."""
-        base = dict(quick=True, threads=1, repeats=3, slow_repeats=1, case_budget_s=8.0, sizes=(128,),
+        base = dict(quick=True, threads=1, repeats=5, slow_repeats=1, case_budget_s=20.0, sizes=(128,),
                     batches=(1, 8, 32), volumes=(2.0,), volume_repeats=1, lmi_sizes=(128,), lmi_rounds=3, few_steps=3,
                     ddim_all=False, compile_budget_s=60.0, compile_cases=1, warmup=1)
         return cls(**{**base, **overrides})

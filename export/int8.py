@@ -20,6 +20,7 @@
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -131,6 +132,9 @@ def quantize_generator(fp32: Path, out: Path, feeds: list[dict]) -> None:
 
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.stem + ".", suffix=".tmp.onnx")
     os.close(fd)
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.setLevel(logging.ERROR)     # quantize_static logs advice on the root logger
     try:
         quantize_static(str(fp32), tmp, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -138,6 +142,7 @@ def quantize_generator(fp32: Path, out: Path, feeds: list[dict]) -> None:
                         calibration_providers=["CPUExecutionProvider"])
         os.replace(tmp, out)
     finally:
+        root_logger.setLevel(level)
         if os.path.exists(tmp):
             os.unlink(tmp)
 
