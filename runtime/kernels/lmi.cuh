@@ -175,15 +175,21 @@ GALIP_HD inline double galip_lmi_log(double x) {
 #endif
 }
 
+// x = m 2^e with m in [sqrt(1/2), sqrt(2)) for a positive normal float; returns m, sets e.
+GALIP_HD inline float galip_lmi_log_split(float x, float* e) {
+  unsigned int u = __builtin_bit_cast(unsigned int, x);
+  u += 0x3f800000u - 0x3f3504f3u;
+  *e = (float)((int)(u >> 23) - 0x7f);
+  u = (u & 0x007fffffu) + 0x3f3504f3u;
+  return __builtin_bit_cast(float, u);
+}
+
 GALIP_HD inline float galip_lmi_log(float x) {
 #if defined(__CUDA_ARCH__)
   return logf(x);
 #else
-  unsigned int u = __builtin_bit_cast(unsigned int, x);
-  u += 0x3f800000u - 0x3f3504f3u;
-  const float e = (float)((int)(u >> 23) - 0x7f);
-  u = (u & 0x007fffffu) + 0x3f3504f3u;
-  const float m = __builtin_bit_cast(float, u);
+  float e;
+  const float m = galip_lmi_log_split(x, &e);
   const float s = (m - 1.0f) / (m + 1.0f), z = s * s;
   const float p = 2.0f / 3 + z * (2.0f / 5 + z * (2.0f / 7));
   return e * 0.693147180559945f + 2.0f * s + s * z * p;
@@ -398,11 +404,8 @@ GALIP_HD inline float galip_lmi_log_poly(float x) {
 #if defined(__CUDA_ARCH__)
   return logf(x);
 #else
-  unsigned int u = __builtin_bit_cast(unsigned int, x);
-  u += 0x3f800000u - 0x3f3504f3u;
-  const float e = (float)((int)(u >> 23) - 0x7f);
-  u = (u & 0x007fffffu) + 0x3f3504f3u;
-  const float f = __builtin_bit_cast(float, u) - 1.0f;
+  float e;
+  const float f = galip_lmi_log_split(x, &e) - 1.0f;
   float q = -1.043454566e-01f;
   q = q * f + 1.608053880e-01f;
   q = q * f - 1.710213789e-01f;

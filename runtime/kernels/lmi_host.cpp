@@ -19,6 +19,15 @@
 #define GALIP_LMI_HOST_WINDOW 12
 #endif
 
+// Step 4d's outputs of pixel k (image offset off, position (h, w)): LMI, offset index, Y there.
+static inline void galip_lmi_store(long k, long off, int h, int w, float v, int tau, const float* y,
+                                   const GalipLmiShape& s, float* lmi, float* y_at,
+                                   int* offset_index) {
+  lmi[k] = v;
+  offset_index[k] = tau;
+  y_at[k] = galip_lmi_y_at(y + off, s.H, s.W, s.radius, h, w, tau);
+}
+
 // Validates the run-time parameters; 0 when they are usable.
 static int galip_lmi_check(int N, int H, int W, int patch, int radius, int bins, float sigma) {
   if (N < 0 || H < 1 || W < 1) return 1;
@@ -75,9 +84,7 @@ static int galip_lmi_run(const float* x, const float* y, int N, const GalipLmiSh
       float v;
       int tau;
       galip_lmi_pixel<real, SC, LC>(sx, sy, s, h, w, work, mi, &v, &tau);
-      lmi[k] = v;
-      offset_index[k] = tau;
-      y_at[k] = galip_lmi_y_at(y + off, H, W, s.radius, h, w, tau);
+      galip_lmi_store(k, off, h, w, v, tau, y, s, lmi, y_at, offset_index);
     }
     free(work);
     free(mi);
@@ -148,9 +155,7 @@ static int galip_lmi_run_dense(const float* x, const float* y, int N, const Gali
       float v;
       int tau;
       galip_lmi_pixel_dense(sx, sy, s, h, w, mi, &v, &tau);
-      lmi[k] = v;
-      offset_index[k] = tau;
-      y_at[k] = galip_lmi_y_at(y + off, H, W, s.radius, h, w, tau);
+      galip_lmi_store(k, off, h, w, v, tau, y, s, lmi, y_at, offset_index);
     }
   }
   free(win);
@@ -185,9 +190,7 @@ static int galip_lmi_run_rows(const float* x, const float* y, int N, const Galip
       float v;
       int tau;
       galip_lmi_pixel_rows<real>(x + off, y + off, s, c, h, w, scratch, start, mi, &v, &tau);
-      lmi[k] = v;
-      offset_index[k] = tau;
-      y_at[k] = galip_lmi_y_at(y + off, s.H, s.W, s.radius, h, w, tau);
+      galip_lmi_store(k, off, h, w, v, tau, y, s, lmi, y_at, offset_index);
     }
     free(scratch);
     free(start);
