@@ -320,7 +320,7 @@ def interleaved_case(ctx: Context, backends: list[Backend], feeds: dict, output:
                     rows.append((backend, Row.failed(found.error or "no round finished", **fields), None))
                     continue
                 row = Row.from_series(found, reference=backend.reference, **fields)
-                if backend.precision == "int8":
+                if backend.precision == "int8" and cfg.bundle is None:
                     row.note = "static QDQ; random weights here, so speed only (galip-export --int8 gates quality)"
                 row.extra["activate_s"] = round(workers[backend.key].setup_s or 0.0, 3)
                 rows.append((backend, row, found.output[output] if found.output else None))

@@ -4,7 +4,9 @@
   sample (what every sampler step computes), by the authors' algorithm
   (:mod:`galip.bench.lmi_baseline`), the dense PyTorch reference (``lmi_dense``, the eager
   PyTorch row), the native C++ kernel (``lmi_numpy``, what ``lmi`` runs on CPU) and the
-  bundle's ONNX function in onnxruntime. Agreement is against ``lmi_dense``.
+  kernel before issue 14 (``algorithm="planes"``), both also at ``lmi_threads``, and the
+  bundle's ONNX function in onnxruntime, each in a worker, timed in interleaved rounds.
+  Agreement is against ``lmi_dense``.
 * ``diffusion step``: one call of the step contract (LMI + score network + DDIM update)
   at a mid-schedule row, eager ``DiffusionStep`` against the bundle's step graph.
 * ``diffusion DDIM-K slice``: one middle slice of the 2 mm phantom translated by the
