@@ -50,7 +50,7 @@ def default_threads() -> int:
     are idle now (usable cores minus the 1-minute load average, rounded; at least 1).
 
     Measured on 2 cores with one busy (galip-bench, interleaved, issue 14): the generator on 2
-    spinning threads ran 1.8x slower than on 1 thread, on 2 non-spinning threads 1.1x slower;
+    spinning threads ran 2.0x slower than on 1 thread, on 2 non-spinning threads 1.3x slower;
     so threads go only to idle cores, and they spin only when every usable core is idle
     (:func:`default_spinning`).
     """
