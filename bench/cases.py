@@ -1,7 +1,8 @@
 """What is measured, part 1: the run's settings and context, backends, the generator cases.
 
-Every case measures all backends on the same inputs in the same process, the eager
-PyTorch fp32 row first (the reference of its group for speed-up and agreement). A backend
+Every per-call case runs each backend in its own worker process with the run's pinned thread
+count and times all of them on the same inputs in interleaved rounds (:mod:`.interleave`),
+the eager PyTorch fp32 row first (the reference of its group for speed-up and agreement). A backend
 that cannot run here still gets a row: ``skipped`` with the reason (the runtime's own
 backend probe supplies it for onnxruntime-cuda and TensorRT), or ``failed`` with the
 first line of the error. Diffusion cases live in :mod:`galip.bench.diffusion_cases`.
@@ -19,7 +20,8 @@ import numpy as np
 from galip.runtime.contract import GEN_DOMAIN, GEN_IMAGE, GEN_OUTPUT
 
 from .harness import Row, first_line, measure
-from .workload import Models, Volume, eager_generator, model_slices, torch_factory
+from .interleave import Spec
+from .workload import Models, Volume, model_slices, torch_factory
 
 EAGER = "torch-eager"
 COMPILE = "torch-compile"
@@ -33,12 +35,14 @@ class BenchConfig:
 
     quick: bool = False
     device: str = "cpu"
-    threads: int | None = None              # None: the usable cores
+    threads: int | None = None              # per backend worker; None: 1
     seed: int = 0
     warmup: int = 1
     repeats: int = 10                       # calls timed per case (fewer once case_budget_s is spent)
     slow_repeats: int = 3                   # for cases that take seconds per call
-    case_budget_s: float = 60.0             # timed seconds per case before repeats stop early
+    case_budget_s: float = 60.0             # timed seconds per case before rounds stop early
+    min_round_s: float = 0.3                # a backend repeats within a round until this is spent
+    lmi_threads: tuple[int, ...] = (2,)     # extra thread counts of the native LMI rows (<= usable cores)
     sizes: tuple[int, ...] = (128, 256)     # generator slice sizes
     batches: tuple[int, ...] = (1, 8, 32)
     volumes: tuple[float, ...] = (2.0, 1.0)  # whole-volume phantoms (mm)
@@ -46,6 +50,7 @@ class BenchConfig:
     volume_batch: int = 8
     volume_repeats: int = 2
     lmi_sizes: tuple[int, ...] = (128, 256)
+    lmi_rounds: int = 5                     # interleaved rounds of the LMI case (the authors' takes seconds)
     step_size: int = 128
     ddim_steps: int = 50
     few_steps: int = 5
@@ -57,6 +62,7 @@ class BenchConfig:
     net: dict | None = None                 # ScoreNetConfig fields
     timesteps: int = 1000
     fp16: bool | None = None                # export fp16 graphs (None: on cuda only)
+    int8: bool = True                       # quantise the random-weight generator (speed rows only)
     bundle: Path | None = None
     target: str | None = None
 
@@ -64,8 +70,8 @@ class BenchConfig:
     def quick_config(cls, **overrides) -> "BenchConfig":
         """``--quick``: one thread, 128² only, 2 mm volume only, few repeats, DDIM-50 on the
         fastest backend and ``few_steps`` on the rest, a 60 s torch.compile budget."""
-        base = dict(quick=True, threads=1, repeats=3, slow_repeats=1, case_budget_s=8.0, sizes=(128,),
-                    batches=(1, 8, 32), volumes=(2.0,), volume_repeats=1, lmi_sizes=(128,), few_steps=3,
+        base = dict(quick=True, threads=1, repeats=5, slow_repeats=1, case_budget_s=20.0, sizes=(128,),
+                    batches=(1, 8, 32), volumes=(2.0,), volume_repeats=1, lmi_sizes=(128,), lmi_rounds=3, few_steps=3,
                     ddim_all=False, compile_budget_s=60.0, compile_cases=1, warmup=1)
         return cls(**{**base, **overrides})
 
@@ -109,6 +115,9 @@ class Context:
         return model_slices(self.volume(spacing), self.models.preprocess, n, size)
 
     def add(self, row: Row) -> Row:
+        if row.load is None and row.status == "ok":      # rows timed outside interleaved rounds
+            from .machine import load_average
+            row.load = (load_average() or [None])[0]
         self.rows.append(row)
         if row.status in ("ok", "estimated"):
             agree = "" if row.max_abs is None else f", max-abs {row.max_abs:.2g}"
@@ -144,6 +153,11 @@ class Backend:
     lmi: str | None = None
     note: str = ""
     runtime: str | None = None      # the runtime backend name (select_backend's), None for eager
+    spec: Spec | None = None        # how a worker process builds it (interleaved cases)
+
+    @property
+    def key(self) -> str:
+        return f"{self.name} {self.precision}"
 
     @property
     def available(self) -> bool:
@@ -185,7 +199,9 @@ def runtime_backend(ctx: Context, model: str, requested: str, precision: str,
                                          threads=ctx.threads, lmi=lmi)
     except GalipError as error:     # e.g. lmi="native" where the native kernel cannot run
         return Backend(name, precision, device, reason=str(error), lmi=lmi)
-    return Backend(name, precision, device, factory, lmi=lmi, note=choice.reason, runtime=requested)
+    spec = Spec("galip.bench.workers:runtime", dict(bundle=str(ctx.models.bundle.root), model=model,
+                requested=requested, precision=precision, domain=domain, threads=ctx.threads, lmi=lmi))
+    return Backend(name, precision, device, factory, lmi=lmi, note=choice.reason, runtime=requested, spec=spec)
 
 
 def bundle_backends(ctx: Context, model: str, spec: dict) -> list[Backend]:
@@ -200,7 +216,7 @@ def bundle_backends(ctx: Context, model: str, spec: dict) -> list[Backend]:
             backends.append(runtime_backend(ctx, model, ORT_CPU, "int8"))
         else:
             backends.append(Backend(ORT_CPU, "int8", "cpu", reason="the bundle has no int8 graph "
-                                    "(galip-export writes fp32 and fp16 graphs only)"))
+                                    "(galip-export --int8 writes one for a generator whose quality holds)"))
         why = gpu_reason() or "--device cpu (run with --device cuda for the GPU backends)"
         backends += [Backend(name, precision, "cuda", reason=why) for name, precision in
                      ((ORT_CUDA, "fp32"), (ORT_CUDA, "fp16"), (TRT, "fp32"), (TRT, "fp16"))]
@@ -209,26 +225,31 @@ def bundle_backends(ctx: Context, model: str, spec: dict) -> list[Backend]:
             ((ORT_CUDA, "fp32"), (ORT_CUDA, "fp16"), (TRT, "fp32"), (TRT, "fp16"))]
 
 
-def eager_backends(ctx: Context, build: Callable, io: dict) -> list[Backend]:
-    """Eager PyTorch fp32 on the run's device (the reference), and fp16 (autocast) on a GPU."""
-    def factory(precision: str, device: str):
-        return torch_factory(build, io["inputs"], io["outputs"], name=EAGER, precision=precision, device=device)
+def eager_backends(ctx: Context, kind: str) -> list[Backend]:
+    """Eager PyTorch fp32 on the run's device (the reference), and fp16 (autocast) on a GPU.
+    ``kind``: ``generator`` or ``step`` (the diffusion step module)."""
+    from .workload import eager_generator, eager_step
+    models = ctx.models
+    checkpoint = models.generator_checkpoint if kind == "generator" else models.diffusion_checkpoint
+    entry = models.generator if kind == "generator" else models.diffusion
+    make = eager_generator if kind == "generator" else eager_step
+    seed = ctx.config.seed
+
+    def backend(precision: str, device: str, reference: bool = False) -> Backend:
+        factory = torch_factory(lambda: make(checkpoint, entry, seed), entry["io"]["inputs"], entry["io"]["outputs"],
+                                name=EAGER, precision=precision, device=device)
+        spec = Spec("galip.bench.workers:eager", dict(kind=kind, checkpoint=str(checkpoint) if checkpoint else None,
+                    entry=entry, io=entry["io"], seed=seed, device=device, precision=precision))
+        return Backend(EAGER, precision, device, factory, reference=reference, spec=spec)
     if ctx.device == "cuda":
         why = gpu_reason()
         if why:
             return [Backend(EAGER, p, "cuda", reason=why) for p in ("fp32", "fp16")]
-        return [Backend(EAGER, "fp32", "cuda", factory("fp32", "cuda"), reference=True),
-                Backend(EAGER, "fp16", "cuda", factory("fp16", "cuda"))]
-    return [Backend(EAGER, "fp32", "cpu", factory("fp32", "cpu"), reference=True),
-            Backend(EAGER, "fp16", "cuda", reason=gpu_reason() or "--device cpu")]
+        return [backend("fp32", "cuda", True), backend("fp16", "cuda")]
+    return [backend("fp32", "cpu", True), Backend(EAGER, "fp16", "cuda", reason=gpu_reason() or "--device cpu")]
 
 
 # ----------------------------------------------------------------------------- generator
-def _generator_build(ctx: Context) -> Callable:
-    checkpoint, entry = ctx.models.generator_checkpoint, ctx.models.generator
-    return lambda: eager_generator(checkpoint, entry, ctx.config.seed)
-
-
 def generator_cases(ctx: Context) -> None:
     """Per-slice latency (batch 1), throughput (batches 8, 32) at each size, every backend."""
     spec = ctx.models.generator
@@ -242,51 +263,58 @@ def generator_cases(ctx: Context) -> None:
         images = ctx.slices(size, max(cfg.batches))
         for batch in cfg.batches:
             feeds[(size, batch)] = {GEN_IMAGE: images[:batch], GEN_DOMAIN: np.full(batch, class_id, np.int64)}
-    backends = eager_backends(ctx, _generator_build(ctx), spec["io"]) + bundle_backends(ctx, "generator", spec)
-    reference: dict = {}
-    for backend in backends:
-        _per_call(ctx, backend, feeds, reference, GEN_OUTPUT, 1.0, case="generator")
-        if backend.name == EAGER and backend.precision == "fp32":      # torch.compile right after eager
-            if backend.available:
-                compile_rows(ctx, feeds, reference)
-            else:
-                ctx.add(Row.skipped(backend.reason, case="generator", backend=COMPILE, device=backend.device))
+    backends = eager_backends(ctx, "generator") + bundle_backends(ctx, "generator", spec)
+    reference = interleaved_case(ctx, backends, feeds, GEN_OUTPUT, 1.0, case="generator")
+    if backends[0].available:             # torch.compile in its own child, after the interleaved rounds
+        compile_rows(ctx, feeds, reference)
+    else:
+        ctx.add(Row.skipped(backends[0].reason, case="generator", backend=COMPILE, device=backends[0].device))
 
 
-def _per_call(ctx: Context, backend: Backend, feeds: dict, reference: dict, output: str,
-              data_range: float, *, case: str) -> None:
-    """Time ``backend`` on every feed; the reference backend fills ``reference`` with outputs."""
-    base = dict(case=case, backend=backend.name, precision=backend.precision, device=backend.device)
-    if not backend.available:
-        ctx.add(Row.skipped(backend.reason, **base))
-        return
+def interleaved_case(ctx: Context, backends: list[Backend], feeds: dict, output: str, data_range: float,
+                     *, case: str) -> dict:
+    """Every available backend in its own worker; each feed ((size, batch) -> arrays) timed in
+    interleaved rounds. Returns the reference backend's outputs per feed key."""
+    from .interleave import interleave, start_workers
     cfg = ctx.config
-    try:
-        started = time.perf_counter()
-        runner = backend.factory().activate()
-        activate_s = time.perf_counter() - started
-    except Exception as error:     # noqa: BLE001 - any backend failure becomes a row
-        ctx.add(Row.failed(error, **base))
-        return
+    live = []
+    for backend in backends:
+        if backend.spec is None:
+            ctx.add(Row.skipped(backend.reason, case=case, backend=backend.name, precision=backend.precision,
+                                device=backend.device))
+        else:
+            live.append(backend)
+    workers = start_workers({b.key: b.spec for b in live}, ctx.threads)
+    reference: dict = {}
     try:
         for (size, batch), feed in feeds.items():
-            fields = dict(base, batch=batch, size=f"{size}x{size}")
-            try:
-                repeats = cfg.repeats if batch * size * size <= 8 * 128 * 128 else cfg.slow_repeats
-                timing, out = measure(lambda: runner.infer(feed), warmup=cfg.warmup, repeats=repeats,
-                                      budget_s=cfg.case_budget_s, sync=ctx.sync())
-            except Exception as error:     # noqa: BLE001
-                ctx.add(Row.failed(error, **fields))
-                continue
-            row = Row.timed(timing, reference=backend.reference, **fields)
-            row.extra["activate_s"] = round(activate_s, 3)
-            if backend.reference:
-                reference[(size, batch)] = out[output]
-            elif (size, batch) in reference:
-                row.with_agreement(out[output], reference[(size, batch)], data_range)
-            ctx.add(row)
+            big = batch * size * size > 8 * 128 * 128
+            ctx.log(f"{case} b{batch} {size}x{size}: {len(live)} workers, interleaved rounds")
+            series = interleave(workers, (size, batch), feed, rounds=cfg.slow_repeats if big else cfg.repeats,
+                                warmup=cfg.warmup, budget_s=cfg.case_budget_s, min_round_s=cfg.min_round_s)
+            rows = []
+            for backend in live:
+                found = series[backend.key]
+                fields = dict(case=case, backend=backend.name, precision=backend.precision, device=backend.device,
+                              batch=batch, size=f"{size}x{size}")
+                if found.error or not found.seconds:
+                    rows.append((backend, Row.failed(found.error or "no round finished", **fields), None))
+                    continue
+                row = Row.from_series(found, reference=backend.reference, **fields)
+                if backend.precision == "int8" and cfg.bundle is None:
+                    row.note = "static QDQ; random weights here, so speed only (galip-export --int8 gates quality)"
+                row.extra["activate_s"] = round(workers[backend.key].setup_s or 0.0, 3)
+                rows.append((backend, row, found.output[output] if found.output else None))
+                if backend.reference and found.output:
+                    reference[(size, batch)] = found.output[output]
+            for backend, row, out in rows:
+                if out is not None and not backend.reference and (size, batch) in reference:
+                    row.with_agreement(out, reference[(size, batch)], data_range)
+                ctx.add(row)
     finally:
-        runner.deactivate()
+        for worker in workers.values():
+            worker.stop()
+    return reference
 
 
 def compile_rows(ctx: Context, feeds: dict, reference: dict) -> None:
@@ -346,7 +374,7 @@ def volume_cases(ctx: Context) -> None:
     if spec is None:
         return
     cfg = ctx.config
-    eager = [b for b in eager_backends(ctx, _generator_build(ctx), spec["io"]) if b.available]
+    eager = [b for b in eager_backends(ctx, "generator") if b.available]
     runtime = [b for b in bundle_backends(ctx, "generator", spec) if b.available]
     for spacing in cfg.volumes:
         volume = ctx.volume(spacing)

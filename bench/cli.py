@@ -1,6 +1,9 @@
 """``galip-bench``: latency and output agreement of every backend against eager PyTorch.
 
-One run measures, on the same inputs, with warm-up and repeats: the generator (per-slice
+Every backend runs in its own worker process with a pinned thread count, and the backends
+of a case are timed in interleaved rounds (order rotated each round); a speed-up is the
+median of the per-round ratios, so load changes on a shared machine cancel. One run
+measures, on the same inputs, after a warm-up: the generator (per-slice
 latency, batch throughput, whole phantom volumes through the runtime pipeline), the LMI
 operator (the authors' algorithm, dense PyTorch, native C++, ONNX in onnxruntime), one
 MIDiffusion sampler step and one slice with DDIM; and writes results.json, results.md
@@ -44,8 +47,8 @@ def main(
     bundle: Annotated[Optional[Path], typer.Option(help="Time this bundle's graphs instead of building random-weight "
                                                    "full-size models (eager rows then use its architectures with "
                                                    "random weights).")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="Threads per backend (torch, onnxruntime, native LMI); "
-                                                   "default: usable cores, 1 with --quick.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Threads pinned in every backend's worker process (torch, "
+                                                   "onnxruntime, native LMI); default 1.")] = None,
     repeats: Annotated[Optional[int], typer.Option(help="Timed calls per case (after the warm-up).")] = None,
     compile_budget: Annotated[Optional[float], typer.Option("--compile-budget", help="Seconds torch.compile may "
                                                             "take (0 disables); default 1200, 60 with --quick.")] = None,

@@ -4,7 +4,9 @@
   sample (what every sampler step computes), by the authors' algorithm
   (:mod:`galip.bench.lmi_baseline`), the dense PyTorch reference (``lmi_dense``, the eager
   PyTorch row), the native C++ kernel (``lmi_numpy``, what ``lmi`` runs on CPU) and the
-  bundle's ONNX function in onnxruntime. Agreement is against ``lmi_dense``.
+  kernel before issue 14 (``algorithm="planes"``), both also at ``lmi_threads``, and the
+  bundle's ONNX function in onnxruntime, each in a worker, timed in interleaved rounds.
+  Agreement is against ``lmi_dense``.
 * ``diffusion step``: one call of the step contract (LMI + score network + DDIM update)
   at a mid-schedule row, eager ``DiffusionStep`` against the bundle's step graph.
 * ``diffusion DDIM-K slice``: one middle slice of the 2 mm phantom translated by the
@@ -25,7 +27,7 @@ from galip.runtime.contract import (DEFAULT_LMI, LMI_GRAPH_INPUTS, LMI_GRAPH_OUT
 from .cases import EAGER, ORT_CPU, ORT_CUDA, Backend, Context, bundle_backends, eager_backends, gpu_reason
 from . import gpu_lmi
 from .harness import Row, measure
-from .workload import Volume, eager_lmi, eager_step, lmi_input, noisy_sample, torch_factory
+from .workload import Volume, eager_lmi, lmi_input, noisy_sample, torch_factory
 
 LMI_IO = io_entry(LMI_GRAPH_INPUTS, LMI_GRAPH_OUTPUTS)
 
@@ -36,114 +38,140 @@ def lmi_settings(ctx: Context) -> dict:
 
 
 # ----------------------------------------------------------------------------- LMI operator
+AUTHORS, DENSE = "authors' algorithm", "torch dense (lmi_dense)"
+NATIVE, PREVIOUS = "native C++ (lmi_numpy)", "native C++, previous kernel"
+LMI_NOTES = {
+    AUTHORS: "re-implementation: unfold + expand, integer-cast 27-bin dense joints (lmi_baseline.py)",
+    DENSE: "galip's PyTorch reference of the contract, all offsets, vectorised",
+    NATIVE: "dense 32-bin windows, joint rows in registers (lmi.cuh), what lmi() runs on CPU",
+    PREVIOUS: "the kernel before issue 14 (sparse 11x12 outer products into a zeroed joint)",
+    ORT_CPU: "galip::LMI ONNX function (dense, standard ops)",
+}
+
+
 def lmi_cases(ctx: Context) -> None:
-    import torch
+    """One LMI call per implementation, CPU ones each in a worker, in interleaved rounds; the
+    native kernels also at each thread count of ``lmi_threads`` the machine has cores for."""
+    from galip.runtime.lmi_native import native_unavailable_reason
 
-    from galip.runtime.backends.onnxruntime.loader import cuda_providers, provider_really_loads
-    from galip.runtime.backends.onnxruntime.runner import onnxrt_factory
-    from galip.runtime.lmi_native import lmi_numpy, native_unavailable_reason
-    from galip.train.lmi import lmi_dense
+    from .interleave import Spec, interleave, start_workers
+    from .machine import usable_cores
 
-    from .lmi_baseline import lmi_authors
-
-    cfg, settings = ctx.config, lmi_settings(ctx)
-    spec = ctx.models.diffusion
+    cfg, settings, spec = ctx.config, lmi_settings(ctx), ctx.models.diffusion
     device = ctx.device if gpu_reason() is None else "cpu"
+    native_why = native_unavailable_reason()
+
+    def lmi_spec(kind: str, threads: int) -> Spec:
+        return Spec("galip.bench.workers:lmi", dict(kind=kind, settings=settings, threads=threads, device=device))
+
     for size in cfg.lmi_sizes:
         source = ctx.slices(size, 1)
         sample = lmi_input(noisy_sample(source, 0.5, cfg.seed))
         base = dict(case="lmi", batch=1, size=f"{size}x{size}")
-        tx, ty = torch.from_numpy(source).to(device), torch.from_numpy(sample).to(device)
-        sync = ctx.sync() if device == "cuda" else None
-        calls = []   # (backend, precision, device, fn or skip reason, repeats, reference, note, sync)
+        entries = []   # (label, backend, device, Spec or skip reason, threads)
         if cfg.baseline:
-            calls.append(("authors' algorithm", "fp32", device,
-                          lambda: lmi_authors(tx, ty, settings["patch"], settings["radius"], settings["bins"],
-                                              settings["sigma"], settings["normalize"])[0],
-                          cfg.slow_repeats, False,
-                          "re-implementation: unfold + expand, integer-cast 27-bin dense joints (lmi_baseline.py)",
-                          sync))
-        calls.append(("torch dense (lmi_dense)", "fp32", device, lambda: lmi_dense(tx, ty, **settings)[0],
-                      cfg.slow_repeats, True, "galip's PyTorch reference of the contract, all offsets, vectorised",
-                      sync))
-        calls.append(("native C++ (lmi_numpy)", "fp32", "cpu",
-                      native_unavailable_reason() or
-                      (lambda: lmi_numpy(source, sample, **settings, num_threads=ctx.threads)[0]),
-                      cfg.repeats, False, "sparse soft-binning kernel, what lmi() runs on CPU", None))
-        why_gpu = gpu_lmi.unavailable_reason()
-        if why_gpu is None:
-            try:
-                kernel_call, kernel_sync, kernel_note = gpu_lmi.kernel_lmi(source, sample, settings, ctx.workdir)
-                calls.append(("CUDA kernel (CuPy)", "fp32", "cuda", kernel_call, cfg.repeats, False, kernel_note,
-                              kernel_sync))
-            except Exception as error:     # noqa: BLE001 - NVRTC/nvcc build failure
-                ctx.add(Row.failed(error, **base, backend="CUDA kernel (CuPy)", device="cuda"))
-        else:
-            calls.append(("CUDA kernel (CuPy)", "fp32", "cuda", why_gpu, 0, False, "", None))
-        outputs = {}
-        for name, precision, dev, fn, repeats, reference, note, call_sync in calls:
-            fields = dict(base, backend=name, precision=precision, device=dev)
-            if isinstance(fn, str):
-                ctx.add(Row.skipped(fn, **fields))
-                continue
-            try:
-                timing, out = measure(fn, warmup=0 if repeats == cfg.slow_repeats else cfg.warmup,
-                                      repeats=repeats, budget_s=cfg.case_budget_s, sync=call_sync)
-            except Exception as error:     # noqa: BLE001
-                ctx.add(Row.failed(error, **fields))
-                continue
-            if hasattr(out, "detach"):
-                out = out.detach().float().cpu().numpy()
-            elif hasattr(out, "get"):      # CuPy
-                out = out.get()
-            outputs[name] = np.asarray(out)
-            ctx.add(Row.timed(timing, reference=reference, note=note, **fields))
-        # the bundle's ONNX function (onnxruntime CPU; CUDA provider on a GPU run when it loads)
+            entries.append((AUTHORS, AUTHORS, device, lmi_spec("authors", ctx.threads), ctx.threads))
+        entries.append((DENSE, DENSE, device, lmi_spec("dense", ctx.threads), ctx.threads))
+        extra = [t for t in cfg.lmi_threads if t != ctx.threads and t <= usable_cores()]
+        for threads in (ctx.threads, *extra):
+            suffix = "" if threads == ctx.threads else f", {threads} threads"
+            for label, kind in ((NATIVE, "native"), (PREVIOUS, "native-previous")):
+                entries.append((label + suffix, label, "cpu", native_why or lmi_spec(kind, threads), threads))
         if spec is None:
-            ctx.add(Row.skipped("the bundle has no diffusion model (no lmi.onnx)", backend=ORT_CPU, **base))
+            entries.append((ORT_CPU, ORT_CPU, "cpu", "the bundle has no diffusion model (no lmi.onnx)", ctx.threads))
         else:
-            path = ctx.models.bundle.path(spec["lmi_graph"]["file"])
-            providers = [(ORT_CPU, ["CPUExecutionProvider"])]
-            if ctx.device == "cuda":
-                providers.append((ORT_CUDA, cuda_providers()))
-            for name, provider_list in providers:
-                fields = dict(base, backend=name, precision="fp32", device="cpu" if name == ORT_CPU else "cuda")
-                if name == ORT_CUDA:
-                    kept, in_use = provider_really_loads("CUDAExecutionProvider")
-                    if not kept:
-                        ctx.add(Row.skipped(f"CUDA provider does not load (a probe session ran on "
-                                            f"{', '.join(in_use) or 'nothing'})", **fields))
-                        continue
-                try:
-                    runner = onnxrt_factory(path, provider_list, threads=ctx.threads, name=name)().activate()
-                except Exception as error:     # noqa: BLE001 - e.g. CUDA provider does not load
-                    ctx.add(Row.skipped(str(error), **fields))
-                    continue
-                try:
-                    feed = {"x": source, "y": sample}
-                    timing, out = measure(lambda: runner.infer(feed), warmup=cfg.warmup, repeats=cfg.slow_repeats,
-                                          budget_s=cfg.case_budget_s)
-                    outputs[name] = out["lmi"]
-                    ctx.add(Row.timed(timing, note="galip::LMI ONNX function (dense, standard ops)", **fields))
-                except Exception as error:     # noqa: BLE001
-                    ctx.add(Row.failed(error, **fields))
-                finally:
-                    runner.deactivate()
+            path = str(ctx.models.bundle.path(spec["lmi_graph"]["file"]))
+            entries.append((ORT_CPU, ORT_CPU, "cpu", Spec("galip.bench.workers:session",
+                                                          dict(path=path, threads=ctx.threads)), ctx.threads))
+        live = [e for e in entries if isinstance(e[3], Spec)]
+        for label, _, dev, why, _ in entries:
+            if not isinstance(why, Spec):
+                ctx.add(Row.skipped(why, backend=label, precision="fp32", device=dev, **base))
+        workers = start_workers({e[0]: e[3] for e in live}, {e[0]: e[4] for e in live})
+        try:
+            ctx.log(f"lmi {size}x{size}: {len(live)} workers, interleaved rounds")
+            # every round (no time budget): a few rounds are all the authors' algorithm allows
+            series = interleave(workers, size, {"x": source, "y": sample}, rounds=cfg.lmi_rounds,
+                                warmup=cfg.warmup, min_round_s=cfg.min_round_s)
+        finally:
+            for worker in workers.values():
+                worker.stop()
+        outputs = {}
+        for label, backend, dev, _, threads in live:
+            found = series[label]
+            fields = dict(base, backend=label, precision="fp32", device=dev)
+            if found.error or not found.seconds:
+                ctx.add(Row.failed(found.error or "no round finished", **fields))
+                continue
+            row = Row.from_series(found, reference=label == DENSE, note=LMI_NOTES[backend], **fields)
+            row.extra["threads"] = threads
+            outputs[label] = np.asarray(found.output["lmi"])
+            ctx.add(row)
+        _gpu_lmi_rows(ctx, source, sample, settings, base, outputs)
         _lmi_agreement(ctx, outputs, size)
 
 
+def _gpu_lmi_rows(ctx: Context, source, sample, settings: dict, base: dict, outputs: dict) -> None:
+    """The CUDA kernel through CuPy and the LMI graph on onnxruntime's CUDA provider (GPU runs;
+    timed in this process: GPU time hardly depends on the CPU's load)."""
+    from galip.runtime.backends.onnxruntime.loader import cuda_providers, provider_really_loads
+    from galip.runtime.backends.onnxruntime.runner import onnxrt_factory
+    cfg, spec = ctx.config, ctx.models.diffusion
+    why_gpu = gpu_lmi.unavailable_reason()
+    fields = dict(base, backend="CUDA kernel (CuPy)", precision="fp32", device="cuda")
+    if why_gpu is not None:
+        ctx.add(Row.skipped(why_gpu, **fields))
+    else:
+        try:
+            call, sync, note = gpu_lmi.kernel_lmi(source, sample, settings, ctx.workdir)
+            timing, out = measure(call, warmup=cfg.warmup, repeats=cfg.repeats, budget_s=cfg.case_budget_s, sync=sync)
+            outputs[fields["backend"]] = np.asarray(out.get() if hasattr(out, "get") else out)
+            ctx.add(Row.timed(timing, note=note, **fields))
+        except Exception as error:     # noqa: BLE001 - NVRTC/nvcc build failure
+            ctx.add(Row.failed(error, **fields))
+    if ctx.device != "cuda" or spec is None:
+        return
+    fields = dict(base, backend=ORT_CUDA, precision="fp32", device="cuda")
+    kept, in_use = provider_really_loads("CUDAExecutionProvider")
+    if not kept:
+        ctx.add(Row.skipped(f"CUDA provider does not load (a probe session ran on {', '.join(in_use) or 'nothing'})",
+                            **fields))
+        return
+    try:
+        path = ctx.models.bundle.path(spec["lmi_graph"]["file"])
+        runner = onnxrt_factory(path, cuda_providers(), threads=ctx.threads, name=ORT_CUDA)().activate()
+    except Exception as error:     # noqa: BLE001
+        ctx.add(Row.skipped(str(error), **fields))
+        return
+    try:
+        feed = {"x": source, "y": sample}
+        timing, out = measure(lambda: runner.infer(feed), warmup=cfg.warmup, repeats=cfg.slow_repeats,
+                              budget_s=cfg.case_budget_s)
+        outputs[ORT_CUDA] = out["lmi"]
+        ctx.add(Row.timed(timing, note=LMI_NOTES[ORT_CPU], **fields))
+    except Exception as error:     # noqa: BLE001
+        ctx.add(Row.failed(error, **fields))
+    finally:
+        runner.deactivate()
+
+
 def _lmi_agreement(ctx: Context, outputs: dict, size: int) -> None:
-    """Agreement with lmi_dense and speed-up against the authors' algorithm, per LMI row."""
-    reference = outputs.get("torch dense (lmi_dense)")
-    authors = next((r for r in ctx.rows if r.case == "lmi" and r.size == f"{size}x{size}"
-                    and r.backend == "authors' algorithm" and r.status == "ok"), None)
-    for row in ctx.rows:
-        if row.case != "lmi" or row.size != f"{size}x{size}" or row.status != "ok":
-            continue
+    """Agreement with lmi_dense; speed-ups against the authors' algorithm and the previous
+    kernel at the same thread count (medians of per-round ratios)."""
+    from .harness import speedup
+    reference = outputs.get(DENSE)
+    rows = [r for r in ctx.rows if r.case == "lmi" and r.size == f"{size}x{size}" and r.status == "ok"]
+    authors = next((r for r in rows if r.backend == AUTHORS), None)
+    for row in rows:
         if reference is not None and row.backend in outputs and not row.reference:
             row.with_agreement(outputs[row.backend], reference, 1.0)
-        if authors is not None and row.median_ms:
-            row.extra["speedup_vs_authors"] = authors.median_ms / row.median_ms
+        threads = row.extra.get("threads")
+        if authors is not None and row is not authors and threads == authors.extra.get("threads"):
+            row.extra["speedup_vs_authors"] = speedup(authors, row)
+        if row.backend.startswith(NATIVE):
+            previous = next((r for r in rows if r.backend.startswith(PREVIOUS) and r.extra.get("threads") == threads), None)
+            if previous is not None:
+                row.extra["speedup_vs_previous"] = speedup(previous, row)
 
 
 # ----------------------------------------------------------------------------- one step
@@ -162,25 +190,18 @@ def _step_feed(ctx: Context, source: np.ndarray) -> dict:
             STEP_X0_LAST: np.clip(x_t, -1.0, 1.0)}      # any x̂₀ of the step before: the cost is the same
 
 
-def _step_build(ctx: Context):
-    checkpoint, entry = ctx.models.diffusion_checkpoint, ctx.models.diffusion
-    return lambda: eager_step(checkpoint, entry, ctx.config.seed)
-
-
 def step_cases(ctx: Context) -> dict[tuple[str, str], float]:
     """One sampler step per backend; returns {(backend, precision): median ms} of the ok rows."""
-    from .cases import _per_call
+    from .cases import interleaved_case
     spec = ctx.models.diffusion
     if spec is None:
         ctx.add(Row.skipped("the bundle has no diffusion model", case="diffusion step", backend="all"))
         return {}
     size = ctx.config.step_size
     feeds = {(size, 1): _step_feed(ctx, ctx.slices(size, 1))}
-    backends = eager_backends(ctx, _step_build(ctx), spec["io"]) + bundle_backends(ctx, "diffusion", spec)
-    reference: dict = {}
+    backends = eager_backends(ctx, "step") + bundle_backends(ctx, "diffusion", spec)
     before = len(ctx.rows)
-    for backend in backends:
-        _per_call(ctx, backend, feeds, reference, STEP_X_PREV, 2.0, case="diffusion step")
+    interleaved_case(ctx, backends, feeds, STEP_X_PREV, 2.0, case="diffusion step")
     ctx.add(Row.skipped("not measured for the step: its LMI is a native C++ call (a graph break); "
                         "torch.compile is measured on the generator", case="diffusion step",
                         backend="torch-compile", device=ctx.device))
@@ -205,7 +226,7 @@ def ddim_cases(ctx: Context, step_ms: dict[tuple[str, str], float]) -> None:
         return
     cfg = ctx.config
     steps_full = min(cfg.ddim_steps, int(spec["schedule"]["timesteps"]))
-    eager = [b for b in eager_backends(ctx, _step_build(ctx), spec["io"]) if b.available]
+    eager = [b for b in eager_backends(ctx, "step") if b.available]
     runtime = [b for b in bundle_backends(ctx, "diffusion", spec) if b.available]
     backends = eager + runtime
     volume = ctx.volume(cfg.slice_spacing)

@@ -7,6 +7,10 @@ e.g. ``torch.cuda.synchronize``), and returns a :class:`Timing` with the median 
 least one timed call always runs), so a slow backend costs a bounded time in ``--quick``;
 the number of calls actually timed is what :class:`Row` records.
 
+Backends compared with each other are timed in interleaved rounds in worker processes
+(:mod:`galip.bench.interleave`); :meth:`Row.from_series` keeps every round, so speed-ups are
+medians of per-round ratios (:func:`speedup`).
+
 A :class:`Row` is one line of ``results.json`` / ``results.md``: what ran (case, backend,
 precision, device, batch, size), how long (median/p90 over ``repeats``), how close to the
 eager PyTorch output (max-abs, PSNR), and its status: ``ok``, ``estimated`` (derived, never
@@ -22,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["Timing", "Row", "measure", "agreement", "first_line"]
+__all__ = ["Timing", "Row", "measure", "agreement", "first_line", "speedup"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ class Row:
     status: str = "ok"
     reason: str = ""
     note: str = ""
+    load: float | None = None        # mean 1-minute load average over the row's timed rounds
     reference: bool = False          # the row speed-ups of its group are measured against
     speedup: float | None = None
     speedup_vs: str = ""
@@ -105,12 +110,23 @@ class Row:
                    warmup=timing.warmup, **fields)
 
     @classmethod
+    def from_series(cls, series, **fields) -> "Row":
+        """A row from interleaved rounds (:class:`galip.bench.interleave.Series`): median and p90
+        over rounds, the rounds' mean load, every round's ms in ``extra["round_ms"]``."""
+        row = cls(median_ms=series.median_ms, p90_ms=series.p90_ms, repeats=len(series.seconds),
+                  warmup=series.warmup, load=series.mean_load, **fields)
+        row.extra["round_ms"] = [round(s * 1e3, 4) for s in series.seconds]
+        row.extra["calls"] = series.calls
+        return row
+
+    @classmethod
     def skipped(cls, reason: str, **fields) -> "Row":
         return cls(status="skipped", reason=reason, **fields)
 
     @classmethod
-    def failed(cls, error: BaseException, **fields) -> "Row":
-        return cls(status="failed", reason=first_line(error), **fields)
+    def failed(cls, error: BaseException | str, **fields) -> "Row":
+        reason = error if isinstance(error, str) else first_line(error)
+        return cls(status="failed", reason=reason, **fields)
 
     @property
     def per_item_ms(self) -> float | None:
@@ -127,6 +143,19 @@ class Row:
         data["per_item_ms"] = self.per_item_ms
         data["throughput_per_s"] = (1e3 / self.per_item_ms) if self.per_item_ms else None
         return {key: _json_number(value) for key, value in data.items()}
+
+
+def speedup(reference: "Row", row: "Row") -> float | None:
+    """How many times faster ``row`` ran than ``reference``: the median over rounds of the
+    per-round ratio when both were timed in the same interleaved rounds, else the ratio of
+    medians (rows measured apart, e.g. torch.compile's child or estimates)."""
+    from .interleave import median_ratio
+    a, b = reference.extra.get("round_ms"), row.extra.get("round_ms")
+    if a and b:
+        return median_ratio(a, b)
+    if reference.median_ms and row.median_ms:
+        return reference.median_ms / row.median_ms
+    return None
 
 
 def agreement(actual, expected, data_range: float | None = None) -> tuple[float, float]:

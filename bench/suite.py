@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 from . import report
 from .cases import BenchConfig, Context, generator_cases, skip_all, volume_cases
 from .diffusion_cases import ddim_cases, lmi_cases, step_cases
-from .machine import load_average, machine_info, usable_cores
+from .machine import load_average, machine_info
 from .workload import build_models, user_models
 
 OUTPUTS = ("results.json", "results.md", "results.png")
@@ -41,7 +41,7 @@ def run_bench(config: BenchConfig, out: Path, log: Callable[[str], None] = print
               command: str | None = None) -> dict[str, Path]:
     """Measure everything ``config`` asks for and write the three result files into ``out``."""
     started = time.perf_counter()
-    config.threads = config.threads or usable_cores()
+    config.threads = config.threads or 1
     machine = machine_info(config.threads)
     with tempfile.TemporaryDirectory(prefix="galip-bench-") as tmp, _threads(config.threads):
         workdir = Path(tmp)
@@ -54,7 +54,8 @@ def run_bench(config: BenchConfig, out: Path, log: Callable[[str], None] = print
             fp16 = config.fp16 if config.fp16 is not None else config.device == "cuda"
             models = build_models(workdir / "models", unet=config.unet, net=config.net,
                                   timesteps=config.timesteps, fp16=fp16, engines=config.device == "cuda",
-                                  seed=config.seed, target=config.target or "T2", log=log)
+                                  seed=config.seed, target=config.target or "T2", log=log,
+                                  int8=config.int8 and config.device == "cpu")
         setup_s = time.perf_counter() - setup_started
         ctx = Context(config, models, workdir, log)
         for name, case in (("generator", generator_cases), ("generator volume", volume_cases),

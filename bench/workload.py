@@ -300,8 +300,24 @@ class Models:
         return self.manifest["preprocess"]
 
 
+def add_speed_only_int8(bundle_dir: Path, per_contrast: int = 4) -> None:
+    """The generator's int8 graph (``galip-export --int8``'s quantisation) added to the bench's
+    random-weight bundle WITHOUT the quality gate: random weights have no quality to keep, so
+    the int8 rows of the bench measure speed only (the manifest entry says so)."""
+    from galip.export.int8 import INT8_FILE, calibration_feeds, quantize_generator
+    from galip.runtime.bundle import load_bundle, write_manifest
+    bundle = load_bundle(bundle_dir)
+    quantize_generator(bundle.path(bundle.manifest["models"]["generator"]["graphs"]["fp32"]["file"]),
+                       bundle_dir / INT8_FILE, calibration_feeds(bundle, per_contrast))
+    manifest = bundle.manifest
+    manifest["models"]["generator"]["graphs"]["int8"] = {"file": INT8_FILE, "note": "galip-bench: speed only"}
+    manifest["files"] = {}
+    write_manifest(bundle_dir, manifest)
+
+
 def build_models(root: Path, *, unet: dict | None, net: dict | None, timesteps: int, fp16: bool,
-                 engines: bool, seed: int = 0, target: str = "T2", log: Callable[[str], None] = print) -> Models:
+                 engines: bool, seed: int = 0, target: str = "T2", log: Callable[[str], None] = print,
+                 int8: bool = False) -> Models:
     """Random-weight checkpoints under ``root`` exported into ``root/bundle`` (module docstring)."""
     import time
     from galip.export.bundle_writer import ExportOptions, export_checkpoint
@@ -322,6 +338,11 @@ def build_models(root: Path, *, unet: dict | None, net: dict | None, timesteps: 
         log(f"exported {name} ({', '.join(result.files)}) in {seconds[f'export_{name}']:.1f} s")
         if result.engines_note:
             notes.append(result.engines_note)
+    if int8:
+        started = time.perf_counter()
+        add_speed_only_int8(root / "bundle")
+        seconds["int8_generator"] = time.perf_counter() - started
+        log(f"quantised the generator to int8 (speed only) in {seconds['int8_generator']:.1f} s")
     models = Models(load_bundle(root / "bundle"), target, gen, diff, seconds)
     models.export_seconds["engines_note"] = "; ".join(dict.fromkeys(notes))
     return models

@@ -51,6 +51,7 @@ class BackendName(str, Enum):
 class PrecisionName(str, Enum):
     fp32 = "fp32"
     fp16 = "fp16"
+    int8 = "int8"
 
 
 class SamplerName(str, Enum):
@@ -139,7 +140,7 @@ def main(
     backend: Annotated[BackendName, typer.Option(help="Inference backend; auto tries tensorrt, onnxruntime-cuda, onnxruntime-cpu.")]
         = BackendName.auto,
     precision: Annotated[Optional[PrecisionName], typer.Option(show_default=False,
-                                                               help="Graph/engine precision [default: fp16 on GPUs, fp32 on CPU].")]
+                                                               help="Graph/engine precision [default: fp16 on GPUs, fp32 on CPU]; int8: the generator graph of galip-export --int8 (CPU).")]
         = None,
     batch: Annotated[int, typer.Option(help="Slices per inference call (model-space memory grows with it; the whole-volume arrays take about 32 bytes per voxel).")] = 8,
     steps: Annotated[Optional[int], typer.Option(show_default=False,

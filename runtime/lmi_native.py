@@ -40,6 +40,8 @@ SOURCES = ("lmi.cuh", "lmi_host.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
          "-fno-trapping-math", "-fno-math-errno")
 
+# galip_lmi_host's algorithm codes, in order ("rows" has its own entry point).
+ALGORITHMS = ("auto", "planes", "rows")
 # Two MI values closer than this are a tie; the first offset in row-major order wins
 # (GALIP_LMI_TIE_TOL in lmi.cuh).
 TIE_TOL = 1e-6
@@ -159,9 +161,9 @@ def _load() -> ctypes.CDLL:
             raise _build_error from error
         f32 = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
         i32 = np.ctypeslib.ndpointer(np.int32, flags="C_CONTIGUOUS")
-        lib.galip_lmi_host.restype = ctypes.c_int
         cint, cfloat = ctypes.c_int, ctypes.c_float
-        lib.galip_lmi_host.argtypes = [f32, f32] + [cint] * 6 + [cfloat, cint, cint, f32, f32, i32]
+        lib.galip_lmi_host_algorithm.restype = ctypes.c_int
+        lib.galip_lmi_host_algorithm.argtypes = [f32, f32] + [cint] * 6 + [cfloat, cint, cint, cint, f32, f32, i32]
         lib.galip_lmi_support_radius_host.restype = ctypes.c_int
         lib.galip_lmi_support_radius_host.argtypes = [ctypes.c_int, ctypes.c_float]
         lib.galip_lmi_needs_double_host.restype = ctypes.c_int
@@ -217,7 +219,7 @@ def _default_threads() -> int:
 
 def lmi_numpy(x: np.ndarray, y: np.ndarray, patch: int = _D.patch, radius: int = _D.radius, bins: int = _D.bins,
               sigma: float = _D.sigma, normalize: bool = _D.normalize, *, num_threads: int | None = None,
-              algorithm: str = "planes") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              algorithm: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Local-wise (normalised) mutual information of x against y with the native kernel.
 
     Args:
@@ -228,9 +230,11 @@ def lmi_numpy(x: np.ndarray, y: np.ndarray, patch: int = _D.patch, radius: int =
             Gaussian width, NMI = 2 MI / (H_X + H_Y); defaults there).
         num_threads: OpenMP threads; default $GALIP_NUM_THREADS or the usable cores (fewer for
             inputs under ~1k pixels per core).
-        algorithm: ``planes`` (the host kernel) or ``rows``: the CUDA kernel's per-pixel path
-            (float, low memory) run on the host, to test what the GPU runs (OpenMP default
-            threads).
+        algorithm: ``auto`` (the host kernel: dense 32-bin windows with joint rows in registers
+            where float accumulation and B <= 32 allow, else ``planes``), ``planes`` (sparse
+            windows into a zeroed joint: the kernel before issue 14, kept as the bench's
+            baseline) or ``rows``: the CUDA kernel's per-pixel path (float, low memory) run on
+            the host, to test what the GPU runs (OpenMP default threads).
 
     Returns:
         lmi_map (N, 1, H, W) float32; y_at (N, 1, H, W) float32, y at the arg-max offset (0
@@ -239,8 +243,8 @@ def lmi_numpy(x: np.ndarray, y: np.ndarray, patch: int = _D.patch, radius: int =
     """
     check_lmi_args(np.shape(x), np.shape(y), patch, radius, bins, sigma)
     lib = _load()
-    if algorithm not in ("planes", "rows"):
-        raise ConfigError(f"LMI native algorithm must be 'planes' or 'rows', got {algorithm!r}")
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"LMI native algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
     x32 = np.ascontiguousarray(x, dtype=np.float32)
     y32 = np.ascontiguousarray(y, dtype=np.float32)
     n, _, h, w = x32.shape
@@ -255,7 +259,7 @@ def lmi_numpy(x: np.ndarray, y: np.ndarray, patch: int = _D.patch, radius: int =
     if algorithm == "rows":
         code = lib.galip_lmi_host_rows(*args, lmi, y_at, index)
     else:
-        code = lib.galip_lmi_host(*args, threads, lmi, y_at, index)
+        code = lib.galip_lmi_host_algorithm(*args, threads, ALGORITHMS.index(algorithm), lmi, y_at, index)
     if code == -1:
         raise BackendError(f"LMI native kernel ran out of memory for input of shape {x32.shape}")
     if code != 0:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .contract.entries import PRECISIONS
 from .errors import BundleError
 from .limits import VOXEL_MM
 from .schedule import SAMPLERS, SCHEDULE_KIND, SPACINGS
@@ -27,7 +28,6 @@ MAX_MANIFEST_BYTES = 4 << 20      # real manifests are a few KB
 MAX_DEPTH = 32                    # real manifests nest 6 deep
 MAX_DOMAINS = 256
 MAX_FILES = 10_000
-PRECISIONS = ("fp32", "fp16")
 KINDS = ("mri", "ct")
 MODELS = ("generator", "diffusion")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -22,6 +22,7 @@ from onnx import TensorProto, helper
 from galip.runtime import device_info
 from galip.runtime.backends.base import Runner, TensorMeta
 from galip.runtime.backends.onnxruntime import OnnxrtRunner, SessionFromOnnx, cuda_providers
+from galip.runtime.backends.onnxruntime import loader
 from galip.runtime.backends.onnxruntime.loader import identity_model_bytes
 from galip.runtime.backends.select import engine_mismatch, select_backend
 from galip.runtime.backends.tensorrt import EngineFromBytes, TrtRunner
@@ -73,7 +74,7 @@ def test_onnxrt_runner_runs_on_cpu_with_io_binding(graph_path, feed, monkeypatch
         assert runner.input_names == ["image", "domain"] and runner.output_names == ["translated"]
         assert runner.input_metadata["image"] == TensorMeta("image", np.dtype(np.float32), ("N", 1, "H", "W"))
         assert runner.providers_in_use == ["CPUExecutionProvider"]
-        assert runner.session.get_session_options().intra_op_num_threads == os.cpu_count()
+        assert runner.session.get_session_options().intra_op_num_threads == loader.default_threads()
         out = runner.infer(feed)
         np.testing.assert_allclose(out["translated"], expected(feed), rtol=1e-6)
         assert runner.last_inference_time > 0
@@ -82,6 +83,29 @@ def test_onnxrt_runner_runs_on_cpu_with_io_binding(graph_path, feed, monkeypatch
     assert not runner.is_active and runner.session is None
     with pytest.raises(BackendError, match="not active"):
         runner.infer(feed)
+
+
+def test_default_threads_go_to_idle_cores_and_spin_only_on_an_idle_machine(graph_path, monkeypatch):
+    monkeypatch.delenv("GALIP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(loader, "_usable_cores", lambda: 2)
+    monkeypatch.setattr(loader, "_busy_cores", lambda: 1.2)       # the second core is busy
+    assert loader.default_threads() == 1
+    monkeypatch.setattr(loader, "_busy_cores", lambda: 3.7)
+    assert loader.default_threads() == 1
+    monkeypatch.setattr(loader, "_busy_cores", lambda: 0.1)
+    assert loader.default_threads() == 2 and loader.default_spinning(2) is None
+    monkeypatch.setenv("GALIP_NUM_THREADS", "3")
+    assert loader.default_threads() == 3
+    monkeypatch.setattr(loader, "_busy_cores", lambda: 1.0)
+    assert loader.default_spinning(2) is False and loader.default_spinning(1) is None
+    with OnnxrtRunner(SessionFromOnnx(graph_path, threads=2)) as runner:
+        options = runner.session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with OnnxrtRunner(SessionFromOnnx(graph_path, threads=2, spinning=True,
+                                      config={"session.set_denormal_as_zero": "1"})) as runner:
+        options = runner.session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+        assert options.get_session_config_entry("session.set_denormal_as_zero") == "1"
 
 
 def test_runner_feed_errors_are_one_line(graph_path, feed):

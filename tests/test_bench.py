@@ -32,7 +32,7 @@ ROW_FIELDS = {"case", "backend", "precision", "device", "batch", "size", "median
 def tiny_config(**overrides) -> BenchConfig:
     base = dict(quick=True, threads=1, repeats=1, slow_repeats=1, warmup=0, case_budget_s=5.0, sizes=(32,),
                 batches=(1, 2), volumes=(8.0,), slice_spacing=8.0, volume_repeats=1, lmi_sizes=(32,),
-                step_size=32, ddim_steps=4, few_steps=2, ddim_all=False, compile_budget_s=0.0,
+                step_size=32, ddim_steps=4, few_steps=2, ddim_all=False, compile_budget_s=0.0, lmi_rounds=2, int8=False,
                 unet=TINY_UNET, net=TINY_NET, timesteps=20)
     return BenchConfig(**{**base, **overrides})
 
@@ -80,8 +80,10 @@ def test_every_case_measures_eager_and_onnxruntime_with_agreement(results):
     assert ok("generator volume 8 mm", "onnxruntime-cpu")[0]["max_abs"] < 1e-2
     lmi_backends = {r["backend"] for r in rows if r["case"] == "lmi" and r["status"] == "ok"}
     assert {"authors' algorithm", "torch dense (lmi_dense)", "native C++ (lmi_numpy)", "onnxruntime-cpu"} <= lmi_backends
-    native = [r for r in rows if r["case"] == "lmi" and r["backend"].startswith("native")][0]
+    native = [r for r in rows if r["case"] == "lmi" and r["backend"] == "native C++ (lmi_numpy)"][0]
     assert native["max_abs"] < 1e-4 and native["extra"]["speedup_vs_authors"] > 0
+    assert native["extra"]["speedup_vs_previous"] > 0 and len(native["extra"]["round_ms"]) == native["repeats"]
+    assert native["load"] is not None
     (step,) = ok("diffusion step", "onnxruntime-cpu (LMI in graph)")
     assert step["max_abs"] < 1e-4
     assert ok("diffusion DDIM-2 slice", "torch-eager")
@@ -116,16 +118,26 @@ def test_measure_warmup_repeats_and_budget():
     assert t.median_ms == pytest.approx(3.0) and t.p90_ms == pytest.approx(7.6)
 
 
-def test_speedups_and_goals_report_misses():
-    rows = [Row(case="generator", backend="torch-eager", batch=1, size="128x128", median_ms=100.0, reference=True),
-            Row(case="generator", backend="onnxruntime-cpu", batch=1, size="128x128", median_ms=80.0),
-            Row(case="lmi", backend="native C++ (lmi_numpy)", batch=1, size="128x128", median_ms=60.0,
-                extra={"speedup_vs_authors": 150.0}),
+def test_speedups_are_medians_of_per_round_ratios_and_goals_report_misses():
+    def row(backend, ms, rounds=None, **kw):
+        r = Row(case=kw.pop("case", "generator"), backend=backend, batch=kw.pop("batch", 1), size="128x128",
+                median_ms=ms, **kw)
+        if rounds:
+            r.extra["round_ms"] = rounds
+        return r
+    rows = [row("torch-eager", 100.0, [100.0, 300.0, 100.0], reference=True),
+            # slowed with eager in round 2 (load): per-round ratios 1.25, 1.25, 1.25 -> 1.25,
+            # where the ratio of medians would say 100/90 = 1.11
+            row("onnxruntime-cpu", 90.0, [80.0, 240.0, 80.0]),
+            row("onnxruntime-cpu", 800.0, batch=8),   # no reference at b8 -> no speed-up
+            row("native C++ (lmi_numpy)", 60.0, case="lmi", extra={"speedup_vs_authors": 150.0,
+                                                                   "speedup_vs_previous": 1.5, "threads": 1}),
             Row.skipped("no CUDA GPU", case="generator", backend="tensorrt", precision="fp16", device="cuda")]
     add_speedups(rows)
-    assert rows[1].speedup == pytest.approx(1.25) and rows[0].speedup == 1.0
+    assert rows[1].speedup == pytest.approx(1.25) and rows[0].speedup == 1.0 and rows[2].speedup is None
     met = {g["goal"].split(" ")[0]: g["met"] for g in goals(rows)}
-    assert met == {"onnxruntime": False, "LMI": False, "GPU:": None}
+    assert met == {"onnxruntime": False, "native": False, "GPU:": None}
+    assert "1.50x the previous kernel" in goals(rows)[1]["measured"]
     assert "no CUDA GPU" in goals(rows)[2]["measured"]
     assert Row.skipped("x", case="c", backend="b").to_json()["status"] == "skipped"
     assert Row(case="c", backend="b", psnr=math.inf).to_json()["psnr"] == "inf"

@@ -15,7 +15,7 @@ from ..preprocess import PreprocessConfig
 from ..schedule import DEFAULT_SPACING, NoiseSchedule
 from .lmi import LmiParams
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")   # int8: galip-export --int8 (generator, CPU)
 #: The manifest's ``sampler`` defaults galip-export writes (DDIM, 50 steps, η = 0).
 #: A diffusion model's sampler when neither the manifest nor the user names one: the
 #: cheapest setting within 0.5 dB of the 1000-step ancestral sampler on the demo model
@@ -34,13 +34,16 @@ class GraphFile:
 
     file: str
     external_data: tuple[str, ...] = ()
+    extra: dict = field(default_factory=dict, compare=False)    # e.g. an int8 graph's quality check
 
     def to_manifest(self) -> dict:
-        return {"file": self.file, **({"external_data": list(self.external_data)} if self.external_data else {})}
+        return {"file": self.file, **({"external_data": list(self.external_data)} if self.external_data else {}),
+                **self.extra}
 
     @classmethod
     def from_manifest(cls, entry: Mapping) -> "GraphFile":
-        return cls(entry["file"], tuple(entry.get("external_data", ())))
+        return cls(entry["file"], tuple(entry.get("external_data", ())),
+                   {k: v for k, v in entry.items() if k not in ("file", "external_data")})
 
 
 _ENGINE_KEYS = ("file", "precision", "tensorrt_version", "compute_capability", "version_compatible",

@@ -175,15 +175,21 @@ GALIP_HD inline double galip_lmi_log(double x) {
 #endif
 }
 
+// x = m 2^e with m in [sqrt(1/2), sqrt(2)) for a positive normal float; returns m, sets e.
+GALIP_HD inline float galip_lmi_log_split(float x, float* e) {
+  unsigned int u = __builtin_bit_cast(unsigned int, x);
+  u += 0x3f800000u - 0x3f3504f3u;
+  *e = (float)((int)(u >> 23) - 0x7f);
+  u = (u & 0x007fffffu) + 0x3f3504f3u;
+  return __builtin_bit_cast(float, u);
+}
+
 GALIP_HD inline float galip_lmi_log(float x) {
 #if defined(__CUDA_ARCH__)
   return logf(x);
 #else
-  unsigned int u = __builtin_bit_cast(unsigned int, x);
-  u += 0x3f800000u - 0x3f3504f3u;
-  const float e = (float)((int)(u >> 23) - 0x7f);
-  u = (u & 0x007fffffu) + 0x3f3504f3u;
-  const float m = __builtin_bit_cast(float, u);
+  float e;
+  const float m = galip_lmi_log_split(x, &e);
   const float s = (m - 1.0f) / (m + 1.0f), z = s * s;
   const float p = 2.0f / 3 + z * (2.0f / 5 + z * (2.0f / 7));
   return e * 0.693147180559945f + 2.0f * s + s * z * p;
@@ -376,6 +382,252 @@ GALIP_HD inline void galip_lmi_pixel(const Src& sx, const Src& sy, const GalipLm
   const int tstar = galip_lmi_argmax(mi, D * D, best);
   *out_lmi = (float)mi[tstar];
   *out_tau = tstar;
+}
+
+// ---------------------------------------------------------------------------- dense-window path
+// The same MI, arranged for SIMD (issue 14): every pixel's soft-bin window is stored as a dense
+// GALIP_LMI_DENSE_BINS-float vector over all bins (zero outside its S bins), so row a of the
+// joint, J(a, .) = sum_j wx_j(a) wy_j(.), is a few broadcast FMAs per pair into registers (no
+// joint in memory: nothing to zero, store or reload), only over the rows and 8-column blocks the
+// windows reach. Entropies use sum p log p = (sum J log J) / T - log T (p = J / T), so each joint
+// entry costs one division-free polynomial log (galip_lmi_log_poly). Where the pair box is the
+// whole p x p patch, H_X and H_Y come from per-pixel maps made once per call (the marginal of the
+// patch around i, and around i + tau); elsewhere (image borders) from the box's own marginals.
+// Used for float accumulation with B <= GALIP_LMI_DENSE_BINS and p^2 <= GALIP_LMI_DENSE_PAIRS.
+#define GALIP_LMI_DENSE_BINS 32
+#define GALIP_LMI_DENSE_PAIRS 64
+
+// Natural log of a positive normal float without a division: x = m 2^e with m in
+// [sqrt(1/2), sqrt(2)), log(1 + f) = f + f^2 q(f), q a degree-6 least-squares fit on that range
+// (abs. error <= 1.6e-7 in float, below the 1e-6 the contract tests allow by far). Device: logf.
+GALIP_HD inline float galip_lmi_log_poly(float x) {
+#if defined(__CUDA_ARCH__)
+  return logf(x);
+#else
+  float e;
+  const float f = galip_lmi_log_split(x, &e) - 1.0f;
+  float q = -1.043454566e-01f;
+  q = q * f + 1.608053880e-01f;
+  q = q * f - 1.710213789e-01f;
+  q = q * f + 1.991819466e-01f;
+  q = q * f - 2.498344557e-01f;
+  q = q * f + 3.333435486e-01f;
+  q = q * f - 5.000008562e-01f;
+  return e * 0.693147180559945f + f + f * f * q;
+#endif
+}
+
+// GALIP_LMI_LANES floats: a GCC vector in the plain host build (one AVX-512 register where the
+// CPU has it, else one AVX register or two SSE ones), an array elsewhere (nvcc, other
+// compilers), behind the same few operations.
+#if !defined(__CUDACC__) && defined(__GNUC__)
+#if defined(__AVX512F__)
+#define GALIP_LMI_LANES 16
+#else
+#define GALIP_LMI_LANES 8
+#endif
+typedef float GalipVec __attribute__((vector_size(4 * GALIP_LMI_LANES)));
+typedef int GalipIVec __attribute__((vector_size(4 * GALIP_LMI_LANES)));
+GALIP_HD inline GalipVec galip_vec(float u) { return u - GalipVec{}; }
+GALIP_HD inline GalipVec galip_vec_load(const float* p) {  // p: aligned to the vector
+  return *(const GalipVec*)__builtin_assume_aligned(p, 4 * GALIP_LMI_LANES);
+}
+GALIP_HD inline float galip_vec_sum(GalipVec v) {
+  float s = 0.0f;
+  for (int l = 0; l < GALIP_LMI_LANES; ++l) s += v[l];
+  return s;
+}
+// x log x per lane (x <= 0 gives 0), galip_lmi_log_poly's arithmetic on every lane.
+GALIP_HD inline GalipVec galip_vec_xlogx(GalipVec x) {
+  const GalipVec tiny = galip_vec(1.17549435e-38f);
+  const GalipVec xc = x > tiny ? x : tiny;
+  GalipIVec u = (GalipIVec)xc + (0x3f800000 - 0x3f3504f3);
+  const GalipVec e = __builtin_convertvector((u >> 23) - 0x7f, GalipVec);
+  u = (u & 0x007fffff) + 0x3f3504f3;
+  const GalipVec f = (GalipVec)u - 1.0f;
+  GalipVec q = f * -1.043454566e-01f + 1.608053880e-01f;
+  q = q * f - 1.710213789e-01f;
+  q = q * f + 1.991819466e-01f;
+  q = q * f - 2.498344557e-01f;
+  q = q * f + 3.333435486e-01f;
+  q = q * f - 5.000008562e-01f;
+  return x * (e * 0.693147180559945f + f + f * f * q);
+}
+#else
+#define GALIP_LMI_LANES 8
+struct GalipVec {
+  float v[GALIP_LMI_LANES];
+  GALIP_HD GalipVec operator*(float u) const {
+    GalipVec r;
+    for (int l = 0; l < GALIP_LMI_LANES; ++l) r.v[l] = v[l] * u;
+    return r;
+  }
+  GALIP_HD GalipVec& operator+=(const GalipVec& o) {
+    for (int l = 0; l < GALIP_LMI_LANES; ++l) v[l] += o.v[l];
+    return *this;
+  }
+};
+GALIP_HD inline GalipVec operator*(float u, const GalipVec& a) { return a * u; }
+GALIP_HD inline GalipVec galip_vec(float u) {
+  GalipVec r;
+  for (int l = 0; l < GALIP_LMI_LANES; ++l) r.v[l] = u;
+  return r;
+}
+GALIP_HD inline GalipVec galip_vec_load(const float* p) {
+  GalipVec r;
+  for (int l = 0; l < GALIP_LMI_LANES; ++l) r.v[l] = p[l];
+  return r;
+}
+GALIP_HD inline float galip_vec_sum(const GalipVec& a) {
+  float s = 0.0f;
+  for (int l = 0; l < GALIP_LMI_LANES; ++l) s += a.v[l];
+  return s;
+}
+GALIP_HD inline GalipVec galip_vec_xlogx(const GalipVec& x) {
+  GalipVec r;
+  for (int l = 0; l < GALIP_LMI_LANES; ++l)
+    r.v[l] = x.v[l] * galip_lmi_log_poly(x.v[l] > 1.17549435e-38f ? x.v[l] : 1.17549435e-38f);
+  return r;
+}
+#endif
+
+// sum v log v over n floats, n a multiple of GALIP_LMI_LANES (v = 0 adds 0).
+GALIP_HD inline float galip_lmi_xlogx(const float* v, int n) {
+  GalipVec s = galip_vec(0.0f);
+  for (int k = 0; k < n; k += GALIP_LMI_LANES) s += galip_vec_xlogx(galip_vec_load(v + k));
+  return galip_vec_sum(s);
+}
+
+// Step 4b on dense windows: sum J log J over rows [a0, a1) and NB lane blocks from cb0 of
+// J(a, .) = sum_j wx_j(a) wy_j(.), built in registers by broadcast FMAs, four rows at a time
+// (independent FMA chains; rows past a1 are zero rows of the 32-float windows: J log J = 0).
+template <int NB>
+GALIP_HD inline float galip_lmi_joint_xlogx(const float* const* wx, const float* const* wy, int n,
+                                            int a0, int a1, int cb0) {
+  const int L = GALIP_LMI_LANES;
+  GalipVec acc = galip_vec(0.0f);
+  for (int a = a0; a < a1; a += 4) {
+    GalipVec row[4][NB];
+    for (int r = 0; r < 4; ++r)
+      for (int c = 0; c < NB; ++c) row[r][c] = galip_vec(0.0f);
+    for (int j = 0; j < n; ++j) {
+      const float* u = wx[j] + a;
+      for (int c = 0; c < NB; ++c) {
+        const GalipVec v = galip_vec_load(wy[j] + (cb0 + c) * L);
+        for (int r = 0; r < 4; ++r) row[r][c] += u[r] * v;
+      }
+    }
+    for (int r = 0; r < 4; ++r)
+      for (int c = 0; c < NB; ++c) acc += galip_vec_xlogx(row[r][c]);
+  }
+  return galip_vec_sum(acc);
+}
+
+// -sum p log p of p = r / T for the marginal r (n floats) of total mass T.
+GALIP_HD inline double galip_lmi_entropy_of_mass(const float* r, int n, double total) {
+  return log(total) - (double)galip_lmi_xlogx(r, n) / total;
+}
+
+// Dense windows of one image: value (H*W) its pixels, win (H*W, 32) floats, first (H*W) first bins, mass (H*W) window
+// sums, hfull (H*W) entropy of the full p x p patch's marginal (NaN where the patch leaves the
+// image).
+struct GalipLmiDense {
+  const float* value;  // the image itself (H*W)
+  const float* win;
+  const int* first;
+  const float* mass;
+  const float* hfull;
+  int W;
+  GALIP_HD const float* at(int h, int w) const { return win + (long)(h * W + w) * GALIP_LMI_DENSE_BINS; }
+  GALIP_HD int idx(int h, int w) const { return h * W + w; }
+};
+
+// Marginal r (32 floats) = sum over the pairs of win_j * weight_j; returns its mass.
+GALIP_HD inline double galip_lmi_dense_marginal(const float* const* win, const float* weight, int n,
+                                                float* r) {
+  for (int b = 0; b < GALIP_LMI_DENSE_BINS; ++b) r[b] = 0.0f;
+  double total = 0.0;
+  for (int j = 0; j < n; ++j) {
+    const float* v = win[j];
+    const float u = weight ? weight[j] : 1.0f;
+    GALIP_SIMD
+    for (int b = 0; b < GALIP_LMI_DENSE_BINS; ++b) r[b] += u * v[b];
+  }
+  for (int b = 0; b < GALIP_LMI_DENSE_BINS; ++b) total += r[b];
+  return total;
+}
+
+// Step 4 on dense windows: MI for every offset, then the tie-aware arg-max (as galip_lmi_pixel).
+GALIP_HD inline void galip_lmi_pixel_dense(const GalipLmiDense& sx, const GalipLmiDense& sy,
+                                           const GalipLmiShape& s, int h, int w, double* mi,
+                                           float* out_lmi, int* out_tau) {
+  const int R = s.radius, D = 2 * R + 1, half = s.patch / 2, S = s.support, P = s.patch;
+  const int h0 = galip_imax(h - half, 0), h1 = galip_imin(h + half, s.H - 1);
+  const int w0 = galip_imax(w - half, 0), w1 = galip_imin(w + half, s.W - 1);
+  const float* wx[GALIP_LMI_DENSE_PAIRS];
+  const float* wy[GALIP_LMI_DENSE_PAIRS];
+  float mx[GALIP_LMI_DENSE_PAIRS], my[GALIP_LMI_DENSE_PAIRS];
+  alignas(64) float rx[GALIP_LMI_DENSE_BINS];
+  alignas(64) float ry[GALIP_LMI_DENSE_BINS];
+  double best = -1e300;
+  for (int t = 0; t < D * D; ++t) {
+    int dy, dx;
+    GalipLmiBox box;
+    if (!galip_lmi_offset(s, h0, h1, w0, w1, t, &dy, &dx, &box, mi, &best)) continue;
+    // 4a: the valid pairs' windows, the rows and 8-column blocks they reach, the total mass.
+    int n = 0, xlo = GALIP_LMI_DENSE_BINS, xhi = 0, ylo = GALIP_LMI_DENSE_BINS, yhi = 0;
+    double total = 0.0;
+    const float x0 = sx.value[sx.idx(box.ha, box.wa)], y0 = sy.value[sy.idx(box.ha + dy, box.wa + dx)];
+    bool x_const = true, y_const = true;
+    for (int jh = box.ha; jh <= box.hb; ++jh) {
+      for (int jw = box.wa; jw <= box.wb; ++jw, ++n) {
+        const int ix = sx.idx(jh, jw), iy = sy.idx(jh + dy, jw + dx);
+        x_const = x_const && sx.value[ix] == x0, y_const = y_const && sy.value[iy] == y0;
+        wx[n] = sx.at(jh, jw), wy[n] = sy.at(jh + dy, jw + dx);
+        mx[n] = sx.mass[ix], my[n] = sy.mass[iy];
+        xlo = galip_imin(xlo, sx.first[ix]), xhi = galip_imax(xhi, sx.first[ix]);
+        ylo = galip_imin(ylo, sy.first[iy]), yhi = galip_imax(yhi, sy.first[iy]);
+        total += (double)mx[n] * my[n];
+      }
+    }
+    // One image constant over the pairs: identical windows, so P = P_X (x) P_Y and MI = 0
+    // exactly (float rounding would only add noise around it).
+    if (x_const || y_const) {
+      mi[t] = 0.0;
+      best = best > 0.0 ? best : 0.0;
+      continue;
+    }
+    // 4b: sum J log J over the rows and 8-column blocks the windows reach.
+    const int L = GALIP_LMI_LANES, cb0 = ylo / L, a1 = xhi + S;
+    double jlogj;
+    switch ((yhi + S + L - 1) / L - cb0) {
+      case 1: jlogj = galip_lmi_joint_xlogx<1>(wx, wy, n, xlo, a1, cb0); break;
+      case 2: jlogj = galip_lmi_joint_xlogx<2>(wx, wy, n, xlo, a1, cb0); break;
+      case 3: jlogj = galip_lmi_joint_xlogx<3>(wx, wy, n, xlo, a1, cb0); break;
+      default: jlogj = galip_lmi_joint_xlogx<4>(wx, wy, n, xlo, a1, cb0); break;
+    }
+    const double hxy = log(total) - jlogj / total;
+    // 4c: marginal entropies: the per-pixel maps for a whole patch, else this box's marginals.
+    double hx, hy;
+    if (n == P * P && sx.hfull[sx.idx(h, w)] == sx.hfull[sx.idx(h, w)] &&
+        sy.hfull[sy.idx(h + dy, w + dx)] == sy.hfull[sy.idx(h + dy, w + dx)]) {
+      hx = sx.hfull[sx.idx(h, w)], hy = sy.hfull[sy.idx(h + dy, w + dx)];
+    } else {
+      hx = galip_lmi_entropy_of_mass(rx, GALIP_LMI_DENSE_BINS, galip_lmi_dense_marginal(wx, my, n, rx));
+      hy = galip_lmi_entropy_of_mass(ry, GALIP_LMI_DENSE_BINS, galip_lmi_dense_marginal(wy, mx, n, ry));
+    }
+    mi[t] = galip_lmi_mi_value(hx, hy, hxy, s.normalize);
+    best = mi[t] > best ? mi[t] : best;
+  }
+  const int tstar = galip_lmi_argmax(mi, D * D, best);
+  *out_lmi = (float)mi[tstar];
+  *out_tau = tstar;
+}
+
+// 1 when the dense-window path handles these settings (float accumulation, B <= 32, p^2 <= 64).
+GALIP_HD inline int galip_lmi_dense_supported(int patch, int bins, float sigma) {
+  return bins <= GALIP_LMI_DENSE_BINS && patch * patch <= GALIP_LMI_DENSE_PAIRS &&
+         !galip_lmi_needs_double(bins, sigma);
 }
 
 // Scratch of galip_lmi_pixel_rows in reals: two windows per pair of a patch, a row, column sums.

@@ -19,6 +19,15 @@
 #define GALIP_LMI_HOST_WINDOW 12
 #endif
 
+// Step 4d's outputs of pixel k (image offset off, position (h, w)): LMI, offset index, Y there.
+static inline void galip_lmi_store(long k, long off, int h, int w, float v, int tau, const float* y,
+                                   const GalipLmiShape& s, float* lmi, float* y_at,
+                                   int* offset_index) {
+  lmi[k] = v;
+  offset_index[k] = tau;
+  y_at[k] = galip_lmi_y_at(y + off, s.H, s.W, s.radius, h, w, tau);
+}
+
 // Validates the run-time parameters; 0 when they are usable.
 static int galip_lmi_check(int N, int H, int W, int patch, int radius, int bins, float sigma) {
   if (N < 0 || H < 1 || W < 1) return 1;
@@ -75,9 +84,7 @@ static int galip_lmi_run(const float* x, const float* y, int N, const GalipLmiSh
       float v;
       int tau;
       galip_lmi_pixel<real, SC, LC>(sx, sy, s, h, w, work, mi, &v, &tau);
-      lmi[k] = v;
-      offset_index[k] = tau;
-      y_at[k] = galip_lmi_y_at(y + off, H, W, s.radius, h, w, tau);
+      galip_lmi_store(k, off, h, w, v, tau, y, s, lmi, y_at, offset_index);
     }
     free(work);
     free(mi);
@@ -85,6 +92,77 @@ static int galip_lmi_run(const float* x, const float* y, int N, const GalipLmiSh
   free(starts);
   free(weights);
   return failed ? -1 : 0;
+}
+
+// Dense-window path (lmi.cuh, galip_lmi_pixel_dense): Steps 1-2 into dense 32-float windows and
+// the per-pixel full-patch marginal entropies, then Step 3-4 per pixel. Float accumulation.
+static int galip_lmi_run_dense(const float* x, const float* y, int N, const GalipLmiShape& s,
+                               double c, int num_threads, float* lmi, float* y_at,
+                               int* offset_index) {
+  const int H = s.H, W = s.W, S = s.support, B = s.bins, D = 2 * s.radius + 1, half = s.patch / 2;
+  const int NB = GALIP_LMI_DENSE_BINS;
+  const long hw = (long)H * W, npix = (long)N * hw;
+  // 64-byte aligned windows (whole cache lines, aligned vector loads); x's first, then y's.
+  float* win = (float*)aligned_alloc(64, sizeof(float) * 2 * npix * NB);
+  int* first = (int*)malloc(sizeof(int) * 2 * npix);
+  float* mass = (float*)malloc(sizeof(float) * 2 * npix);
+  float* hfull = (float*)malloc(sizeof(float) * 2 * npix);
+  if (!win || !first || !mass || !hfull) {
+    free(win);
+    free(first);
+    free(mass);
+    free(hfull);
+    return -1;
+  }
+  GALIP_OMP(parallel num_threads(num_threads))
+  {
+    GALIP_OMP(for schedule(static))
+    for (long k = 0; k < 2 * npix; ++k) {  // Steps 1-2: every pixel's window, once per call
+      const float v = k < npix ? x[k] : y[k - npix];
+      float* row = win + k * NB;
+      float w[GALIP_LMI_DENSE_BINS];
+      for (int b = 0; b < NB; ++b) row[b] = 0.0f;
+      first[k] = galip_lmi_first_bin(v, B, S);
+      galip_lmi_soft_bin(v, B, S, c, first[k], w);
+      float m = 0.0f;
+      for (int b = 0; b < S; ++b) row[first[k] + b] = w[b], m += w[b];
+      mass[k] = m;
+    }
+    GALIP_OMP(for schedule(static))
+    for (long k = 0; k < 2 * npix; ++k) {  // H of each whole patch's marginal (NaN at borders)
+      const long img = k / hw, off = img * hw;
+      const int h = (int)((k - off) / W), w = (int)((k - off) % W);
+      if (h < half || h >= H - half || w < half || w >= W - half) {
+        hfull[k] = NAN;
+        continue;
+      }
+      const float* wins[GALIP_LMI_DENSE_PAIRS];
+      int n = 0;
+      for (int jh = h - half; jh <= h + half; ++jh)
+        for (int jw = w - half; jw <= w + half; ++jw) wins[n++] = win + (off + (long)jh * W + jw) * NB;
+      alignas(64) float r[GALIP_LMI_DENSE_BINS];
+      const double total = galip_lmi_dense_marginal(wins, nullptr, n, r);
+      hfull[k] = (float)galip_lmi_entropy_of_mass(r, NB, total);
+    }
+    double mi[GALIP_LMI_DENSE_PAIRS * 4];  // (2r + 1)^2 <= 225 checked by the caller
+    GALIP_OMP(for schedule(dynamic, 64))
+    for (long k = 0; k < npix; ++k) {
+      const long off = (k / hw) * hw;
+      const int h = (int)((k - off) / W), w = (int)((k - off) % W);
+      GalipLmiDense sx = {x + off, win + off * NB, first + off, mass + off, hfull + off, W};
+      GalipLmiDense sy = {y + off, win + (npix + off) * NB, first + npix + off, mass + npix + off,
+                          hfull + npix + off, W};
+      float v;
+      int tau;
+      galip_lmi_pixel_dense(sx, sy, s, h, w, mi, &v, &tau);
+      galip_lmi_store(k, off, h, w, v, tau, y, s, lmi, y_at, offset_index);
+    }
+  }
+  free(win);
+  free(first);
+  free(mass);
+  free(hfull);
+  return 0;
 }
 
 // The CUDA kernel's per-pixel path (galip_lmi_pixel_rows) run on the host, so the algorithm
@@ -112,9 +190,7 @@ static int galip_lmi_run_rows(const float* x, const float* y, int N, const Galip
       float v;
       int tau;
       galip_lmi_pixel_rows<real>(x + off, y + off, s, c, h, w, scratch, start, mi, &v, &tau);
-      lmi[k] = v;
-      offset_index[k] = tau;
-      y_at[k] = galip_lmi_y_at(y + off, s.H, s.W, s.radius, h, w, tau);
+      galip_lmi_store(k, off, h, w, v, tau, y, s, lmi, y_at, offset_index);
     }
     free(scratch);
     free(start);
@@ -155,13 +231,11 @@ int galip_lmi_needs_double_host(int bins, float sigma) {
   return galip_lmi_needs_double(bins, sigma);
 }
 
-// LMI of x against y. x, y: (N, H, W) float32, C order. Outputs (N, H, W): lmi float32,
-// y_at float32, offset_index int32 (row-major offset index, 0 = (-r, -r)). num_threads <= 0
-// uses the OpenMP default. Returns 0 on success, a positive code for bad parameters, -1 when
-// out of memory.
-int galip_lmi_host(const float* x, const float* y, int N, int H, int W, int patch, int radius,
-                   int bins, float sigma, int normalize, int num_threads, float* lmi,
-                   float* y_at, int* offset_index) {
+// As galip_lmi_host, choosing the per-pixel path: algorithm 0 the dense-window path where it
+// applies (else 1), 1 the planes path (the kernel before issue 14, kept as the bench's baseline).
+int galip_lmi_host_algorithm(const float* x, const float* y, int N, int H, int W, int patch,
+                             int radius, int bins, float sigma, int normalize, int num_threads,
+                             int algorithm, float* lmi, float* y_at, int* offset_index) {
   const int bad = galip_lmi_check(N, H, W, patch, radius, bins, sigma);
   if (bad) return bad;
   if (N == 0) return 0;
@@ -170,6 +244,9 @@ int galip_lmi_host(const float* x, const float* y, int N, int H, int W, int patc
 #ifdef _OPENMP
   if (num_threads <= 0) num_threads = omp_get_max_threads();
 #endif
+  const int D = 2 * radius + 1;
+  if (algorithm == 0 && galip_lmi_dense_supported(patch, bins, sigma) && D * D <= 4 * GALIP_LMI_DENSE_PAIRS)
+    return galip_lmi_run_dense(x, y, N, s, c, num_threads, lmi, y_at, offset_index);
   if (galip_lmi_needs_double(bins, sigma))
     return galip_lmi_run<double, 0, 0>(x, y, N, s, c, num_threads, lmi, y_at, offset_index);
   if (s.support == 11) {  // the defaults (B = 27, sigma = 8/255): rows padded to WIN floats
@@ -178,6 +255,17 @@ int galip_lmi_host(const float* x, const float* y, int N, int H, int W, int patc
                                                            y_at, offset_index);
   }
   return galip_lmi_run<float, 0, 0>(x, y, N, s, c, num_threads, lmi, y_at, offset_index);
+}
+
+// LMI of x against y. x, y: (N, H, W) float32, C order. Outputs (N, H, W): lmi float32,
+// y_at float32, offset_index int32 (row-major offset index, 0 = (-r, -r)). num_threads <= 0
+// uses the OpenMP default. Returns 0 on success, a positive code for bad parameters, -1 when
+// out of memory.
+int galip_lmi_host(const float* x, const float* y, int N, int H, int W, int patch, int radius,
+                   int bins, float sigma, int normalize, int num_threads, float* lmi,
+                   float* y_at, int* offset_index) {
+  return galip_lmi_host_algorithm(x, y, N, H, W, patch, radius, bins, sigma, normalize,
+                                  num_threads, 0, lmi, y_at, offset_index);
 }
 
 }  // extern "C"
