@@ -120,6 +120,14 @@ class Bundle:
     verify: bool = True
     _verified: set = field(default_factory=set, compare=False, repr=False)
 
+    @classmethod
+    def parsed(cls, root: Path, manifest: dict, verify: bool = True) -> "Bundle":
+        """A bundle over an already checked manifest, its model entries parsed into types."""
+        models = manifest["models"]
+        generator = GeneratorEntry.from_manifest(models["generator"]) if "generator" in models else None
+        diffusion = {t: DiffusionEntry.from_manifest(spec) for t, spec in models.get("diffusion", {}).items()}
+        return cls(root, manifest, generator, diffusion, verify)
+
     @property
     def schema_version(self) -> int:
         return self.manifest["schema_version"]
@@ -263,10 +271,7 @@ def load_bundle(root: str | Path, *, verify: bool = True) -> Bundle:
                 f"{where}: {relative!r} is not listed in the manifest's files, so it cannot be "
                 "checksummed; re-export the bundle (write_manifest lists it)"
             )
-    models = manifest["models"]
-    generator = GeneratorEntry.from_manifest(models["generator"]) if "generator" in models else None
-    diffusion = {t: DiffusionEntry.from_manifest(spec) for t, spec in models.get("diffusion", {}).items()}
-    return Bundle(root, manifest, generator, diffusion, verify)
+    return Bundle.parsed(root, manifest, verify)
 
 
 def write_manifest(root: str | Path, manifest: dict) -> Path:
