@@ -301,7 +301,8 @@ def _export_diffusion(payload: dict, root: Path, manifest: dict, options: Export
     stem = f"diffusion_{target}_step"
     custom = [(DOMAIN, OP_TYPE)]
     with _timed(reporter, f"export diffusion step graph {target} (fp32)"):
-        model = dg.export_step(denoiser, opset=options.opset)
+        data_range = dg.data_range_entry(info)          # the graph clips x̂0 to what the manifest records
+        model = dg.export_step(denoiser, opset=options.opset, clip=tuple(data_range))
         graphs = {"fp32": {"file": _write(model, root, f"{stem}.onnx", result)}}
     if options.fp16:
         with _timed(reporter, f"convert diffusion step graph {target} to fp16"):
@@ -314,7 +315,7 @@ def _export_diffusion(payload: dict, root: Path, manifest: dict, options: Export
     entry = {
         "graphs": graphs, "lmi_graph": {"file": lmi_name, "engines": []}, "engines": [],
         "schedule": schedule.noise_schedule.to_manifest(), "lmi": lmi, "sampler": dg.sampler_entry(schedule, *parse_sampler(options.sampler)),
-        "data_range": dg.data_range_entry(info),
+        "data_range": data_range,
         "conditioning": {"xt_map": denoiser.lmi_config.xt_map, "clip_x0": True},
         "io": {"inputs": dict(dg.INPUTS), "outputs": dict(dg.OUTPUTS)}, "lmi_io": dict(dg.LMI_IO),
         "net": denoiser.net.config.to_dict(), "trained_steps": int(info.get("step") or 0),

@@ -12,7 +12,8 @@ Inside, in this order (paper Eq. 13; galip.runtime.schedule):
    training (``galip.train.midiffusion.conditioning.condition``), so the x_t → [0, 1]
    map and the LMI settings cannot drift from what the network was trained with;
 2. ε = net([x_t, cond], timestep);
-3. x̂_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t, clipped to the data range (``clip_x0``);
+3. x̂_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t, clipped to the model's data range (the manifest's
+   ``data_range``, from the checkpoint);
 4. x_prev = coef_xt·x_t + coef_x0·x̂_0 + coef_x0_last·x0_last + sigma·noise
    (:func:`galip.runtime.schedule.combine`), and x0_pred = x̂_0.
 
@@ -84,17 +85,17 @@ class DiffusionStep(nn.Module):
     (x_prev, x0_pred).
     """
 
-    def __init__(self, denoiser: LMIDenoiser, *, clip_x0: bool = True):
+    def __init__(self, denoiser: LMIDenoiser, *, clip: tuple[float, float] | None = DATA_RANGE):
         super().__init__()
         self.denoiser = denoiser.eval()
-        self.clip_x0 = clip_x0
+        self.clip = clip
 
     def forward(self, x_t, source, lmi_source, timestep, alpha_bar_t, coef_xt, coef_x0, coef_x0_last,
                 sigma, noise, x0_last):
         # 1–2. ε_θ([x_t, LMI(source, u(x_t)), LMI(source, source)], t) (paper Eq. 13)
         eps = self.denoiser(x_t, timestep, source, lmi_source)
         # 3. x̂_0 (Ho et al. Eq. 15), clipped (the eager sampler's own function)
-        x0 = predict_x0(eps, x_t, alpha_bar_t.reshape(-1, 1, 1, 1), self.clip_x0)
+        x0 = predict_x0(eps, x_t, alpha_bar_t.reshape(-1, 1, 1, 1), self.clip)
         # 4. the one update of every sampler
         scalars = [v.reshape(-1, 1, 1, 1) for v in (coef_xt, coef_x0, coef_x0_last, sigma)]
         return combine(x_t, x0, x0_last, noise, *scalars), x0
@@ -117,7 +118,8 @@ def _rebuild_lmi_nodes(model: onnx.ModelProto, params: dict) -> int:
     return count
 
 
-def export_step(denoiser: LMIDenoiser, *, opset: int = DEFAULT_OPSET, clip_x0: bool = True,
+def export_step(denoiser: LMIDenoiser, *, opset: int = DEFAULT_OPSET,
+                clip: tuple[float, float] | None = DATA_RANGE,
                 trace_size: int | None = None) -> onnx.ModelProto:
     """The checked fp32 step graph of ``denoiser`` (one ``galip::LMI`` node + its function)."""
     multiple = denoiser.net.config.size_multiple
@@ -129,7 +131,7 @@ def export_step(denoiser: LMIDenoiser, *, opset: int = DEFAULT_OPSET, clip_x0: b
             torch.randn(n, 1, size, size), image() * 2 - 1)
     spatial = {0: "N", 2: "H", 3: "W"}
     dynamic = {name: spatial for name in (*IMAGE_INPUTS, *STATE_INPUTS, *OUTPUTS)}
-    model = torch_to_onnx(DiffusionStep(placeholder_denoiser(denoiser), clip_x0=clip_x0), args,
+    model = torch_to_onnx(DiffusionStep(placeholder_denoiser(denoiser), clip=clip), args,
                           list(INPUTS), list(OUTPUTS), dynamic, opset=opset,
                           custom_opsets={lmi_onnx.DOMAIN: 1})
     params = lmi_settings(denoiser.lmi_config)

@@ -138,7 +138,7 @@ def test_dpm_solver_2m_against_a_hand_computation():
     schedule = NoiseSchedule(1e-3, 0.3, 12)
     table = step_table(schedule, "dpmpp2m", 4)
     model, x_T = LinearEps(0.3, 0.05), 0.4
-    got = samplers.sample(model, torch.zeros(1, 1, 1, 1), table, FixedNoise(x_T), clip_x0=False)
+    got = samplers.sample(model, torch.zeros(1, 1, 1, 1), table, FixedNoise(x_T), clip=None)
     ab = schedule.alpha_bars
     ts = list(table.timestep)
     alpha = lambda t: 1.0 if t < 0 else np.sqrt(ab[t])          # noqa: E731
@@ -170,7 +170,7 @@ def test_dpm_solver_is_exact_for_a_point_mass():
     for steps in (2, 3, 10):
         table = step_table(schedule, "dpmpp2m", steps)
         got = samplers.sample(PointMassEps(x0_star, schedule), torch.zeros(1, 1, 1, 1), table,
-                              FixedNoise(1.3), clip_x0=False)
+                              FixedNoise(1.3), clip=None)
         assert float(got) == pytest.approx(float((x0_star + 1) / 2), abs=1e-5)
 
 

@@ -142,3 +142,16 @@ def test_placeholder_is_removed_after_export(model):
     before = conditioning.lmi_map
     dg.export_step(model[0], opset=18, trace_size=8)
     assert conditioning.lmi_map is before
+
+
+def test_step_graph_clips_x0_to_the_data_range_it_is_given(model):
+    """The clip range is the checkpoint's data range (what the manifest records), not a constant."""
+    denoiser, schedule, _ = model
+    session = ort_session(dg.export_step(denoiser, opset=18, clip=(-0.25, 0.5), trace_size=16))
+    source = phantom_slices(1, 16, 16, seed=2)
+    lmi_ss = torch_lmi(torch.from_numpy(source), torch.from_numpy(source))[0].numpy()
+    row = next(step_table(schedule.noise_schedule, "ddim", 3).rows())      # t = T−1: x̂0 far outside
+    feed = _feed(np.random.default_rng(0).standard_normal(source.shape).astype(np.float32) * 3, source, lmi_ss, row)
+    x0 = session.run(["x0_pred"], feed)[0]
+    assert x0.min() >= -0.25 - 1e-6 and x0.max() <= 0.5 + 1e-6
+    assert np.isclose(x0.min(), -0.25) and np.isclose(x0.max(), 0.5)      # the bounds are reached

@@ -31,17 +31,19 @@ class EpsModel(Protocol):
     def reference_lmi(self, source: torch.Tensor) -> torch.Tensor: ...
 
 
-def predict_x0(eps: torch.Tensor, x_t: torch.Tensor, ab_t: torch.Tensor, clip_x0: bool) -> torch.Tensor:
-    """x̂_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t (Ho et al. Eq. 15), clipped to ``DATA_RANGE`` when
-    ``clip_x0``. The update needs no ε: it is written through x_t and x̂_0, which makes ε
-    recomputed from the clipped x̂_0 (diffusers' ``use_clipped_model_output``) implicit."""
+def predict_x0(eps: torch.Tensor, x_t: torch.Tensor, ab_t: torch.Tensor,
+               clip: tuple[float, float] | None) -> torch.Tensor:
+    """x̂_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t (Ho et al. Eq. 15), clipped to ``clip`` (the model's
+    data range; None: not clipped). The update needs no ε: it is written through x_t and
+    x̂_0, which makes ε recomputed from the clipped x̂_0 (diffusers'
+    ``use_clipped_model_output``) implicit."""
     x0 = (x_t - (1.0 - ab_t).sqrt() * eps) / ab_t.sqrt()
-    return x0.clamp(*DATA_RANGE) if clip_x0 else x0
+    return x0.clamp(*clip) if clip is not None else x0
 
 
 @torch.no_grad()
 def sample(eps_model: EpsModel, source: torch.Tensor, table: StepTable, noise: SliceNoise, *,
-           clip_x0: bool = True, callback: Callable[[int, dict, torch.Tensor], None] | None = None
+           clip: tuple[float, float] | None = DATA_RANGE, callback: Callable[[int, dict, torch.Tensor], None] | None = None
            ) -> torch.Tensor:
     """Translate ``source`` (N, 1, H, W) in [0, 1] → target slices (N, 1, H, W) in [0, 1].
 
@@ -59,7 +61,7 @@ def sample(eps_model: EpsModel, source: torch.Tensor, table: StepTable, noise: S
     for i, row in enumerate(table.rows()):
         scalar = {name: torch.tensor(value, dtype=torch.float32, device=device) for name, value in row.items()}
         eps = eps_model(x, scalar["timestep"].reshape(1), source, lmi_source)
-        x0 = predict_x0(eps, x, scalar["alpha_bar_t"], clip_x0)
+        x0 = predict_x0(eps, x, scalar["alpha_bar_t"], clip)
         z = draw() if row["sigma"] != 0.0 else torch.zeros_like(x)
         x = combine(x, x0, x0_last, z, scalar["coef_xt"], scalar["coef_x0"], scalar["coef_x0_last"],
                     scalar["sigma"])
