@@ -7,7 +7,7 @@
   kernel before issue 14 (``algorithm="planes"``), both also at ``lmi_threads``, and the
   bundle's ONNX function in onnxruntime, each in a worker, timed in interleaved rounds.
   Agreement is against ``lmi_dense``.
-* ``diffusion step``: one call of the step contract (LMI + score network + DDIM update)
+* ``diffusion step``: one call of the step contract (LMI + score network + the sampler update)
   at a mid-schedule row, eager ``DiffusionStep`` against the bundle's step graph.
 * ``diffusion DDIM-K slice``: one middle slice of the 2 mm phantom translated by the
   runtime pipeline with K DDIM steps (LMI(source, source) once, K step calls, restore);

@@ -29,6 +29,7 @@ from galip.runtime.settings import parse_slices
 from .metrics import PSNR_CAP, VolumeScore, evaluate
 from .quality import HELD_OUT_SEED, QualityRequest, check_out, run_quality
 from .quality_report import write_outputs
+from .sampler_table import DEFAULT_SLAB
 from .run_options import parse_run_options
 
 
@@ -214,7 +215,8 @@ def quality(
 
 
 @app.command("samplers", help="The diffusion model's samplers on the same held-out slab: PSNR/SSIM inside the brain, "
-             "seconds per slice, gap to the 1000-step ancestral sampler, and the cheapest setting within 0.5 dB of it. "
+             "seconds per slice, gap to the first setting (the 1000-step ancestral sampler), and the cheapest setting "
+             "within 0.5 dB of it. "
              "Writes samplers.json and samplers.md. Example: galip-eval samplers runtime/bundles/demo --slices 44:48 "
              "--run-option threads=1")
 def samplers(
@@ -223,7 +225,7 @@ def samplers(
     out: Annotated[Path, typer.Option(help="Folder for samplers.json, samplers.md (and data/).")] = Path("samplers"),
     source: Annotated[str, typer.Option(help="Source domain.")] = "T1",
     target: Annotated[str, typer.Option(help="Target domain (the diffusion model's).")] = "T2",
-    slices: Annotated[str, typer.Option(help="Voxel slices A:B along the bundle's slicing axis.")] = "44:48",
+    slices: Annotated[str, typer.Option(help="Voxel slices A:B along the bundle's slicing axis.")] = "{}:{}".format(*DEFAULT_SLAB),
     subjects: Annotated[int, typer.Option(help="Held-out subjects (at least 2).")] = 2,
     seed: Annotated[int, typer.Option(help="galip-data seed of the held-out subjects.")] = HELD_OUT_SEED,
     data: Annotated[Optional[Path], typer.Option(show_default=False, help="Use this galip-data folder.")] = None,

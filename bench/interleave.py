@@ -238,7 +238,7 @@ def interleave(workers: dict[str, Worker], key, feed: dict | None, *, rounds: in
                 series[name].output = out
             series[name].warmup = warmup
             live.append(name)
-        except RuntimeError as error:
+        except (RuntimeError, TimeoutError) as error:
             series[name].error = str(error)
     started = time.perf_counter()
     for r in range(max(1, rounds)):
@@ -249,7 +249,7 @@ def interleave(workers: dict[str, Worker], key, feed: dict | None, *, rounds: in
             try:
                 keep = keep_output and series[name].output is None
                 seconds, calls, out = workers[name].time(key, min_round_s, keep)
-            except RuntimeError as error:
+            except (RuntimeError, TimeoutError) as error:
                 series[name].error = str(error)
                 continue
             if keep:

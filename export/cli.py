@@ -71,14 +71,16 @@ def export(
         if not checkpoint.is_file():
             what = "is a folder" if checkpoint.is_dir() else "does not exist"
             raise ConfigError(f"checkpoint {checkpoint} {what}; pass the checkpoint.pt written by galip-train")
-        from galip.export.bundle_writer import export_checkpoint
+        from galip.export.bundle_writer import checkpoint_kind, export_checkpoint
+        if int8:                                      # refused before anything is written
+            from galip.train.checkpoint import load_checkpoint
+            if checkpoint_kind(load_checkpoint(checkpoint), checkpoint) != "generator":
+                raise ConfigError("--int8 quantises generator checkpoints only; this one is a diffusion model")
         result = export_checkpoint(checkpoint, out, options, _RichReporter(console, is_interactive()))
         if int8:
-            if result.kind != "generator":
-                raise ConfigError("--int8 quantises generator checkpoints only; this one is a diffusion model")
-            from galip.export.int8 import add_int8_generator
+            from galip.export.int8 import INT8_FILE, add_int8_generator
             check = add_int8_generator(out, log=lambda line: console.print(line, markup=False, highlight=False))
-            result.files.append("generator_int8.onnx")
+            result.files.append(INT8_FILE)
             console.print(f"int8 generator shipped: {check}", markup=False, highlight=False)
     if result.engines_note:
         console.print(result.engines_note, markup=False, highlight=False, soft_wrap=True)

@@ -43,8 +43,7 @@ from galip.runtime.contract import STEP_OUTPUTS as OUTPUTS, STEP_SCALAR_INPUTS a
 from galip.runtime.contract import STEP_STATE_INPUTS as STATE_INPUTS
 from galip.export.generator_graph import DEFAULT_OPSET, check_graph, torch_to_onnx
 from galip.train.midiffusion.conditioning import LMIConfig, LMIDenoiser
-from galip.train.midiffusion import schedule as _schedule
-from galip.runtime.schedule import combine, step_table
+from galip.runtime.schedule import DEFAULT_SPACING, combine, step_table
 from galip.train.midiffusion.samplers import predict_x0
 from galip.train.midiffusion.schedule import DATA_RANGE, DDPMSchedule
 
@@ -147,7 +146,7 @@ def export_step(denoiser: LMIDenoiser, *, opset: int = DEFAULT_OPSET,
 
 
 def update_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the step graph's nodes outside the score network (conditioning, LMI, DDIM
+    """Names of the step graph's nodes outside the score network (conditioning, LMI, the
     update): the fp16 graph keeps them fp32 (x̂_0 divides by √ᾱ_t, about 0.006 at t = T)."""
     names = [n.name for n in model.graph.node]
     if not any(name.startswith(NET_SCOPE) for name in names):
@@ -167,10 +166,11 @@ def sampler_entry(schedule: DDPMSchedule, sampler: str = DEFAULT_SAMPLER, steps:
     """The manifest's ``sampler`` defaults: ``sampler`` with ``steps`` (at most T) and ``eta``,
     and the timestep spacing the PyTorch samplers use (so runtime and eager pick the same
     steps). The table is built here once, so a bundle never carries a sampler it refuses."""
-    spacing = _schedule.DEFAULT_SPACING
-    steps = min(steps, schedule.num_timesteps)
-    step_table(schedule.noise_schedule, sampler, None if sampler == "ddpm" else steps, eta, spacing)
-    return SamplerDefaults(sampler, steps, float(eta), spacing).to_manifest()
+    T = schedule.num_timesteps
+    steps = T if sampler == "ddpm" or steps is None else min(steps, T)
+    eta = float(eta) if sampler == "ddim" else 0.0       # ddpm's η = 1 is implied, dpmpp2m has none
+    step_table(schedule.noise_schedule, sampler, None if sampler == "ddpm" else steps, eta, DEFAULT_SPACING)
+    return SamplerDefaults(sampler, steps, eta, DEFAULT_SPACING).to_manifest()
 
 
 def data_range_entry(info: dict) -> list[float]:

@@ -62,6 +62,8 @@ class Int8Check:
         return bool(self.fp32) and all(drop <= self.max_drop_db for drop in self.drops.values())
 
     def __str__(self) -> str:
+        if not self.fp32:
+            return "no MRI to MRI direction among the generator's domains to check int8 on"
         worst = max(self.drops, key=self.drops.get)
         return (f"int8 PSNR {self.int8[worst]:.2f} dB vs fp32 {self.fp32[worst]:.2f} dB on {worst} "
                 f"(drop {self.drops[worst]:.2f} dB, allowed {self.max_drop_db:g} dB)")
@@ -83,10 +85,15 @@ def _subjects(seed: int, count: int, spacing: float):
     return [phantom.make_subject(anatomy, i, seed, spacing, NOISE) for i in range(count)]
 
 
+def _generator_domains(bundle) -> tuple[str, ...]:
+    """The generator's targets (``domains`` is optional in a manifest: then every bundle domain)."""
+    return tuple(bundle.generator.domains or bundle.domains)
+
+
 def _contrasts(bundle) -> dict[str, str]:
     """{domain name: phantom image key} of the generator's MRI domains the phantoms have."""
     from galip.train import phantom
-    names = bundle.manifest["models"]["generator"]["domains"]
+    names = _generator_domains(bundle)
     return {n: bundle.domains[n].suffix for n in names
             if bundle.domains[n].kind == "mri" and bundle.domains[n].suffix in phantom.SEQUENCES}
 
@@ -100,7 +107,7 @@ def calibration_feeds(bundle, per_contrast: int = CALIBRATION_SLICES, seed: int 
     if not contrasts:
         raise ConfigError("--int8 calibrates on MRI phantoms, but the generator has no T1/T2/PD domain")
     (subject,) = _subjects(seed, 1, _spacing(bundle))
-    class_ids = [bundle.domains[n].class_id for n in bundle.manifest["models"]["generator"]["domains"]]
+    class_ids = [bundle.domains[n].class_id for n in _generator_domains(bundle)]
     feeds = []
     for key in contrasts.values():
         plan, raw = plan_volume(subject.images[key], subject.affine, "mri", config)

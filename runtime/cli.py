@@ -144,7 +144,7 @@ def main(
         = None,
     batch: Annotated[int, typer.Option(help="Slices per inference call (model-space memory grows with it; the whole-volume arrays take about 32 bytes per voxel).")] = 8,
     steps: Annotated[Optional[int], typer.Option(show_default=False,
-                                                 help="Diffusion: DDIM steps [default: the bundle's, e.g. 50].")] = None,
+                                                 help="Diffusion: sampler steps of dpmpp2m or ddim [default: the bundle's, e.g. 20].")] = None,
     sampler: Annotated[Optional[SamplerName], typer.Option(show_default=False,
                                                            help="Diffusion: dpmpp2m (DPM-Solver++(2M), --steps), ddim (--steps, --eta) or ddpm (all timesteps, the paper's) [default: the bundle's].")]
         = None,

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from .contract.entries import PRECISIONS
+from .contract.entries import DEFAULT_SAMPLER, PRECISIONS
 from .errors import BundleError
 from .limits import VOXEL_MM
-from .schedule import SAMPLERS, SCHEDULE_KIND, SPACINGS
+from .schedule import DEFAULT_SPACING, SAMPLERS, SCHEDULE_KIND, SPACINGS
 
 SCHEMA_VERSION = 1
 MAX_MANIFEST_BYTES = 4 << 20      # real manifests are a few KB
@@ -235,10 +235,10 @@ def _diffusion(c: _Checker, spec: Any, where: str) -> None:
     timesteps = c.integer(schedule["timesteps"], f"{where}.schedule.timesteps", 1, 100_000)
     if spec.get("sampler") is not None:
         sampler = c.obj(spec["sampler"], f"{where}.sampler")
-        c.string(sampler.get("default", "ddim"), f"{where}.sampler.default", choices=SAMPLERS)
+        c.string(sampler.get("default", DEFAULT_SAMPLER), f"{where}.sampler.default", choices=SAMPLERS)
         c.integer(sampler.get("steps", 1), f"{where}.sampler.steps", 1, timesteps)
         c.number(sampler.get("eta", 0.0), f"{where}.sampler.eta", 0.0, 1.0)
-        c.string(sampler.get("spacing", SPACINGS[0]), f"{where}.sampler.spacing", choices=SPACINGS)
+        c.string(sampler.get("spacing", DEFAULT_SPACING), f"{where}.sampler.spacing", choices=SPACINGS)
     if "data_range" in spec:
         c.pair(spec["data_range"], f"{where}.data_range", -1e6, 1e6)
     if spec.get("lmi") is not None:

@@ -38,7 +38,8 @@ import numpy as np
 from .backends.base import Runner, RunnerFactory
 from .backends.select import Choice, select_backend, select_lmi
 from .bundle import Bundle
-from .contract import GEN_DOMAIN, GEN_IMAGE, GEN_OUTPUT, LMI_OUT, LMI_X, LMI_Y, DiffusionEntry, ModelEntry
+from .contract import (DEFAULT_ETA, DEFAULT_STEPS, GEN_DOMAIN, GEN_IMAGE, GEN_OUTPUT, LMI_OUT, LMI_X, LMI_Y,
+                       DiffusionEntry, ModelEntry)
 from .domains import Domain, get_domain
 from .errors import BackendError, BundleError, ConfigError, GalipError
 from .foreground import head_mask
@@ -144,8 +145,10 @@ def _sampler_table(spec: DiffusionEntry, settings: Settings) -> StepTable:
     """The step table of this run: the settings, else the manifest's ``sampler`` defaults."""
     defaults = spec.sampler
     sampler = settings.sampler or defaults.default
-    eta = settings.eta if settings.eta is not None else defaults.eta
-    steps = settings.steps if settings.steps is not None else defaults.steps
+    # the manifest's steps and eta belong to its sampler: another sampler starts from the contract's
+    own = sampler == defaults.default
+    eta = settings.eta if settings.eta is not None else (defaults.eta if own else DEFAULT_ETA)
+    steps = settings.steps if settings.steps is not None else (defaults.steps if own else DEFAULT_STEPS)
     if defaults.spacing not in SPACINGS:
         raise BundleError(f"diffusion sampler: spacing should be one of {', '.join(SPACINGS)}, found "
                           f"{defaults.spacing!r}")

@@ -43,7 +43,7 @@ def run_sampler(step: Runner, source: np.ndarray, lmi_source: np.ndarray, table:
         on_step(0, len(table))
         for index, row in enumerate(table.feeds()):
             # σ = 0 (DDIM η = 0, DPM-Solver++, the last step) ignores z: draw nothing.
-            row[STEP_NOISE] = noise.draw() if float(row["sigma"].reshape(-1)[0]) != 0.0 else no_noise
+            row[STEP_NOISE] = noise.draw() if table.draws_noise[index] else no_noise
             yield row
             on_step(index + 1, len(table))   # resumed once the step has run
 

@@ -152,6 +152,12 @@ class StepTable:
     def __len__(self) -> int:
         return len(self.timestep)
 
+    @property
+    def draws_noise(self) -> np.ndarray:
+        """(S,) bool: the steps that draw z, σ ≠ 0 as fed (float32); every sampler loop asks here,
+        so the eager and the runtime noise streams cannot drift apart."""
+        return self.sigma.astype(np.float32) != 0.0
+
     def rows(self) -> Iterator[dict[str, float]]:
         """One ``{name: value}`` per step, names as :data:`STEP_SCALARS`."""
         for values in zip(*(getattr(self, name) for name in STEP_SCALARS)):

@@ -29,8 +29,7 @@ FEED_IO = {*contract.GENERATOR_INPUTS, *contract.LMI_GRAPH_INPUTS, *contract.LMI
 # The step table's columns are the step graph's scalar inputs: defined once, in schedule.py's
 # STEP_SCALARS (the contract re-exports them), which may spell them. The eager sampler still
 # reads the table's rows by column name (to move onto STEP_SCALARS when it is next touched).
-PENDING = {"runtime/schedule.py": set(contract.STEP_SCALAR_INPUTS),
-           "train/midiffusion/samplers.py": set(contract.STEP_SCALAR_INPUTS)}
+PENDING = {"runtime/schedule.py": set(contract.STEP_SCALAR_INPUTS)}   # where STEP_SCALARS is defined
 
 
 def sources():

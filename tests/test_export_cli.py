@@ -150,3 +150,13 @@ def test_engines_with_a_fake_tensorrt(checkpoints, tmp_path, monkeypatch):
     assert [p.rsplit("/", 1)[-1] for p in parsed] == ["diffusion_T2_step_fp16.onnx", "lmi.onnx"]
     assert "diffusion_T2_step_fp16.engine" in load_bundle(bundle).manifest["files"]
     assert (tmp_path / "timing.trt10.13.0.sm_89.cache").read_bytes() == b"CACHE"
+
+
+@pytest.mark.parametrize("sampler, entry", [("ddpm", {"default": "ddpm", "steps": 20, "eta": 0.0}),
+                                            ("dpmpp2m:7", {"default": "dpmpp2m", "steps": 7, "eta": 0.0}),
+                                            ("ddim:500:1", {"default": "ddim", "steps": 20, "eta": 1.0})])
+def test_export_records_the_sampler_it_is_given(checkpoints, tmp_path, sampler, entry):
+    result = invoke(checkpoints["diffusion"], "--out", tmp_path / "b", "--no-engines", "--no-fp16", "--sampler", sampler)
+    assert result.exit_code == 0, result.output
+    recorded = load_bundle(tmp_path / "b").manifest["models"]["diffusion"]["T2"]["sampler"]
+    assert recorded == {**entry, "spacing": "trailing"}        # steps capped at the schedule's T = 20

@@ -16,7 +16,6 @@ from ..schedule import DEFAULT_SPACING, NoiseSchedule
 from .lmi import LmiParams
 
 PRECISIONS = ("fp32", "fp16", "int8")   # int8: galip-export --int8 (generator, CPU)
-#: The manifest's ``sampler`` defaults galip-export writes (DDIM, 50 steps, η = 0).
 #: A diffusion model's sampler when neither the manifest nor the user names one: the
 #: cheapest setting within 0.5 dB of the 1000-step ancestral sampler on the demo model
 #: (``galip-eval samplers``; docs/diffusion.md). galip-export writes it unless --sampler.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 
 from galip.runtime.schedule import SliceNoise, StepTable, combine
@@ -43,29 +44,32 @@ def predict_x0(eps: torch.Tensor, x_t: torch.Tensor, ab_t: torch.Tensor,
 
 @torch.no_grad()
 def sample(eps_model: EpsModel, source: torch.Tensor, table: StepTable, noise: SliceNoise, *,
-           clip: tuple[float, float] | None = DATA_RANGE, callback: Callable[[int, dict, torch.Tensor], None] | None = None
-           ) -> torch.Tensor:
+           clip: tuple[float, float] | None = DATA_RANGE,
+           callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Translate ``source`` (N, 1, H, W) in [0, 1] → target slices (N, 1, H, W) in [0, 1].
 
     ``noise`` supplies x_T and every σ > 0 step's z (the runtime's rule: nothing is drawn
-    at σ = 0); ``callback(i, row, x̂_0)`` after each step.
+    at σ = 0); ``callback(i, x̂_0)`` after each step. Every per-step value is taken as the
+    float32 the runtime feeds its graph.
     """
     device = source.device
 
     def draw() -> torch.Tensor:
         return torch.from_numpy(noise.draw()).to(device)
 
+    def value(column: np.ndarray, i: int) -> torch.Tensor:
+        return torch.tensor(float(column[i]), dtype=torch.float32, device=device)
+
     lmi_source = eps_model.reference_lmi(source)
     x = draw()
     x0_last = torch.zeros_like(x)
-    for i, row in enumerate(table.rows()):
-        scalar = {name: torch.tensor(value, dtype=torch.float32, device=device) for name, value in row.items()}
-        eps = eps_model(x, scalar["timestep"].reshape(1), source, lmi_source)
-        x0 = predict_x0(eps, x, scalar["alpha_bar_t"], clip)
-        z = draw() if row["sigma"] != 0.0 else torch.zeros_like(x)
-        x = combine(x, x0, x0_last, z, scalar["coef_xt"], scalar["coef_x0"], scalar["coef_x0_last"],
-                    scalar["sigma"])
+    for i in range(len(table)):
+        eps = eps_model(x, value(table.timestep, i).reshape(1), source, lmi_source)
+        x0 = predict_x0(eps, x, value(table.alpha_bar_t, i), clip)
+        z = draw() if table.draws_noise[i] else torch.zeros_like(x)
+        x = combine(x, x0, x0_last, z, *(value(c, i) for c in (table.coef_xt, table.coef_x0,
+                                                               table.coef_x0_last, table.sigma)))
         x0_last = x0
         if callback is not None:
-            callback(i, row, x0)
+            callback(i, x0)
     return x2img(x)
