@@ -148,7 +148,8 @@ def _sampler_table(spec: DiffusionEntry, settings: Settings) -> StepTable:
     # the manifest's steps and eta belong to its sampler: another sampler starts from the contract's
     own = sampler == defaults.default
     eta = settings.eta if settings.eta is not None else (defaults.eta if own else DEFAULT_ETA)
-    steps = settings.steps if settings.steps is not None else (defaults.steps if own else DEFAULT_STEPS)
+    steps = settings.steps if settings.steps is not None else \
+        (defaults.steps if own else min(DEFAULT_STEPS, spec.schedule.timesteps))
     if defaults.spacing not in SPACINGS:
         raise BundleError(f"diffusion sampler: spacing should be one of {', '.join(SPACINGS)}, found "
                           f"{defaults.spacing!r}")

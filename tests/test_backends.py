@@ -469,7 +469,12 @@ class FakeContext:
 
         def op():
             self.executions += 1
-            view(a["x_prev"], shape)[...] = 0.5 * view(a["x_t"], shape) + view(a["noise"], shape)
+            x_t = view(a["x_t"], shape).copy()
+            if "x0_last" in a:      # the two-carry engine: x_prev also reads x0_last, x0_pred = x_t
+                view(a["x_prev"], shape)[...] = 0.5 * x_t + 0.25 * view(a["x0_last"], shape) + view(a["noise"], shape)
+                view(a["x0_pred"], shape)[...] = x_t
+            else:
+                view(a["x_prev"], shape)[...] = 0.5 * x_t + view(a["noise"], shape)
         if self.cudart.capturing is not None:
             self.cudart.capturing.append(op)
         else:
@@ -477,7 +482,7 @@ class FakeContext:
         return True
 
 
-def fake_tensorrt(cudart, name="tensorrt"):
+def fake_tensorrt(cudart, name="tensorrt", carries=1):
     """``tensorrt`` whose Runtime deserialises b"ENGINE" (a plain plan) and b"VC-ENGINE" (a
     version-compatible plan, only with ``engine_host_code_allowed``, as the real runtime);
     ``name="tensorrt_lean"``: the lean runtime, which refuses every plan but a
@@ -488,8 +493,10 @@ def fake_tensorrt(cudart, name="tensorrt"):
     trt.nptype = lambda dtype: dtype
     trt.Logger = type("Logger", (), {"WARNING": 2, "INFO": 3, "__init__": lambda self, level: None})
     tensors = {"x_t": trt.TensorIOMode.INPUT, "noise": trt.TensorIOMode.INPUT, "x_prev": trt.TensorIOMode.OUTPUT}
+    if carries == 2:        # the diffusion step's carry: x_t <- x_prev and x0_last <- x0_pred
+        tensors = {**tensors, "x0_last": trt.TensorIOMode.INPUT, "x0_pred": trt.TensorIOMode.OUTPUT}
     engine = types.SimpleNamespace(
-        num_io_tensors=3, get_tensor_name=lambda i: list(tensors)[i], get_tensor_mode=tensors.__getitem__,
+        num_io_tensors=len(tensors), get_tensor_name=lambda i: list(tensors)[i], get_tensor_mode=tensors.__getitem__,
         get_tensor_dtype=lambda name: np.float32, get_tensor_shape=lambda name: (-1, 1, -1, -1),
         get_tensor_profile_shape=lambda name, profile: ((1, 1, 1, 1), (2, 1, 16, 16), (4, 1, 32, 32)),
     )
@@ -854,3 +861,28 @@ def test_version_compatible_plan_needs_host_code_on_full_tensorrt(fake_gpu):
     assert EngineFromBytes(b"VC-ENGINE", version_compatible=True)() is not None
     with pytest.raises(BackendError, match="could not deserialize"):
         EngineFromBytes(b"VC-ENGINE")()        # the fake refuses it like TensorRT without host code
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_trt_run_loop_keeps_both_diffusion_carries_on_device(monkeypatch, cuda_graph):
+    """The step graph's two carried pairs (x_prev → x_t, x0_pred → x0_last) ping-pong on the
+    device together, as the host-side reference loop feeds them back."""
+    from galip.runtime.backends.base import DIFFUSION_CARRY
+    cudart = FakeCudart()
+    trt, _ = fake_tensorrt(cudart, carries=2)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(device_info, "import_cudart", lambda: cudart)
+    x, noises, _ = loop_inputs(steps=5)
+    x_t, x0_last = x, np.zeros_like(x)
+    for n in noises:
+        x_t, x0_last = 0.5 * x_t + 0.25 * x0_last + n, x_t
+    with TrtRunner(EngineFromBytes(b"ENGINE"), cuda_graph=cuda_graph) as runner:
+        out = runner.run_loop({"x_t": x, "x0_last": np.zeros_like(x)}, [{"noise": n} for n in noises],
+                              carry=DIFFUSION_CARRY)
+        np.testing.assert_allclose(out["x_prev"], x_t, rtol=1e-5)
+        np.testing.assert_allclose(out["x0_pred"], x0_last, rtol=1e-5)
+        # x_t and x0_last uploaded once, noise once per step, the two outputs downloaded once
+        assert cudart.copies.count("cudaMemcpyHostToDevice") == 2 + 5
+        assert cudart.copies.count("cudaMemcpyDeviceToHost") == 2
+        with pytest.raises(BackendError, match=r"feeds \['x0_last'\], which the loop carries"):
+            runner.run_loop({"x_t": x, "x0_last": x}, [{"noise": noises[0]}, {"x0_last": x}], carry=DIFFUSION_CARRY)

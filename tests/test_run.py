@@ -381,3 +381,15 @@ def test_no_runtime_module_imports_torch_train_or_export():
                 if name.split(".")[0] == "torch" or name.startswith(("galip.train", "galip.export")):
                     offenders.append(f"{path.relative_to(root)}:{node.lineno} imports {name}")
     assert offenders == []
+
+
+def test_another_sampler_does_not_inherit_the_bundles_steps_and_eta(bundle):
+    """The manifest's steps/eta belong to its sampler (here ddim, 4 steps): --sampler dpmpp2m
+    alone runs the contract's default step count (capped at T), with no eta."""
+    from galip.runtime.contract import DEFAULT_STEPS
+    loaded = load_bundle(bundle)
+    spec = loaded.diffusion["T2"]
+    own = prepare(loaded, "T2", Settings(model="diffusion")).table
+    other = prepare(loaded, "T2", Settings(model="diffusion", sampler="dpmpp2m")).table
+    assert (own.sampler, len(own)) == (spec.sampler.default, spec.sampler.steps)
+    assert (other.sampler, len(other), other.eta) == ("dpmpp2m", min(DEFAULT_STEPS, spec.schedule.timesteps), 0.0)
