@@ -151,7 +151,7 @@ def main(
     eta: Annotated[Optional[float], typer.Option(show_default=False,
                                                  help="Diffusion: DDIM eta, 0 deterministic to 1 ancestral [default: the bundle's or 0].")]
         = None,
-    seed: Annotated[int, typer.Option(help="Diffusion: noise seed; slice i draws from the stream (seed, i).")] = 0,
+    seed: Annotated[int, typer.Option(help="Diffusion: noise seed; every slice draws the same stream, so neighbouring slices come out alike.")] = 0,
     source_kind: Annotated[SourceKind, typer.Option(
         help=f"Intensities of the input: MRI (percentile normalisation) or CT (HU window); auto: CT if a voxel is below {CT_GUESS_BELOW:g}.")]
         = SourceKind.auto,

@@ -21,9 +21,9 @@ numpy only around the backends (never torch). The chain, per batch of ``batch`` 
 Whole-volume arrays: the input, the raw canonical slice stack from ``plan_volume``, the
 output slice stack (filled batch by batch) and the output volume; every model-space array
 (padded, resampled, model input and output, diffusion state and noise) is one batch.
-Diffusion noise comes from one numpy Generator per slice, seeded with ``(seed, slice
-index)`` (schedule.SliceNoise, which the eager PyTorch sampler shares), so a slice's
-translation does not depend on ``batch``.
+Diffusion noise is one stream seeded with ``seed`` that every slice of the volume shares
+(schedule.SliceNoise, which the eager PyTorch sampler uses too): neighbouring slices come
+out alike (no through-plane stripes), and a slice's translation does not depend on ``batch``.
 """
 from __future__ import annotations
 
@@ -338,8 +338,8 @@ class Translator:
         table = self.table
         # 1. LMI(source, source): fixed over the whole loop (paper Eq. 13, second channel).
         lmi_source = _output(lmi.infer({LMI_X: source, LMI_Y: source}), LMI_OUT).astype(np.float32, copy=False)
-        # 2. x_T ~ N(0, I) and every step's z from one Generator per slice (seed, slice index).
-        noise = SliceNoise(self.settings.seed, slices, source.shape[1:])
+        # 2. x_T ~ N(0, I) and every step's z, shared by the volume's slices (schedule.SliceNoise).
+        noise = SliceNoise(self.settings.seed, len(slices), source.shape[1:])
         # 3. The loop (kept on device by TensorRT).
         x0 = run_sampler(step, source, lmi_source, table, noise, on_step)
         # 4. The last step lands on ᾱ = 1: x_prev = x̂_0 in the model's data range → [0, 1].

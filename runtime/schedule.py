@@ -29,7 +29,7 @@ Computed in float64; the runtime casts each row to float32 when it feeds the gra
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Literal, Mapping, Sequence
+from typing import Iterator, Literal, Mapping
 
 import numpy as np
 
@@ -243,17 +243,21 @@ def step_table(schedule: NoiseSchedule, sampler: Sampler = "ddim", steps: int | 
 
 
 class SliceNoise:
-    """The sampling noise of a batch of slices: one numpy Generator per slice, seeded with
-    ``(seed, slice index)``, so a slice's sample depends on neither the batch size nor the
-    backend (the runtime and the eager PyTorch sampler both draw from here).
+    """The sampling noise of a batch of ``n`` slices of one volume: every slice draws the
+    same stream, seeded with ``seed`` (x_T and every z are shared). Neighbouring slices,
+    whose sources are alike, then follow alike paths to alike samples; independent noise
+    per slice made each slice a new sample, which showed as stripes in sagittal and
+    coronal views. A slice's sample depends on neither the batch nor the backend (the
+    runtime and the eager PyTorch sampler both draw from here).
 
-    ``slices``: the volume's slice indices of the batch, in order. ``draw()`` returns the next
-    standard normal ``(len(slices), *shape)`` float32: first x_T, then one z per step with σ > 0.
+    ``draw()`` returns the next standard normal ``(n, *shape)`` float32: first x_T, then
+    one z per step that draws noise (:attr:`StepTable.draws_noise`).
     """
 
-    def __init__(self, seed: int, slices: Sequence[int], shape: tuple[int, ...]):
-        self._rngs = [np.random.default_rng([seed, int(i)]) for i in slices]
-        self.shape = tuple(shape)
+    def __init__(self, seed: int, n: int, shape: tuple[int, ...]):
+        self._rng = np.random.default_rng([seed])
+        self.n, self.shape = int(n), tuple(shape)
 
     def draw(self) -> np.ndarray:
-        return np.stack([rng.standard_normal(self.shape, dtype=np.float32) for rng in self._rngs])
+        one = self._rng.standard_normal(self.shape, dtype=np.float32)
+        return np.ascontiguousarray(np.broadcast_to(one, (self.n, *self.shape)))

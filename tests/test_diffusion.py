@@ -204,7 +204,7 @@ def test_samplers_are_deterministic_by_seed():
 
     def run(seed, sampler, eta):
         table = step_table(DDPMSchedule().noise_schedule, sampler, 3, eta)
-        return samplers.sample(model, source, table, SliceNoise(seed, range(2), (1, 8, 8)))
+        return samplers.sample(model, source, table, SliceNoise(seed, 2, (1, 8, 8)))
     for sampler, eta in (("ddim", 0.0), ("ddim", 1.0), ("dpmpp2m", 0.0)):
         assert torch.equal(run(0, sampler, eta), run(0, sampler, eta))
         assert not torch.equal(run(0, sampler, eta), run(1, sampler, eta))
@@ -243,7 +243,7 @@ def test_one_condition_function_serves_training_and_sampling(monkeypatch, tmp_pa
     calls["lmi"].clear()
     model, schedule, _ = load_denoiser(tmp_path / "checkpoint.pt")
     source = torch.rand(2, 1, 16, 16)
-    samplers.sample(model, source, step_table(schedule.noise_schedule, "ddim", 3), SliceNoise(0, range(2), (1, 16, 16)))
+    samplers.sample(model, source, step_table(schedule.noise_schedule, "ddim", 3), SliceNoise(0, 2, (1, 16, 16)))
     assert len(calls["condition"]) == 3 and len(calls["lmi"]) == 1 + 3
     assert all(torch.equal(x, source) for x, _, _ in calls["lmi"])
     assert all(c == lmi_config for _, _, c in calls["lmi"])

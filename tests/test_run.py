@@ -196,7 +196,7 @@ def test_seeded_diffusion_is_deterministic_and_independent_of_batch(tmp_path, bu
     first = translate(seed=7, eta=1.0, batch=2)
     span = first.plan.source_map.hi - first.plan.source_map.lo
     np.testing.assert_array_equal(first.data, translate(seed=7, eta=1.0, batch=2).data)
-    # one noise stream per slice (seed, slice index): the batch size does not matter
+    # one noise stream shared by every slice: the batch size does not matter
     np.testing.assert_allclose(first.data, translate(seed=7, eta=1.0, batch=5).data, rtol=0, atol=1e-6 * span)
     # the seed does (ancestral and deterministic DDIM alike, through x_T)
     assert np.abs(first.data - translate(seed=8, eta=1.0, batch=2).data).max() > 1e-4 * span
