@@ -65,28 +65,22 @@ def voxel_axis(affine: np.ndarray, world_axis: int) -> int:
     return int(np.flatnonzero(ornt[:, 0] == _check_axis(world_axis))[0])
 
 
-def canonical_span(ornt: np.ndarray, world_axis: int, span: tuple[int, int], n: int) -> tuple[int, int]:
-    """Voxel indices ``[a, b)`` of the input along the voxel axis that :func:`to_canonical`
-    sends to ``world_axis`` → the same slices as indices ``[a', b')`` of the canonical
-    volume along ``world_axis`` (reversed where that axis is flipped); ``n`` slices in all."""
-    row = np.flatnonzero(np.asarray(ornt)[:, 0] == _check_axis(world_axis))[0]
-    a, b = span
-    return (n - b, n - a) if ornt[row, 1] < 0 else (a, b)
-
-
 def canonical_slices(affine: np.ndarray, shape: tuple[int, ...], world_axis: int,
                      span: tuple[int, int] | None = None, keep: np.ndarray | None = None) -> np.ndarray:
     """Indices of the canonical slices along ``world_axis`` of a volume of ``shape`` on
     ``affine`` to translate, ascending: all, or the input's voxel slab ``span`` = [a, b), and
-    of those only the ones where the boolean input-grid mask ``keep`` has a voxel."""
+    of those only the ones where the boolean input-grid mask ``keep`` has a voxel.
+    Canonical index c is voxel index c, or n − 1 − c where :func:`to_canonical` flips the axis."""
     ornt = orientations.io_orientation(np.asarray(affine, dtype=np.float64))
-    axis = voxel_axis(affine, world_axis)
-    n = shape[axis]
-    first, last = canonical_span(ornt, world_axis, span, n) if span else (0, n)
+    axis = int(np.flatnonzero(ornt[:, 0] == _check_axis(world_axis))[0])
+    n, flipped = shape[axis], ornt[axis, 1] < 0
+    first, last = span if span else (0, n)
+    if flipped:
+        first, last = n - last, n - first
     indices = np.arange(first, last)
     if keep is not None:
         occupied = np.asarray(keep).any(axis=tuple(a for a in range(3) if a != axis))   # per voxel slice
-        occupied = occupied[::-1] if ornt[axis, 1] < 0 else occupied                   # per canonical slice
+        occupied = occupied[::-1] if flipped else occupied                               # per canonical slice
         indices = indices[occupied[first:last]]
     return indices
 

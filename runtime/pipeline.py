@@ -267,10 +267,11 @@ class Translator:
         if self.settings.slices is None:
             return None
         a, b = self.settings.slices
-        n = np.shape(data)[voxel_axis(affine, self.config.axis)]
+        axis = voxel_axis(affine, self.config.axis)
+        n = np.shape(data)[axis]
         if b > n:
             raise ConfigError(f"--slices {a}:{b} runs past the input's {n} slices along the bundle's "
-                              f"slicing axis (voxel axis {voxel_axis(affine, self.config.axis)}); use B <= {n}")
+                              f"slicing axis (voxel axis {axis}); use B <= {n}")
         return a, b
 
     def preview_centre(self, shape: tuple[int, ...], affine: np.ndarray) -> tuple[int, int, int] | None:
