@@ -76,15 +76,21 @@ class Settings:
         if self.lmi not in LMI_MODES:
             raise ConfigError(f"--lmi must be one of {', '.join(LMI_MODES)}, got {self.lmi!r}")
         if self.slices is not None:
-            a, b = self.slices
-            if not 0 <= a < b:
-                raise ConfigError(f"--slices expects A:B with 0 <= A < B, got {a}:{b}")
+            check_slices(*self.slices)
             if self.planes != 1:
                 raise ConfigError("--slices translates a slab along the bundle's axis; it cannot be combined with --planes 3")
 
 
+def check_slices(start: int, stop: int, text: str | None = None) -> tuple[int, int]:
+    """``(start, stop)``, or ConfigError unless 0 <= start < stop (``text``: what the user typed)."""
+    if not 0 <= start < stop:
+        raise ConfigError(f"--slices expects A:B with 0 <= A < B (voxel slices along the bundle's axis), "
+                          f"got {text if text is not None else f'{start}:{stop}'!r}")
+    return start, stop
+
+
 def parse_slices(text: str | None) -> tuple[int, int] | None:
-    """``"40:56"`` -> (40, 56); ConfigError unless 0 <= A < B."""
+    """``"40:56"`` -> (40, 56); ConfigError unless it is A:B with 0 <= A < B."""
     if text is None:
         return None
     a, sep, b = text.partition(":")
@@ -92,6 +98,4 @@ def parse_slices(text: str | None) -> tuple[int, int] | None:
         start, stop = int(a), int(b)
     except ValueError:
         start = stop = -1
-    if not sep or not 0 <= start < stop:
-        raise ConfigError(f"--slices expects A:B with 0 <= A < B (voxel slices along the bundle's axis), got {text!r}")
-    return start, stop
+    return check_slices(start, stop if sep else -1, text)
