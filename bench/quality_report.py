@@ -103,7 +103,8 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` atomically (temporary file, then rename); OutputError in one line."""
     try:
         with atomic_path(path) as tmp:
             tmp.write_text(text, encoding="utf-8")
@@ -120,6 +121,6 @@ def write_outputs(report: dict, views: dict, out: Path) -> dict[str, Path]:
     best = {name: d["best_baseline"]["psnr"]["name"] for name, d in report["directions"].items()}
     write_montage(paths["montage"], views, best, title=f"{report['bundle']['name']} {report['bundle']['model']}: "
                   f"{report['data']['subjects'][0]}")
-    _write_text(paths["json"], json.dumps(report, indent=2, default=str) + "\n")
-    _write_text(paths["markdown"], markdown(report))
+    write_text(paths["json"], json.dumps(report, indent=2, default=str) + "\n")
+    write_text(paths["markdown"], markdown(report))
     return paths

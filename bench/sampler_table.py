@@ -14,12 +14,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from galip.runtime.atomic import atomic_path
 from galip.runtime.bundle import Bundle
 from galip.runtime.errors import ConfigError
 from galip.runtime.schedule import parse_sampler
 
-from .quality import QualityRequest, direction_name, run_quality
+from .quality import HELD_OUT_SEED, QualityRequest, direction_name, run_quality
+from .quality_report import write_text
 from .run_options import RunOptions
 
 TOLERANCE_DB = 0.5
@@ -63,7 +63,7 @@ class SamplerTableRequest:
     target: str = "T2"
     slices: tuple[int, int] = DEFAULT_SLAB
     subjects: int = 2
-    seed: int = 123
+    seed: int = HELD_OUT_SEED
     spacing: float = 2.0
     data: Path | None = None
     settings: list[SamplerSetting] = field(default_factory=lambda: [SamplerSetting.parse(s) for s in DEFAULT_SETTINGS])
@@ -73,7 +73,7 @@ class SamplerTableRequest:
 
 def run_sampler_table(request: SamplerTableRequest, log=lambda line: None) -> dict:
     """Score every setting; returns the report (also written as samplers.json / samplers.md)."""
-    if request.target not in request.bundle.manifest.get("models", {}).get("diffusion", {}):
+    if request.target not in request.bundle.diffusion:
         raise ConfigError(f"bundle {request.bundle.root} has no diffusion model for {request.target}")
     request.out.mkdir(parents=True, exist_ok=True)
     data, rows, baselines = request.data, [], None
@@ -102,8 +102,8 @@ def run_sampler_table(request: SamplerTableRequest, log=lambda line: None) -> di
               "run_options": request.run_options, "reference": rows[0]["setting"],
               "tolerance_db": TOLERANCE_DB, "rows": rows, "baselines": baselines,
               "cheapest_within_tolerance": default and default["setting"]}
-    _write(request.out / "samplers.json", json.dumps(result, indent=2) + "\n")
-    _write(request.out / "samplers.md", markdown(result))
+    write_text(request.out / "samplers.json", json.dumps(result, indent=2) + "\n")
+    write_text(request.out / "samplers.md", markdown(result))
     return result
 
 
@@ -124,7 +124,3 @@ def markdown(result: dict) -> str:
                   f"({result['reference']}): {chosen or 'none'}."]
     return "\n".join(lines) + "\n"
 
-
-def _write(path: Path, text: str) -> None:
-    with atomic_path(path, overwrite=True) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
