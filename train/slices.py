@@ -73,14 +73,24 @@ def volume_slices(path: str | Path, domain: Domain, config: dict,
     included, at the rate a volume has them (so a model learns that empty stays empty).
     """
     volume = load_volume(path)
+    stack = prepared_slices(volume.data, volume.affine_mm, domain.kind, config, axes)
+    return np.ascontiguousarray(stack[kept_slices(stack, config)], dtype=np.float32)
+
+
+def prepared_slices(data: np.ndarray, affine_mm: np.ndarray, kind: str, config: dict,
+                    axes: Sequence[int] | None = None) -> np.ndarray:
+    """Every slice of one volume along each of ``axes`` (default: the config's axis), as
+    the runtime prepares it and centre-fitted to ``config["size"]``: (n, size, size)."""
     stacks = []
     for axis in axes if axes is not None else [config["axis"]]:
-        plan, raw = plan_volume(volume.data, volume.affine_mm, domain.kind,
-                                PreprocessConfig.from_dict({**config, "axis": axis}))
-        stack = centre_fit(plan.prepare(raw), config["size"])
-        foreground = (stack > 0.05).mean(axis=(1, 2))
-        stacks.append(stack[foreground >= config["min_foreground"]])
-    return np.ascontiguousarray(np.concatenate(stacks), dtype=np.float32)
+        plan, raw = plan_volume(data, affine_mm, kind, PreprocessConfig.from_dict({**config, "axis": axis}))
+        stacks.append(centre_fit(plan.prepare(raw), config["size"]))
+    return np.concatenate(stacks)
+
+
+def kept_slices(stack: np.ndarray, config: dict) -> np.ndarray:
+    """Boolean row filter: slices whose foreground share (> 0.05) reaches ``min_foreground``."""
+    return (stack > 0.05).mean(axis=(1, 2)) >= config["min_foreground"]
 
 
 def load_training_slices(data_dir: str | Path, domains: Sequence[Domain], size: int, *,

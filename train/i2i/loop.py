@@ -87,8 +87,15 @@ def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict,
             if value is not None:
                 setattr(config, key, value)
     trainer = I2ITrainer(config, domain_list)          # backbone errors before the slow data load
-    slices = load_training_slices(data_dir, domain_list, config.size,
-                                  min_foreground=config.min_foreground, axes=config.axes)
+    if config.weights.prior > 0 or config.prior_late:
+        from .prior import load_slices_with_pseudo_targets
+        slices, signs = load_slices_with_pseudo_targets(data_dir, domain_list, config.size,
+                                                        min_foreground=config.min_foreground, axes=config.axes)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "prior.json").write_text(json.dumps(signs, indent=1) + "\n")
+    else:
+        slices = load_training_slices(data_dir, domain_list, config.size,
+                                      min_foreground=config.min_foreground, axes=config.axes)
     sampler = SliceSampler(slices, config.batch, config.seed, config.crop, config.crop_on_foreground)
     probes = probe_batch(slices)
     if payload is not None:

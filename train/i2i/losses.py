@@ -21,6 +21,7 @@ class LossWeights:
     clip: float = 1.0
     cls: float = 1.0
     identity: float = 1.0
+    prior: float = 0.0          # L1 to a training-free pseudo-target (train/i2i/prior.py); not in the paper
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,6 +42,15 @@ def l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x - y).abs().mean()
 
 
+def l1_where_known(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """:func:`l1` over the finite entries of ``target`` (NaN marks "no pseudo-target");
+    0 when there is none."""
+    known = torch.isfinite(target)
+    if not bool(known.any()):
+        return x.new_zeros(())
+    return (x[known] - target[known]).abs().mean()
+
+
 def negative_cosine(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """−E[⟨u, v⟩ / (‖u‖‖v‖)] over the batch; u, v: (N, E). One term of Eq. 10 / Eq. 11."""
     return -F.cosine_similarity(u, v, dim=-1).mean()
@@ -58,6 +68,6 @@ def cls_loss(cls_real: torch.Tensor, cls_fake: torch.Tensor) -> torch.Tensor:
 
 
 def total_generator_loss(terms: dict[str, torch.Tensor], weights: LossWeights) -> torch.Tensor:
-    """Eq. 1: Σ λ_k · L_k over the keys of ``terms`` (cycle, adv, clip, cls, identity)."""
+    """Eq. 1: Σ λ_k · L_k over the keys of ``terms`` (cycle, adv, clip, cls, identity, prior)."""
     w = weights.to_dict()
     return sum(w[name] * value for name, value in terms.items())

@@ -23,6 +23,7 @@ def probe_batch(slices_by_domain: dict[str, np.ndarray], n: int = 4) -> dict[str
     """The ``n`` slices with the most foreground per domain, ``(n, 1, S, S)``: fixed probes."""
     probes = {}
     for name, stack in slices_by_domain.items():
+        stack = stack[:, 0] if stack.ndim == 4 else stack     # channel 0: the slice (then pseudo-targets)
         foreground = (stack > 0.05).mean(axis=(1, 2))
         rows = np.sort(np.argsort(foreground)[-n:])
         probes[name] = torch.from_numpy(np.ascontiguousarray(stack[rows][:, None]))

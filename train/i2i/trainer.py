@@ -24,7 +24,7 @@ from galip.train.ema import EMA
 
 from .backbone import TinyViTConfig, make_backbone
 from .heads import ConvDiscriminator, ViTDiscriminator
-from .losses import (LossWeights, clip_loss, cls_loss, l1, lsgan_discriminator,
+from .losses import (LossWeights, clip_loss, cls_loss, l1, l1_where_known, lsgan_discriminator,
                      lsgan_generator, total_generator_loss)
 from .model import ConditionedGenerator
 from .unet import UNetConfig
@@ -58,6 +58,10 @@ class TrainConfig:
     # one later leaves it room to invert a contrast where the target needs it
     identity_late: float | None = None
     identity_late_from: int = 0
+    # prior weight from step prior_late_from on (None: weights.prior throughout): the
+    # pseudo-targets show the way early; later the adversarial terms may refine past them
+    prior_late: float | None = None
+    prior_late_from: int = 0
     crop: int = 0                    # random crop x crop windows of the slices (0: whole slices)
     crop_on_foreground: bool = False  # centre each window on a foreground pixel where the slice has one
     min_foreground: float = 0.05     # drop slices with less foreground (0: every slice, empty ones too)
@@ -153,19 +157,28 @@ class I2ITrainer:
 
     def weights_at(self, step: int) -> LossWeights:
         """The loss weights of step ``step`` (0-based): the identity weight drops to
-        ``identity_late`` from ``identity_late_from`` on."""
-        w = self.config.weights
-        if self.config.identity_late is None or step < self.config.identity_late_from:
-            return w
-        return dataclasses.replace(w, identity=self.config.identity_late)
+        ``identity_late`` from ``identity_late_from`` on, the prior's to ``prior_late``
+        from ``prior_late_from``."""
+        c, w = self.config, self.config.weights
+        if c.identity_late is not None and step >= c.identity_late_from:
+            w = dataclasses.replace(w, identity=c.identity_late)
+        if c.prior_late is not None and step >= c.prior_late_from:
+            w = dataclasses.replace(w, prior=c.prior_late)
+        return w
 
     def train_step(self, x_a: torch.Tensor, x_b: torch.Tensor, a: int, b: int) -> dict[str, float]:
         """One G and one D update on unpaired batches x_a (domain a) and x_b (domain b).
 
-        x_a, x_b: (N, 1, H, W) float32 in [0, 1]. Returns the loss values as floats. A
-        non-finite G or D loss raises ConfigError before that network's optimiser step.
+        x_a, x_b: (N, 1, H, W) float32 in [0, 1], or (N, 1 + domains, H, W) with channel
+        1 + d the pseudo-target for domain d (NaN where there is none; train/i2i/prior.py).
+        Returns the loss values as floats. A non-finite G or D loss raises ConfigError
+        before that network's optimiser step.
         """
         G, D, w = self.generator, self.discriminator, self.weights_at(self.step)
+        pseudo_b = pseudo_a = None
+        if x_a.shape[1] > 1:
+            pseudo_b, pseudo_a = x_a[:, 1 + b:2 + b], x_b[:, 1 + a:2 + a]
+            x_a, x_b = x_a[:, :1], x_b[:, :1]
         n = x_a.shape[0]
         t_a, t_b = torch.full((n,), a, dtype=torch.long), torch.full((n,), b, dtype=torch.long)
         e_a = e_b = None
@@ -189,6 +202,8 @@ class I2ITrainer:
             "cycle": l1(rec_a, x_a) + l1(rec_b, x_b),
             "identity": l1(idt_a, x_a) + l1(idt_b, x_b),
         }
+        if pseudo_b is not None and w.prior > 0:
+            terms["prior"] = l1_where_known(fake_b, pseudo_b) + l1_where_known(fake_a, pseudo_a)
         if fake_feats is not None:
             emb_fa, emb_fb = fake_feats.embedding.chunk(2)
             cls_fa, cls_fb = fake_feats.cls.chunk(2)

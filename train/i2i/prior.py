@@ -1,0 +1,155 @@
+"""Training-free pseudo-targets that show the generator which way a contrast goes.
+
+A cycle GAN with a clip-free discriminator does not find a contrast inversion on these
+phantoms by itself: T1 <-> T2 settles on a re-weighted copy of the source
+(docs/training.md). Histogram matching finds one at no cost when told the sign, and the
+sign can be read off unpaired data. So each training slice carries, for every target
+domain, a pseudo-target, and the generator is pulled towards it by an L1 term (the
+``prior`` weight of Eq. 1) beside the adversarial, cycle and identity terms:
+
+* the source volume is histogram-matched (scikit-image) to ANOTHER training subject's
+  volume of the target domain (one of the target's own, unpaired, subjects), inside the
+  brain and, separately, inside the rest of the head; air stays 0;
+* with or without negating the source first: the sign whose joint histogram of
+  (intensity, local mean within ``LOCAL_SIGMA`` voxels) lies closer to the reference's,
+  by majority over the subjects, per domain pair and region; a pair whose brain vote
+  is not unanimous (``DECISIVE``) gets no pseudo-target at all. Both signs reproduce the
+  reference's intensity histogram exactly; only where the bright tissue sits (thin
+  sulci and ventricles in a T2, broad white matter in a T1) tells them apart.
+
+No paired image is used anywhere: the truth of a subject's other contrasts never enters.
+The brain and head masks are those ``galip-data`` writes beside each subject; a data set
+without them is matched inside the source's foreground as one region.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from galip.runtime.domains import Domain
+from galip.runtime.volume import load_volume
+
+from ..slices import (kept_slices, prepared_slices, preprocess_config, read_index, split_unpaired,
+                      subject_file)
+
+LOCAL_SIGMA = 2.0   # voxels: the scale at which "bright tissue is thin or broad" shows
+BINS = 32
+FOREGROUND = 0.05   # share of a region's 99.5th percentile: the fallback foreground
+DECISIVE = 1.0      # share of subjects that must agree on a sign for the pair to get a prior (all)
+
+
+def joint_histogram(volume: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Normalised 2-D histogram of (intensity, Gaussian local mean) inside ``region``,
+    both scaled by the region's 99.5th percentile."""
+    scaled = volume / max(float(np.percentile(volume[region], 99.5)), 1e-12)
+    local = ndimage.gaussian_filter(scaled, LOCAL_SIGMA)
+    hist, _, _ = np.histogram2d(scaled[region], local[region], bins=BINS, range=[[0, 1.2], [0, 1.2]])
+    return hist / max(hist.sum(), 1.0)
+
+
+def matched(source: np.ndarray, reference: np.ndarray, region: np.ndarray,
+            reference_region: np.ndarray, negate: bool) -> np.ndarray:
+    """``±source`` inside ``region`` histogram-matched to ``reference`` inside
+    ``reference_region``; 0 elsewhere."""
+    from skimage.exposure import match_histograms
+    out = np.zeros(source.shape, np.float32)
+    if region.any() and reference_region.any():
+        values = -source[region] if negate else source[region]
+        out[region] = match_histograms(values, reference[reference_region])
+    return out
+
+
+def prefers_negation(source: np.ndarray, reference: np.ndarray, region: np.ndarray,
+                     reference_region: np.ndarray) -> bool:
+    """Whether the negated match's joint histogram is closer (L1) to the reference's."""
+    if not (region.any() and reference_region.any()):
+        return False
+    target = joint_histogram(reference, reference_region)
+    distance = {negate: np.abs(joint_histogram(matched(source, reference, region, reference_region, negate),
+                                               region) - target).sum() for negate in (False, True)}
+    return distance[True] < distance[False]
+
+
+class _Subject:
+    """One subject's volume of one domain with its regions (brain, rest of the head)."""
+
+    def __init__(self, data_dir: Path, entry: dict, domain: Domain):
+        volume = load_volume(subject_file(data_dir, entry, domain))
+        self.data, self.affine = volume.data, volume.affine_mm
+        files = entry.get("files", {})
+        if "mask" in files and "head" in files:
+            brain = load_volume(data_dir / files["mask"], require_signal=False).data > 0
+            head = load_volume(data_dir / files["head"], require_signal=False).data > 0
+            self.regions = {"brain": brain, "head": head & ~brain}
+        else:
+            self.regions = {"head": self.data > FOREGROUND * np.percentile(self.data, 99.5)}
+
+    def pseudo_target(self, reference: "_Subject", shares: dict[str, float]) -> np.ndarray:
+        out = np.zeros(self.data.shape, np.float32)
+        for name, region in self.regions.items():
+            out += matched(self.data, reference.data, region, reference.regions.get(name, region),
+                           shares[name] > 0.5)
+        return out
+
+
+def choose_signs(sources: Sequence[_Subject], references: Sequence[_Subject]) -> dict[str, float]:
+    """Per region, the share of subjects for which :func:`prefers_negation` holds."""
+    votes: dict[str, list[bool]] = {}
+    for k, source in enumerate(sources):
+        reference = references[k % len(references)]
+        for name, region in source.regions.items():
+            votes.setdefault(name, []).append(
+                prefers_negation(source.data, reference.data, region, reference.regions.get(name, region)))
+    return {name: float(np.mean(v)) for name, v in votes.items()}
+
+
+def decided(shares: dict[str, float]) -> bool:
+    """A pair gets a pseudo-target only if its brain (else its one region) vote is clear:
+    on PD pairs neither sign matches well and the votes split, so the GAN alone decides."""
+    share = shares.get("brain", shares.get("head", 0.5))
+    return abs(share - 0.5) >= DECISIVE - 0.5
+
+
+def load_slices_with_pseudo_targets(data_dir: str | Path, domains: Sequence[Domain], size: int, *,
+                                    min_foreground: float = 0.05, axes: Sequence[int] | None = None
+                                    ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, bool]]]:
+    """Training slices with their pseudo-targets, and the signs chosen.
+
+    Returns ``{domain: (n, 1 + len(domains), size, size)}`` float32 in [0, 1] (channel 0
+    the slice itself as :func:`~galip.train.slices.load_training_slices` gives it,
+    channel 1 + b the pseudo-target for domain ``b``, prepared as the runtime prepares a
+    volume of ``b``; the domain's own channel is the slice again) and
+    ``{"A->B": {region: share of subjects voting for negation}}``; a pair whose vote is
+    not :func:`decided` has a NaN channel (no pseudo-target). Unpaired as the plain loader: each domain keeps its
+    own subjects, and references come from the target's.
+    """
+    data_dir = Path(data_dir)
+    index = read_index(data_dir)
+    config = preprocess_config(size, min_foreground=min_foreground)
+    assignment = split_unpaired(index["subjects"], domains)
+    subjects = {d.name: [_Subject(data_dir, entry, d) for entry in assignment[d.name]] for d in domains}
+    signs = {f"{a.name}->{b.name}": choose_signs(subjects[a.name], subjects[b.name])
+             for a in domains for b in domains if a is not b}
+    out = {}
+    for a in domains:
+        stacks = []
+        for k, source in enumerate(subjects[a.name]):
+            channels = [prepared_slices(source.data, source.affine, a.kind, config, axes)]
+            for b in domains:
+                shares = signs.get(f"{a.name}->{b.name}")
+                if b is a:
+                    channels.append(channels[0])
+                elif not decided(shares):
+                    channels.append(np.full_like(channels[0], np.nan))
+                else:
+                    references = subjects[b.name]
+                    pseudo = source.pseudo_target(references[k % len(references)], shares)
+                    channels.append(prepared_slices(pseudo, source.affine, b.kind, config, axes))
+            stack = np.stack(channels, axis=1)
+            stacks.append(stack[kept_slices(channels[0], config)])
+        out[a.name] = np.ascontiguousarray(np.concatenate(stacks), dtype=np.float32)
+    return out, signs
