@@ -23,7 +23,6 @@ without them is matched inside the source's foreground as one region.
 """
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
