@@ -38,26 +38,24 @@ from galip.runtime.bundle import write_manifest
 
 DEMO_DATA = dict(subjects=12, seed=1, spacing=2.0, noise=0.02)
 DEMO_DOMAINS = "T1,T2,PD"
-DEMO_STEPS = 2500
-DEMO_WIDTH = 16
-DEMO_PRIOR, DEMO_PRIOR_LATE, DEMO_PRIOR_LATE_FROM = 5.0, 1.0, 0.6   # pseudo-target weight, then from 60 % of the steps
+DEMO_STEPS = 3200
+DEMO_IDENTITY_LATE_FROM = 1200   # identity weight 5 -> 2 here (docs/training.md)
 DEMO_DIFFUSION = dict(target="T2", steps=4213, crop=80, batch=6, lr=2e-4, ema_decay=0.999)
 DEMO_DIFFUSION_WIDTH = 32
 DEMO_SAMPLER = "dpmpp2m:5"      # cheapest within 0.5 dB of DDPM-1000 in galip-eval samplers (docs/diffusion.md)
 
 
-def demo_config(steps: int = DEMO_STEPS, width: int = DEMO_WIDTH):
+def demo_config(steps: int = DEMO_STEPS):
     """The demo generator's TrainConfig (see the module docstring for each choice)."""
     from galip.train.i2i.losses import LossWeights
     from galip.train.i2i.trainer import TrainConfig
     from galip.train.i2i.unet import UNetConfig
 
     return TrainConfig(steps=steps, size=128, batch=4, backbone="none", seed=0,
-                       unet=UNetConfig(base_channels=width, groups=min(width, 32)),
-                       weights=LossWeights(identity=2.0, prior=DEMO_PRIOR), crop=64,
-                       crop_on_foreground=True, min_foreground=0.0, axes=(2,), lr_d=4e-4,
-                       histogram_head=True, prior_late=DEMO_PRIOR_LATE,
-                       prior_late_from=int(DEMO_PRIOR_LATE_FROM * steps))
+                       unet=UNetConfig(base_channels=16, groups=16),
+                       weights=LossWeights(identity=5.0), crop=64, crop_on_foreground=True,
+                       min_foreground=0.0, axes=(2,), lr_d=4e-4, histogram_head=True,
+                       identity_late=2.0, identity_late_from=DEMO_IDENTITY_LATE_FROM)
 
 
 def make_demo_bundle(work: Path, bundle: Path, steps: int = DEMO_STEPS, export: bool = True) -> Path:
