@@ -115,7 +115,7 @@ def decided(shares: dict[str, float]) -> bool:
 
 def load_slices_with_pseudo_targets(data_dir: str | Path, domains: Sequence[Domain], size: int, *,
                                     min_foreground: float = 0.05, axes: Sequence[int] | None = None
-                                    ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, bool]]]:
+                                    ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
     """Training slices with their pseudo-targets, and the signs chosen.
 
     Returns ``{domain: (n, 1 + len(domains), size, size)}`` float32 in [0, 1] (channel 0
@@ -123,8 +123,8 @@ def load_slices_with_pseudo_targets(data_dir: str | Path, domains: Sequence[Doma
     channel 1 + b the pseudo-target for domain ``b``, prepared as the runtime prepares a
     volume of ``b``; the domain's own channel is the slice again) and
     ``{"A->B": {region: share of subjects voting for negation}}``; a pair whose vote is
-    not :func:`decided` has a NaN channel (no pseudo-target). Unpaired as the plain loader: each domain keeps its
-    own subjects, and references come from the target's.
+    not :func:`decided` has a NaN channel (no pseudo-target). Unpaired as the plain
+    loader: each domain keeps its own subjects, and references come from the target's.
     """
     data_dir = Path(data_dir)
     index = read_index(data_dir)
