@@ -126,19 +126,6 @@ def test_wrong_checkpoint_kind_is_a_one_line_error(payload):
         generator_from_payload({**payload, "format": "galip-midiffusion"})
 
 
-def test_residual_generator_graph_matches_eager():
-    from helpers_export import TINY_UNET
-    payload = generator_payload(seed=3, unet={**TINY_UNET, "residual": True})
-    _, unet, context, _ = generator_from_payload(payload)
-    image = phantom_slices(2, 32, 32, seed=1)
-    domain = np.array([0, 2], np.int64)
-    with torch.no_grad():
-        expected = unet(torch.from_numpy(image), context[torch.from_numpy(domain)], torch.from_numpy(domain)).numpy()
-    result = parity.compare(_run(ort_session(export_generator(payload, opset=18)), image, domain), expected,
-                            max_abs=1e-4, name="translated")
-    assert result, result
-
-
 # ----------------------------------------------------------------------------- fp16 graph
 def test_fp16_graph_keeps_float32_io_and_fp32_islands(graph_fp16):
     assert io_types(graph_fp16) == {"image": TensorProto.FLOAT, "domain": TensorProto.INT64,

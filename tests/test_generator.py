@@ -58,18 +58,6 @@ def test_output_conv_is_zero_initialised_and_no_activation():
     assert torch.allclose(y, torch.full_like(y, -3.0))
 
 
-def test_residual_generator_starts_as_the_identity_and_survives_its_config():
-    config = UNetConfig(**TINY_UNET, residual=True)
-    unet = I2IGalipUNet(config)
-    x = torch.rand(2, 1, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(unet(x, torch.randn(2, 3, 16), torch.tensor([0, 1])), x)
-        unet.out[-1].bias.fill_(0.5)
-        torch.testing.assert_close(unet(x, torch.randn(2, 3, 16), torch.tensor([0, 1])), x + 0.5)
-    assert UNetConfig.from_dict(config.to_dict()).residual
-    assert not UNetConfig.from_dict({k: v for k, v in config.to_dict().items() if k != "residual"}).residual
-
-
 def test_conditioning_changes_the_output():
     torch.manual_seed(1)
     unet = I2IGalipUNet(UNetConfig(**TINY_UNET)).eval()

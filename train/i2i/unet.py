@@ -38,7 +38,6 @@ class UNetConfig:
     n_classes: int = 3          # rows of the class embedding: max(Domain.class_id) + 1
     groups: int = 32            # GroupNorm groups
     dropout: float = 0.0
-    residual: bool = False      # output = input + U-Net: identity at step 0 (not in the paper; docs/training.md)
 
     @property
     def emb_dim(self) -> int:
@@ -214,8 +213,7 @@ class I2IGalipUNet(nn.Module):
     """Generator G(x, context, class) of I2I-Galip (paper Eq. 6–7, 9, 12).
 
     forward(image (N, 1, H, W), context (N, L, context_dim), class_id (N,) int64)
-    → (N, 1, H, W), no output activation (plus the image itself when ``config.residual``).
-    H, W multiples of ``config.size_multiple``.
+    → (N, 1, H, W), no output activation. H, W multiples of ``config.size_multiple``.
     """
 
     def __init__(self, config: UNetConfig | None = None):
@@ -270,7 +268,7 @@ class I2IGalipUNet(nn.Module):
         h = self.middle_block(h, emb, context)
         for stage in self.output_blocks:
             h = stage(torch.cat([h, skips.pop()], dim=1), emb, context)
-        return image + self.out(h) if self.config.residual else self.out(h)
+        return self.out(h)
 
 
 def count_parameters(module: nn.Module) -> int:
