@@ -67,7 +67,7 @@ def test_prior_term_ignores_missing_pseudo_targets():
     assert float(l1_where_known(x, torch.full((3,), float("nan")))) == 0.0
 
 
-def test_train_step_pulls_towards_the_pseudo_targets_and_the_weight_drops_late():
+def test_train_step_adds_the_prior_term_only_with_pseudo_targets_and_its_weight_drops_late():
     from galip.train.i2i.trainer import I2ITrainer
     config = tiny_config("none")
     config.weights.prior, config.prior_late, config.prior_late_from = 5.0, 1.0, 2
