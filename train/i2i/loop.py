@@ -87,12 +87,11 @@ def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict,
             if value is not None:
                 setattr(config, key, value)
     trainer = I2ITrainer(config, domain_list)          # backbone errors before the slow data load
+    signs = None
     if config.weights.prior > 0 or config.prior_late:
         from .prior import load_slices_with_pseudo_targets
         slices, signs = load_slices_with_pseudo_targets(data_dir, domain_list, config.size,
                                                         min_foreground=config.min_foreground, axes=config.axes)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "prior.json").write_text(json.dumps(signs, indent=1) + "\n")
     else:
         slices = load_training_slices(data_dir, domain_list, config.size,
                                       min_foreground=config.min_foreground, axes=config.axes)
@@ -103,6 +102,8 @@ def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict,
         sampler.load_state_dict(payload["sampler"])
         restore_rng(payload["rng"])
     out.mkdir(parents=True, exist_ok=True)
+    if signs is not None:
+        (out / "prior.json").write_text(json.dumps(signs, indent=1) + "\n")
 
     def save() -> None:
         save_checkpoint(checkpoint, {**trainer.state_dict(), "rng": capture_rng(),

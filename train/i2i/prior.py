@@ -63,13 +63,16 @@ def matched(source: np.ndarray, reference: np.ndarray, region: np.ndarray,
 
 
 def prefers_negation(source: np.ndarray, reference: np.ndarray, region: np.ndarray,
-                     reference_region: np.ndarray) -> bool:
-    """Whether the negated match's joint histogram is closer (L1) to the reference's."""
+                     reference_region: np.ndarray,
+                     matches: dict[bool, np.ndarray] | None = None) -> bool:
+    """Whether the negated match's joint histogram is closer (L1) to the reference's.
+    ``matches``: the two :func:`matched` volumes {negate: volume} when the caller has them."""
     if not (region.any() and reference_region.any()):
         return False
+    if matches is None:
+        matches = {negate: matched(source, reference, region, reference_region, negate) for negate in (False, True)}
     target = joint_histogram(reference, reference_region)
-    distance = {negate: np.abs(joint_histogram(matched(source, reference, region, reference_region, negate),
-                                               region) - target).sum() for negate in (False, True)}
+    distance = {negate: np.abs(joint_histogram(volume, region) - target).sum() for negate, volume in matches.items()}
     return distance[True] < distance[False]
 
 
@@ -87,22 +90,35 @@ class _Subject:
         else:
             self.regions = {"head": self.data > FOREGROUND * np.percentile(self.data, 99.5)}
 
-    def pseudo_target(self, reference: "_Subject", shares: dict[str, float]) -> np.ndarray:
-        out = np.zeros(self.data.shape, np.float32)
-        for name, region in self.regions.items():
-            out += matched(self.data, reference.data, region, reference.regions.get(name, region),
-                           shares[name] > 0.5)
-        return out
+
+class _Matches:
+    """Both candidate matches (plain and negated) of one source subject to one reference,
+    per region: computed once, then voted on and summed into the pseudo-target."""
+
+    def __init__(self, source: _Subject, reference: _Subject):
+        self.source, self.reference = source, reference
+        self.volumes = {name: {negate: matched(source.data, reference.data, region,
+                                               reference.regions.get(name, region), negate)
+                               for negate in (False, True)}
+                        for name, region in source.regions.items()}
+
+    def votes(self) -> dict[str, bool]:
+        """Per region, :func:`prefers_negation` on the matches held."""
+        return {name: prefers_negation(self.source.data, self.reference.data, region,
+                                       self.reference.regions.get(name, region), self.volumes[name])
+                for name, region in self.source.regions.items()}
+
+    def pseudo_target(self, shares: dict[str, float]) -> np.ndarray:
+        """Each region's match with the sign most subjects voted for; 0 outside the regions."""
+        return sum(self.volumes[name][shares[name] > 0.5] for name in self.volumes)
 
 
-def choose_signs(sources: Sequence[_Subject], references: Sequence[_Subject]) -> dict[str, float]:
+def choose_signs(matches: Sequence[_Matches]) -> dict[str, float]:
     """Per region, the share of subjects for which :func:`prefers_negation` holds."""
     votes: dict[str, list[bool]] = {}
-    for k, source in enumerate(sources):
-        reference = references[k % len(references)]
-        for name, region in source.regions.items():
-            votes.setdefault(name, []).append(
-                prefers_negation(source.data, reference.data, region, reference.regions.get(name, region)))
+    for pair in matches:
+        for name, vote in pair.votes().items():
+            votes.setdefault(name, []).append(vote)
     return {name: float(np.mean(v)) for name, v in votes.items()}
 
 
@@ -131,24 +147,21 @@ def load_slices_with_pseudo_targets(data_dir: str | Path, domains: Sequence[Doma
     config = preprocess_config(size, min_foreground=min_foreground)
     assignment = split_unpaired(index["subjects"], domains)
     subjects = {d.name: [_Subject(data_dir, entry, d) for entry in assignment[d.name]] for d in domains}
-    signs = {f"{a.name}->{b.name}": choose_signs(subjects[a.name], subjects[b.name])
-             for a in domains for b in domains if a is not b}
-    out = {}
+    out, signs = {}, {}
     for a in domains:
-        stacks = []
-        for k, source in enumerate(subjects[a.name]):
-            channels = [prepared_slices(source.data, source.affine, a.kind, config, axes)]
-            for b in domains:
-                shares = signs.get(f"{a.name}->{b.name}")
-                if b is a:
-                    channels.append(channels[0])
-                elif not decided(shares):
-                    channels.append(np.full_like(channels[0], np.nan))
-                else:
-                    references = subjects[b.name]
-                    pseudo = source.pseudo_target(references[k % len(references)], shares)
-                    channels.append(prepared_slices(pseudo, source.affine, b.kind, config, axes))
-            stack = np.stack(channels, axis=1)
-            stacks.append(stack[kept_slices(channels[0], config)])
+        sources = subjects[a.name]
+        channels = [[prepared_slices(s.data, s.affine, a.kind, config, axes)] for s in sources]
+        for b in domains:
+            if b is a:
+                for c in channels:
+                    c.append(c[0])
+                continue
+            references = subjects[b.name]
+            matches = [_Matches(s, references[k % len(references)]) for k, s in enumerate(sources)]
+            shares = signs[f"{a.name}->{b.name}"] = choose_signs(matches)
+            for c, pair in zip(channels, matches):
+                c.append(prepared_slices(pair.pseudo_target(shares), pair.source.affine, b.kind, config, axes)
+                         if decided(shares) else np.full_like(c[0], np.nan))
+        stacks = [np.stack(c, axis=1)[kept_slices(c[0], config)] for c in channels]
         out[a.name] = np.ascontiguousarray(np.concatenate(stacks), dtype=np.float32)
     return out, signs
