@@ -40,6 +40,9 @@ def generator(
     crop: Annotated[Optional[int], typer.Option(min=0, help="Train on random CROP x CROP windows (a multiple of 32, at most --size; 0 = whole slices) \\[default: 0].")] = None,
     min_foreground: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Skip slices with less foreground than this (0 keeps empty slices, at their natural rate) \\[default: 0.05].")] = None,
     histogram_head: Annotated[Optional[bool], typer.Option("--histogram-head/--no-histogram-head", help="Clip-free: add an intensity-histogram discriminator head per domain \\[default: off].")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(
+        help="Start from this generator checkpoint's networks (same domains and shapes) with fresh "
+             "optimisers and lr schedule: fine-tunes a trained generator.", dir_okay=False)] = None,
     save_every: Annotated[int, typer.Option(min=1, help="Write the checkpoint every K steps.")] = 1000,
     resume: Annotated[bool, typer.Option("--resume", help="Continue OUT/checkpoint.pt on the same schedule.")] = False,
 ) -> None:
@@ -51,7 +54,7 @@ def generator(
                  "backbone": None if backbone is None else backbone.value, "crop": crop,
                  "min_foreground": min_foreground, "histogram_head": histogram_head}
         result = train_generator(out, data, domains, given, save_every=save_every, resume=resume,
-                                 progress=is_interactive())
+                                 progress=is_interactive(), init_from=init_from)
     losses = " ".join(f"{k} {v:.4g}" for k, v in result["losses"].items())
     if result["interrupted"]:
         console.print(f"interrupted at step {result['step']}; checkpoint saved to {result['checkpoint']} "

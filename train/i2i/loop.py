@@ -4,7 +4,8 @@ Checkpoint payload (``OUT/checkpoint.pt``, loadable with ``weights_only=True``):
 keys of :meth:`I2ITrainer.state_dict` (format, version, mode, step, total_steps,
 train_config, unet_config, domains, context, text_embeddings, generator, generator_ema,
 discriminator, opt_g, opt_d, sched_g, sched_d) plus rng (torch/numpy/python states),
-sampler (SliceSampler state), preprocess (slice preprocessing config) and data_dir.
+sampler (SliceSampler state), preprocess (slice preprocessing config), data_dir and
+init_from (checkpoint path and step a fine-tuning run started from, else None).
 """
 from __future__ import annotations
 
@@ -18,10 +19,14 @@ from galip.runtime.errors import ConfigError
 from galip.train.run_folder import check_run_folder
 
 
-def check_arguments(data_dir: Path, domains: str | None, given: dict, out: Path, resume: bool) -> Path:
+def check_arguments(data_dir: Path, domains: str | None, given: dict, out: Path, resume: bool,
+                    init_from: Path | None = None) -> Path:
     """Cheap checks before torch loads (one-line ConfigError for each mistake); returns
     ``out/checkpoint.pt``."""
     checkpoint = check_run_folder(data_dir, out, resume)
+    if init_from is not None and resume:
+        raise ConfigError("--init-from starts a new run from another checkpoint's weights; "
+                          "drop it with --resume (the run's own checkpoint already holds them)")
     if domains is not None:
         parsed = parse_domains(domains)
         if len(parsed) < 2:
@@ -54,19 +59,22 @@ def _resumed_settings(payload: dict, domains: str | None, given: dict) -> tuple[
 
 def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict, *, save_every: int = 1000,
                     resume: bool = False, progress: bool = True, trainer_config=None,
-                    check_every: int = 50) -> dict:
+                    check_every: int = 50, init_from: Path | None = None) -> dict:
     """Train (or continue) an I2I-Galip generator; returns step, losses, checkpoint, interrupted.
 
     Every ``check_every`` steps the EMA generator is probed for the failure modes of
     :mod:`.monitor` (identity lost, target-blind); the numbers join the progress line
     and one JSON line per check is appended to ``out/train_log.jsonl``.
 
+    ``init_from``: a generator checkpoint whose networks the new run starts from
+    (:meth:`I2ITrainer.start_from`); its path and step are kept in the run's checkpoint.
+
     ``given`` holds steps/size/batch/backbone/seed as passed (None = the TrainConfig
     default, or the checkpoint's value on resume). ``trainer_config`` (a TrainConfig) overrides the
     network shapes for tests; the CLI leaves it None.
     """
     out, data_dir = Path(out), Path(data_dir)
-    checkpoint = check_arguments(data_dir, domains, given, out, resume)   # before torch loads
+    checkpoint = check_arguments(data_dir, domains, given, out, resume, init_from)   # before torch loads
     from galip.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
     from galip.train.interrupt import deferred_interrupt
     from galip.train.progress import TrainingProgress
@@ -87,6 +95,11 @@ def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict,
             if value is not None:
                 setattr(config, key, value)
     trainer = I2ITrainer(config, domain_list)          # backbone errors before the slow data load
+    started_from = payload.get("init_from") if payload is not None else None
+    if init_from is not None:
+        source = load_checkpoint(init_from)
+        trainer.start_from(source, init_from)
+        started_from = {"checkpoint": str(init_from), "step": int(source["step"])}
     signs = None
     if config.weights.prior > 0 or config.prior_late:
         from .prior import load_slices_with_pseudo_targets
@@ -110,7 +123,7 @@ def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict,
                                      "sampler": sampler.state_dict(),
                                      "preprocess": preprocess_config(
                                          config.size, min_foreground=config.min_foreground),
-                                     "data_dir": str(data_dir)})
+                                     "data_dir": str(data_dir), "init_from": started_from})
 
     losses: dict[str, float] = {}
     total = trainer.config.steps

@@ -259,6 +259,30 @@ class I2ITrainer:
             "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
         }
 
+    def start_from(self, payload: dict, source: str | Path = "checkpoint") -> None:
+        """Take the networks (generator, its EMA, discriminator) of another generator
+        checkpoint; the optimisers, the lr schedule and the step start afresh (fine-tuning,
+        e.g. a trained generator under other loss weights). One-line ConfigError unless its
+        networks have the shapes and domains of this trainer's."""
+        check_format(payload, source)
+        mine = self._network_facts()
+        theirs = {"backbone": payload["mode"], "domains": [d["name"] for d in payload["domains"]],
+                  "unet": payload["unet_config"],
+                  **{key: payload["train_config"].get(key) for key in ("conv_channels", "histogram_head")}}
+        differ = [key for key in mine if mine[key] != theirs[key]]
+        if differ:
+            raise ConfigError(f"--init-from {source} has another {', '.join(differ)} than this run "
+                              f"({'; '.join(f'{k}: {theirs[k]} there, {mine[k]} here' for k in differ)})")
+        self.generator.load_state_dict(payload["generator"])
+        self.ema.load_state_dict(payload["generator_ema"])
+        self.discriminator.load_state_dict(payload["discriminator"])
+
+    def _network_facts(self) -> dict:
+        """What decides the networks' shapes, as a checkpoint records it."""
+        return {"backbone": self.mode, "domains": [d.name for d in self.domains],
+                "unet": self.config.unet.to_dict(), "conv_channels": self.config.conv_channels,
+                "histogram_head": self.config.histogram_head}
+
     def load_state_dict(self, payload: dict) -> None:
         """Restore weights, EMA, optimisers, schedules and the step from a payload."""
         check_format(payload)
