@@ -241,6 +241,7 @@ def _export_generator(payload: dict, root: Path, manifest: dict, options: Export
                       reporter: Reporter):
     from galip.export import fp16 as fp16_mod
     from galip.export.generator_graph import INPUTS, OUTPUTS, export_generator
+    from galip.train.i2i.loop import trained_steps
     from galip.train.i2i.unet import UNetConfig
 
     unet_config = UNetConfig.from_dict(payload["unet_config"])
@@ -262,7 +263,7 @@ def _export_generator(payload: dict, root: Path, manifest: dict, options: Export
         # what the generator saw as input: the runtime refuses other source kinds
         "source_kinds": sorted({d["kind"] for d in domains}),
         "io": {"inputs": dict(INPUTS), "outputs": dict(OUTPUTS)},
-        "unet": unet_config.to_dict(), "trained_steps": int(payload.get("step", 0)),
+        "unet": unet_config.to_dict(), "trained_steps": trained_steps(payload),   # a fine-tuning's start too
         "trained_size": (payload.get("preprocess") or {}).get("size"),
     }
     manifest.setdefault("models", {})["generator"] = entry

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
 import typer
 from typer.testing import CliRunner
 
+from galip.export.bundle_writer import ExportOptions, export_checkpoint
 from galip.runtime.domains import parse_domains
 from galip.runtime.errors import ConfigError
 from galip.train.checkpoint import load_checkpoint
@@ -50,9 +52,12 @@ def test_a_fine_tuning_run_records_where_it_started(data_dir, source, tmp_path):
     fresh = loop.train_generator(tmp_path / "fresh", data_dir, "T1,T2,PD", {**NONE, "steps": 1},
                                  progress=False, trainer_config=tiny_config("none"))
     a, b = load_checkpoint(tuned["checkpoint"]), load_checkpoint(fresh["checkpoint"])
-    assert a["step"] == 1 and a["init_from"] == {"checkpoint": str(source), "step": 2}
+    assert a["step"] == 1 and a["init_from"] == {"checkpoint": str(source), "trained_steps": 2}
+    assert loop.trained_steps(a) == 3 and loop.trained_steps(b) == 1
     assert b["init_from"] is None
     assert any(not torch.allclose(a["generator"][k], b["generator"][k]) for k in a["generator"])
+    bundle = export_checkpoint(tuned["checkpoint"], tmp_path / "bundle", ExportOptions(fp16=False, engines=False))
+    assert json.loads(bundle.manifest.read_text())["models"]["generator"]["trained_steps"] == 3
     resumed = loop.train_generator(tmp_path / "tuned", data_dir, None, {"steps": 1}, resume=True, progress=False)
     assert load_checkpoint(resumed["checkpoint"])["init_from"] == a["init_from"]    # kept on resume
 

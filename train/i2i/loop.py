@@ -5,7 +5,7 @@ keys of :meth:`I2ITrainer.state_dict` (format, version, mode, step, total_steps,
 train_config, unet_config, domains, context, text_embeddings, generator, generator_ema,
 discriminator, opt_g, opt_d, sched_g, sched_d) plus rng (torch/numpy/python states),
 sampler (SliceSampler state), preprocess (slice preprocessing config), data_dir and
-init_from (checkpoint path and step a fine-tuning run started from, else None).
+init_from (checkpoint path and trained steps a fine-tuning run started from, else None).
 """
 from __future__ import annotations
 
@@ -42,6 +42,12 @@ def check_arguments(data_dir: Path, domains: str | None, given: dict, out: Path,
     return checkpoint
 
 
+def trained_steps(payload: dict) -> int:
+    """Optimiser steps behind a checkpoint's weights: its own, plus those of the checkpoint
+    it was fine-tuned from."""
+    return int(payload.get("step", 0)) + int((payload.get("init_from") or {}).get("trained_steps", 0))
+
+
 def _resumed_settings(payload: dict, domains: str | None, given: dict) -> tuple[list[Domain], dict]:
     """Domains and settings of the checkpoint (its format already checked); an explicit
     option that differs is an error."""
@@ -67,7 +73,8 @@ def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict,
     and one JSON line per check is appended to ``out/train_log.jsonl``.
 
     ``init_from``: a generator checkpoint whose networks the new run starts from
-    (:meth:`I2ITrainer.start_from`); its path and step are kept in the run's checkpoint.
+    (:meth:`I2ITrainer.start_from`); its path and :func:`trained_steps` are kept in the
+    run's checkpoint.
 
     ``given`` holds steps/size/batch/backbone/seed as passed (None = the TrainConfig
     default, or the checkpoint's value on resume). ``trainer_config`` (a TrainConfig) overrides the
@@ -99,7 +106,7 @@ def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict,
     if init_from is not None:
         source = load_checkpoint(init_from)
         trainer.start_from(source, init_from)
-        started_from = {"checkpoint": str(init_from), "step": int(source["step"])}
+        started_from = {"checkpoint": str(init_from), "trained_steps": trained_steps(source)}
     signs = None
     if config.weights.prior > 0 or config.prior_late:
         from .prior import load_slices_with_pseudo_targets
