@@ -3,8 +3,8 @@
 A clip-free I2I-Galip generator (base width 16 instead of the paper's 32: 3.8M instead
 of 13.2M parameters, 2.2x fewer seconds per step on one CPU core, so about twice the
 steps fit in the same hours) trained on 2 mm ``galip-data`` head phantoms (seed 1;
-evaluation uses other seeds), exported to ONNX; the manifest's in-plane spacing is set
-to 2 mm, the grid it was trained on.
+evaluation uses other seeds), exported to ONNX from checkpoint copies that record the
+2 mm grid it was trained on (``at_training_spacing``).
 
 What the recipe changes against the paper's, and why (docs/training.md has the numbers):
 - every axial slice at the volume's natural rate, empty ones above the head included
@@ -37,10 +37,7 @@ per slice; exported with the sampler ``galip-eval samplers`` chose.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-
-from galip.runtime.bundle import write_manifest
 
 DEMO_DATA = dict(subjects=12, seed=1, spacing=2.0, noise=0.02)
 DEMO_DOMAINS = "T1,T2,PD"
@@ -95,17 +92,14 @@ def make_demo_bundle(work: Path, bundle: Path, steps: int = DEMO_STEPS, export: 
     resume = tuned.is_file()
     train_generator(tuned.parent, data, DEMO_DOMAINS, {}, save_every=100, resume=resume, progress=True,
                     trainer_config=finetune_config(finetune_steps), init_from=None if resume else checkpoint)
-    checkpoint = tuned
     if not export:
-        return checkpoint
-    export_checkpoint(checkpoint, bundle, ExportOptions(fp16=False, engines=False))
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["preprocess"]["spacing"] = DEMO_DATA["spacing"]   # the grid it was trained on
-    write_manifest(bundle, manifest)
+        return tuned
+    export_checkpoint(at_training_spacing(tuned, work / "finetune" / "export.pt"), bundle,
+                      ExportOptions(fp16=False, engines=False))
     diffusion = train_demo_diffusion(work, data)
     export_checkpoint(at_training_spacing(diffusion, work / "diffusion" / "export.pt"), bundle,
                       ExportOptions(fp16=False, engines=False, sampler=DEMO_SAMPLER))
-    return checkpoint
+    return tuned
 
 
 def train_demo_diffusion(work: Path, data: Path) -> Path:
@@ -120,12 +114,14 @@ def train_demo_diffusion(work: Path, data: Path) -> Path:
 
 
 def at_training_spacing(checkpoint: Path, out: Path) -> Path:
-    """A copy of the diffusion checkpoint that records the 2 mm grid it was trained on (it
-    read the 2 mm volumes without resampling, ``spacing`` None), so it shares the
-    generator's preprocessing in one bundle."""
+    """A copy of a checkpoint that records the 2 mm grid it was trained on (it read the 2 mm
+    volumes without resampling, ``spacing`` None), so the runtime resamples other inputs to
+    it and both models share one preprocessing in the bundle."""
     from galip.train.checkpoint import load_checkpoint, save_checkpoint
     payload = load_checkpoint(checkpoint)
-    payload["preprocess"]["spacing"] = payload["config"]["train"]["spacing"] = DEMO_DATA["spacing"]
+    payload["preprocess"]["spacing"] = DEMO_DATA["spacing"]
+    if "config" in payload:                          # a diffusion checkpoint keeps it twice
+        payload["config"]["train"]["spacing"] = DEMO_DATA["spacing"]
     save_checkpoint(out, payload)
     return out
 
