@@ -20,12 +20,13 @@ What the recipe changes against the paper's, and why (docs/training.md has the n
   1200 steps: at 1 the generator fell into a target-blind brightness flip that keeps the
   cycle loss low; then 2, since at 5 the generator learned the PD targets by step 1000 but
   kept T1 <-> T2 near an identity (only brightness changed, no contrast inversion);
-- then a second run starts from those networks (``init_from``) with training-free
-  pseudo-targets (train/i2i/prior.py) for the pairs whose contrast sign unpaired data
-  decides (T1 <-> T2): prior weight 50, then 10 from 60 % of its 2400 steps, identity 2,
-  fresh optimisers and schedule. The GAN alone never found the T1 <-> T2 inversion; this
-  moved those two directions by 2-3.5 dB on validation phantoms (seed 77) at the cost of
-  PD -> T1 (docs/training.md).
+- optionally (``--finetune-steps N``; 0, the shipped bundle's recipe, skips it) a second
+  run starts from those networks (``init_from``) with training-free pseudo-targets
+  (train/i2i/prior.py) for the pairs whose contrast sign unpaired data decides
+  (T1 <-> T2): prior weight 50, then 10 from 60 % of its steps, identity 2, fresh
+  optimisers and schedule. The GAN alone never found the T1 <-> T2 inversion; 2400 such
+  steps moved those two directions by 2-4.4 dB on validation phantoms (seed 77) at the
+  cost of PD -> T1 (docs/training.md).
 
 The MIDiffusion score network for T2 beside it (docs/diffusion.md): the reference design at
 base width 32 (2,245,185 parameters; the paper's 64 has 8.95M and costs 4x per step, and the
@@ -43,7 +44,7 @@ DEMO_DATA = dict(subjects=12, seed=1, spacing=2.0, noise=0.02)
 DEMO_DOMAINS = "T1,T2,PD"
 DEMO_STEPS = 3200
 DEMO_IDENTITY_LATE_FROM = 1200   # identity weight 5 -> 2 here (docs/training.md)
-DEMO_FINETUNE_STEPS = 2400
+DEMO_FINETUNE_STEPS = 0          # the shipped generator has no fine-tuning run (docs/training.md)
 DEMO_PRIOR, DEMO_PRIOR_LATE = 50.0, 10.0   # the fine-tuning's prior weight, and from 60 % of it on
 DEMO_DIFFUSION = dict(target="T2", steps=4213, crop=80, batch=6, lr=2e-4, ema_decay=0.999)
 DEMO_DIFFUSION_WIDTH = 32
@@ -63,7 +64,7 @@ def demo_config(steps: int = DEMO_STEPS):
                        identity_late=2.0, identity_late_from=DEMO_IDENTITY_LATE_FROM)
 
 
-def finetune_config(steps: int = DEMO_FINETUNE_STEPS):
+def finetune_config(steps: int):
     """The second run's TrainConfig: the demo's with the pseudo-target prior (module docstring)."""
     from galip.train.i2i.losses import LossWeights
 
@@ -76,8 +77,8 @@ def finetune_config(steps: int = DEMO_FINETUNE_STEPS):
 
 def make_demo_bundle(work: Path, bundle: Path, steps: int = DEMO_STEPS, export: bool = True,
                      finetune_steps: int = DEMO_FINETUNE_STEPS) -> Path:
-    """data → train → fine-tune with the prior (both resumable) → export into ``bundle``;
-    returns the exported checkpoint's path."""
+    """data → train → (``finetune_steps`` > 0) fine-tune with the prior (both resumable) →
+    export into ``bundle``; returns the exported checkpoint's path."""
     from galip.export.bundle_writer import ExportOptions, export_checkpoint
     from galip.train.data_cli import write_dataset
     from galip.train.i2i.loop import train_generator
@@ -88,13 +89,15 @@ def make_demo_bundle(work: Path, bundle: Path, steps: int = DEMO_STEPS, export: 
     checkpoint = run / "checkpoint.pt"
     train_generator(run, data, DEMO_DOMAINS, {}, save_every=100, resume=checkpoint.is_file(),
                     progress=True, trainer_config=demo_config(steps))
-    tuned = work / "finetune" / "checkpoint.pt"
-    resume = tuned.is_file()
-    train_generator(tuned.parent, data, DEMO_DOMAINS, {}, save_every=100, resume=resume, progress=True,
-                    trainer_config=finetune_config(finetune_steps), init_from=None if resume else checkpoint)
+    tuned = checkpoint
+    if finetune_steps > 0:
+        tuned = work / "finetune" / "checkpoint.pt"
+        resume = tuned.is_file()
+        train_generator(tuned.parent, data, DEMO_DOMAINS, {}, save_every=100, resume=resume, progress=True,
+                        trainer_config=finetune_config(finetune_steps), init_from=None if resume else checkpoint)
     if not export:
         return tuned
-    export_checkpoint(at_training_spacing(tuned, work / "finetune" / "export.pt"), bundle,
+    export_checkpoint(at_training_spacing(tuned, tuned.with_name("export.pt")), bundle,
                       ExportOptions(fp16=False, engines=False))
     diffusion = train_demo_diffusion(work, data)
     export_checkpoint(at_training_spacing(diffusion, work / "diffusion" / "export.pt"), bundle,
@@ -131,7 +134,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("demo_out/bundle_work"))
     parser.add_argument("--bundle", type=Path, default=Path("runtime/bundles/demo"))
     parser.add_argument("--steps", type=int, default=DEMO_STEPS)
-    parser.add_argument("--finetune-steps", type=int, default=DEMO_FINETUNE_STEPS)
+    parser.add_argument("--finetune-steps", type=int, default=DEMO_FINETUNE_STEPS,
+                        help="steps of a second run with the pseudo-target prior (0: none, as shipped)")
     parser.add_argument("--no-export", dest="export", action="store_false",
                         help="train (or resume) only; export later")
     args = parser.parse_args()
