@@ -25,3 +25,17 @@ def test_galip_run_without_bundle_uses_the_shipped_one(tmp_path):
     out = nib.load(tmp_path / "t1_T2.nii.gz")
     assert out.shape == data.shape and np.allclose(out.affine, affine)
     assert np.isfinite(out.get_fdata()).all()
+
+
+def test_shipped_bundle_is_what_the_demo_recipe_makes():
+    """``make demo-bundle`` re-makes the shipped models: the steps and shapes its recipe
+    trains are the ones the shipped manifest records."""
+    from galip.export import demo_bundle as recipe
+
+    models = load_bundle(cli.SHIPPED_BUNDLE).manifest["models"]
+    generator = models["generator"]
+    assert generator["trained_steps"] == recipe.DEMO_STEPS + recipe.DEMO_FINETUNE_STEPS
+    assert generator["unet"] == recipe.demo_config().unet.to_dict()
+    assert generator["domains"] == recipe.DEMO_DOMAINS.split(",")
+    assert models["diffusion"]["T2"]["trained_steps"] == recipe.DEMO_DIFFUSION["steps"]
+    assert models["diffusion"]["T2"]["net"]["ch"] == recipe.DEMO_DIFFUSION_WIDTH
