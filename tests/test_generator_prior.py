@@ -7,7 +7,8 @@ import torch
 
 from galip.runtime.domains import parse_domains
 from galip.train.i2i.losses import l1_where_known
-from galip.train.i2i.prior import decided, load_slices_with_pseudo_targets, matched, prefers_negation
+from galip.train.i2i.prior import (decided, load_slices_with_pseudo_targets, matched, prefers_negation,
+                                   target_signs)
 from galip.train.slices import load_training_slices
 
 from test_generator_train import DOMAINS, data_dir, tiny_config  # noqa: F401  (fixture)
@@ -44,6 +45,16 @@ def test_the_sign_follows_where_the_bright_tissue_sits():
 def test_a_pair_gets_a_prior_only_on_a_unanimous_vote():
     assert decided({"brain": 1.0, "head": 0.5}) and decided({"brain": 0.0})
     assert not decided({"brain": 0.75, "head": 0.0}) and not decided({"head": 0.5})
+
+
+def test_a_split_vote_gets_no_prior_or_the_plain_match():
+    split, clear = {"brain": 0.75, "head": 0.0}, {"brain": 1.0, "head": 0.25}
+    assert target_signs(split) is None and target_signs(split, "skip") is None
+    assert target_signs(split, "plain") == {"brain": False, "head": False}
+    # a decided pair keeps each region's majority sign, whatever a split vote would get
+    assert target_signs(clear, "skip") == target_signs(clear, "plain") == {"brain": True, "head": False}
+    with pytest.raises(ValueError, match="split_vote"):
+        target_signs(split, "negated")
 
 
 def test_slices_carry_a_pseudo_target_per_domain(data_dir):  # noqa: F811

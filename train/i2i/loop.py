@@ -111,7 +111,8 @@ def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict,
     if config.weights.prior > 0 or config.prior_late:
         from .prior import load_slices_with_pseudo_targets
         slices, signs = load_slices_with_pseudo_targets(data_dir, domain_list, config.size,
-                                                        min_foreground=config.min_foreground, axes=config.axes)
+                                                        min_foreground=config.min_foreground, axes=config.axes,
+                                                        split_vote=config.prior_split_vote)
     else:
         slices = load_training_slices(data_dir, domain_list, config.size,
                                       min_foreground=config.min_foreground, axes=config.axes)

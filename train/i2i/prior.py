@@ -13,7 +13,9 @@ domain, a pseudo-target, and the generator is pulled towards it by an L1 term (t
 * with or without negating the source first: the sign whose joint histogram of
   (intensity, local mean within ``LOCAL_SIGMA`` voxels) lies closer to the reference's,
   by majority over the subjects, per domain pair and region; a pair whose brain vote
-  is not unanimous (``DECISIVE``) gets no pseudo-target at all. Both signs reproduce the
+  is not unanimous (``DECISIVE``) gets no pseudo-target at all, or with
+  ``split_vote="plain"`` the un-negated match (when unpaired data cannot tell, assume
+  the contrast keeps its sign, as a histogram match does). Both signs reproduce the
   reference's intensity histogram exactly; only where the bright tissue sits (thin
   sulci and ventricles in a T2, broad white matter in a T1) tells them apart.
 
@@ -39,6 +41,7 @@ LOCAL_SIGMA = 2.0   # voxels: the scale at which "bright tissue is thin or broad
 BINS = 32
 FOREGROUND = 0.05   # share of a region's 99.5th percentile: the fallback foreground
 DECISIVE = 1.0      # share of subjects that must agree on a sign for the pair to get a prior (all)
+SPLIT_VOTES = ("skip", "plain")   # what a pair whose vote splits gets: no pseudo-target, or the plain match
 
 
 def joint_histogram(volume: np.ndarray, region: np.ndarray) -> np.ndarray:
@@ -108,9 +111,9 @@ class _Matches:
                                        self.reference.regions.get(name, region), self.volumes[name])
                 for name, region in self.source.regions.items()}
 
-    def pseudo_target(self, shares: dict[str, float]) -> np.ndarray:
-        """Each region's match with the sign most subjects voted for; 0 outside the regions."""
-        return sum(self.volumes[name][shares[name] > 0.5] for name in self.volumes)
+    def pseudo_target(self, negate: dict[str, bool]) -> np.ndarray:
+        """Each region's match with its sign (:func:`target_signs`); 0 outside the regions."""
+        return sum(self.volumes[name][negate[name]] for name in self.volumes)
 
 
 def choose_signs(matches: Sequence[_Matches]) -> dict[str, float]:
@@ -129,8 +132,20 @@ def decided(shares: dict[str, float]) -> bool:
     return abs(share - 0.5) >= DECISIVE - 0.5
 
 
+def target_signs(shares: dict[str, float], split_vote: str = "skip") -> dict[str, bool] | None:
+    """Per region, whether a pair's pseudo-target negates the source (the majority's sign
+    where the pair is :func:`decided`; no negation anywhere for an undecided pair under
+    ``split_vote="plain"``); None: the pair gets no pseudo-target."""
+    if split_vote not in SPLIT_VOTES:
+        raise ValueError(f"split_vote {split_vote!r} is not one of {SPLIT_VOTES}")
+    if decided(shares):
+        return {name: share > 0.5 for name, share in shares.items()}
+    return {name: False for name in shares} if split_vote == "plain" else None
+
+
 def load_slices_with_pseudo_targets(data_dir: str | Path, domains: Sequence[Domain], size: int, *,
-                                    min_foreground: float = 0.05, axes: Sequence[int] | None = None
+                                    min_foreground: float = 0.05, axes: Sequence[int] | None = None,
+                                    split_vote: str = "skip",
                                     ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
     """Training slices with their pseudo-targets, and the signs chosen.
 
@@ -138,8 +153,8 @@ def load_slices_with_pseudo_targets(data_dir: str | Path, domains: Sequence[Doma
     the slice itself as :func:`~galip.train.slices.load_training_slices` gives it,
     channel 1 + b the pseudo-target for domain ``b``, prepared as the runtime prepares a
     volume of ``b``; the domain's own channel is the slice again) and
-    ``{"A->B": {region: share of subjects voting for negation}}``; a pair whose vote is
-    not :func:`decided` has a NaN channel (no pseudo-target). Unpaired as the plain
+    ``{"A->B": {region: share of subjects voting for negation}}``; a pair without a
+    pseudo-target (:func:`target_signs`) has a NaN channel. Unpaired as the plain
     loader: each domain keeps its own subjects, and references come from the target's.
     """
     data_dir = Path(data_dir)
@@ -159,9 +174,10 @@ def load_slices_with_pseudo_targets(data_dir: str | Path, domains: Sequence[Doma
             references = subjects[b.name]
             matches = [_Matches(s, references[k % len(references)]) for k, s in enumerate(sources)]
             shares = signs[f"{a.name}->{b.name}"] = choose_signs(matches)
+            negate = target_signs(shares, split_vote)
             for c, pair in zip(channels, matches):
-                c.append(prepared_slices(pair.pseudo_target(shares), pair.source.affine, b.kind, config, axes)
-                         if decided(shares) else np.full_like(c[0], np.nan))
+                c.append(np.full_like(c[0], np.nan) if negate is None else
+                         prepared_slices(pair.pseudo_target(negate), pair.source.affine, b.kind, config, axes))
         stacks = [np.stack(c, axis=1)[kept_slices(c[0], config)] for c in channels]
         out[a.name] = np.ascontiguousarray(np.concatenate(stacks), dtype=np.float32)
     return out, signs
