@@ -25,8 +25,8 @@ What the recipe changes against the paper's, and why (docs/training.md has the n
   (train/i2i/prior.py) for the pairs whose contrast sign unpaired data decides
   (T1 <-> T2): prior weight 50, then 10 from 60 % of its steps, identity 2, fresh
   optimisers and schedule. The GAN alone never found the T1 <-> T2 inversion; 2400 such
-  steps moved those two directions by 2-4.4 dB on validation phantoms (seed 77) at the
-  cost of PD -> T1 (docs/training.md).
+  steps moved those two directions by 1.5-4.4 dB on validation phantoms (seed 77, two
+  runs) at the cost of PD -> T1, so the shipped generator has none (docs/training.md).
 
 The MIDiffusion score network for T2 beside it (docs/diffusion.md): the reference design at
 base width 32 (2,245,185 parameters; the paper's 64 has 8.95M and costs 4x per step, and the
