@@ -274,6 +274,10 @@ class I2ITrainer:
         if differ:
             raise ConfigError(f"--init-from {source} has another {', '.join(differ)} than this run "
                               f"({'; '.join(f'{k}: {theirs[k]} there, {mine[k]} here' for k in differ)})")
+        self._load_networks(payload)
+
+    def _load_networks(self, payload: dict) -> None:
+        """The generator, its EMA and the discriminator of a checkpoint payload."""
         self.generator.load_state_dict(payload["generator"])
         self.ema.load_state_dict(payload["generator_ema"])
         self.discriminator.load_state_dict(payload["discriminator"])
@@ -287,9 +291,7 @@ class I2ITrainer:
     def load_state_dict(self, payload: dict) -> None:
         """Restore weights, EMA, optimisers, schedules and the step from a payload."""
         check_format(payload)
-        self.generator.load_state_dict(payload["generator"])
-        self.ema.load_state_dict(payload["generator_ema"])
-        self.discriminator.load_state_dict(payload["discriminator"])
+        self._load_networks(payload)
         self.opt_g.load_state_dict(payload["opt_g"]); self.opt_d.load_state_dict(payload["opt_d"])
         self.sched_g.load_state_dict(payload["sched_g"]); self.sched_d.load_state_dict(payload["sched_d"])
         self.step = int(payload["step"])
