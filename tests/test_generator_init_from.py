@@ -46,6 +46,15 @@ def test_start_from_copies_the_networks_and_nothing_else(source):
     assert trainer.step == 0 and not trainer.opt_g.state and trainer.sched_g.last_epoch == 0
 
 
+def test_start_from_averages_with_this_runs_ema_decay(source):
+    payload = load_checkpoint(source)
+    assert payload["generator_ema"]["decay"] != 0.5
+    trainer = I2ITrainer(dataclasses.replace(tiny_config("none", steps=10), ema_decay=0.5),
+                         parse_domains("T1,T2,PD"))
+    trainer.start_from(payload, source)
+    assert trainer.ema.decay == 0.5
+
+
 def test_a_fine_tuning_run_records_where_it_started(data_dir, source, tmp_path):  # noqa: F811
     tuned = loop.train_generator(tmp_path / "tuned", data_dir, "T1,T2,PD", {**NONE, "steps": 1},
                                  progress=False, trainer_config=tiny_config("none"), init_from=source)
