@@ -7,7 +7,7 @@ import torch
 
 from galip.runtime.domains import parse_domains
 from galip.train.i2i.losses import l1_where_known
-from galip.train.i2i.prior import (decided, load_slices_with_pseudo_targets, matched, prefers_negation,
+from galip.train.i2i.prior import (bias_field, decided, load_slices_with_pseudo_targets, matched, prefers_negation,
                                    target_signs)
 from galip.train.slices import load_training_slices
 
@@ -42,6 +42,17 @@ def test_the_sign_follows_where_the_bright_tissue_sits():
     assert thin_mean > 0.9 and out[region].mean() < 0.5                 # the sheets came out bright
 
 
+def test_n4_finds_a_smooth_bias_field():
+    volume, region = _tissues(broad=1.0, thin=0.4, phase=0, seed=3)
+    x = np.linspace(-1, 1, volume.shape[0])[:, None, None]
+    true_log = np.broadcast_to(0.3 * x - 0.2 * x ** 2, volume.shape)
+    estimate = bias_field(volume * np.exp(true_log), region)
+    assert estimate.shape == volume.shape and np.all(estimate > 0)
+    assert np.corrcoef(np.log(estimate[region]), true_log[region])[0, 1] > 0.9
+    flat = bias_field(volume, region)                       # no field: N4 finds (almost) none
+    assert np.log(flat[region]).std() < 0.2 * true_log[region].std()
+
+
 def test_a_pair_gets_a_prior_only_on_a_unanimous_vote():
     assert decided({"brain": 1.0, "head": 0.5}) and decided({"brain": 0.0})
     assert not decided({"brain": 0.75, "head": 0.0}) and not decided({"head": 0.5})
@@ -70,6 +81,18 @@ def test_slices_carry_a_pseudo_target_per_domain(data_dir):  # noqa: F811
         np.testing.assert_array_equal(stack[:, 0], plain[domain.name])   # channel 0: the plain slices
         np.testing.assert_array_equal(stack[:, 1 + d], stack[:, 0])       # its own domain: itself
         assert np.all(np.isfinite(stack)) and stack.min() >= 0 and stack.max() <= 1
+
+
+def test_bias_corrected_pseudo_targets_keep_their_shape_and_range(data_dir):  # noqa: F811
+    domains = parse_domains(DOMAINS)
+    plain, signs = load_slices_with_pseudo_targets(data_dir, domains, 32, min_foreground=0.0)
+    corrected, corrected_signs = load_slices_with_pseudo_targets(data_dir, domains, 32, min_foreground=0.0,
+                                                                 bias_correction=True)
+    assert corrected_signs == signs
+    for name, stack in corrected.items():
+        assert stack.shape == plain[name].shape and np.all(np.isfinite(stack))
+        assert stack.min() >= 0 and stack.max() <= 1
+        np.testing.assert_array_equal(stack[:, 0], plain[name][:, 0])   # the slices themselves are untouched
 
 
 def test_prior_term_ignores_missing_pseudo_targets():

@@ -112,7 +112,8 @@ def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict,
         from .prior import load_slices_with_pseudo_targets
         slices, signs = load_slices_with_pseudo_targets(data_dir, domain_list, config.size,
                                                         min_foreground=config.min_foreground, axes=config.axes,
-                                                        split_vote=config.prior_split_vote)
+                                                        split_vote=config.prior_split_vote,
+                                                        bias_correction=config.prior_bias_correction)
     else:
         slices = load_training_slices(data_dir, domain_list, config.size,
                                       min_foreground=config.min_foreground, axes=config.axes)

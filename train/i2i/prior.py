@@ -17,7 +17,13 @@ domain, a pseudo-target, and the generator is pulled towards it by an L1 term (t
   ``split_vote="plain"`` the un-negated match (when unpaired data cannot tell, assume
   the contrast keeps its sign, as a histogram match does). Both signs reproduce the
   reference's intensity histogram exactly; only where the bright tissue sits (thin
-  sulci and ventricles in a T2, broad white matter in a T1) tells them apart.
+  sulci and ventricles in a T2, broad white matter in a T1) tells them apart;
+* optionally (``bias_correction``) both volumes are first divided by N4's estimate of
+  their bias field (SimpleITK) and the match is multiplied back by the source's (a
+  receive-coil property that a subject's contrasts share). A PD's tissue contrast is a
+  few percent, so without it the +-10-20 % field decides which voxels the match darkens
+  (the dark blotches of docs/training.md). The sign is still voted on the volumes as
+  they are: on bias-free ones the vote turned unreliable.
 
 No paired image is used anywhere: the truth of a subject's other contrasts never enters.
 The brain and head masks are those ``galip-data`` writes beside each subject; a data set
@@ -42,6 +48,20 @@ BINS = 32
 FOREGROUND = 0.05   # share of a region's 99.5th percentile: the fallback foreground
 DECISIVE = 1.0      # share of subjects that must agree on a sign for the pair to get a prior (all)
 SPLIT_VOTES = ("skip", "plain")   # what a pair whose vote splits gets: no pseudo-target, or the plain match
+N4_SHRINK = 2       # N4 fits the field on a grid this much coarser (a smooth field; 8x fewer voxels)
+N4_ITERATIONS = (50, 50, 50)   # per fitting level (SimpleITK's default is 4 levels of 50)
+
+
+def bias_field(volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """N4's estimate (SimpleITK) of ``volume``'s smooth multiplicative bias field, fitted
+    inside ``mask`` where the volume is positive, at full resolution (> 0 everywhere)."""
+    import SimpleITK as sitk
+    image = sitk.GetImageFromArray(np.ascontiguousarray(volume, dtype=np.float32))
+    fit_mask = sitk.GetImageFromArray((mask & (volume > 0)).astype(np.uint8))
+    n4 = sitk.N4BiasFieldCorrectionImageFilter()
+    n4.SetMaximumNumberOfIterations(list(N4_ITERATIONS))
+    n4.Execute(sitk.Shrink(image, [N4_SHRINK] * 3), sitk.Shrink(fit_mask, [N4_SHRINK] * 3))
+    return np.exp(sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(image))).astype(np.float32)
 
 
 def joint_histogram(volume: np.ndarray, region: np.ndarray) -> np.ndarray:
@@ -80,9 +100,10 @@ def prefers_negation(source: np.ndarray, reference: np.ndarray, region: np.ndarr
 
 
 class _Subject:
-    """One subject's volume of one domain with its regions (brain, rest of the head)."""
+    """One subject's volume of one domain with its regions (brain, rest of the head), and
+    with ``correct_bias`` its N4 bias field; ``flat`` is the volume divided by it."""
 
-    def __init__(self, data_dir: Path, entry: dict, domain: Domain):
+    def __init__(self, data_dir: Path, entry: dict, domain: Domain, correct_bias: bool = False):
         volume = load_volume(subject_file(data_dir, entry, domain))
         self.data, self.affine = volume.data, volume.affine_mm
         files = entry.get("files", {})
@@ -92,28 +113,39 @@ class _Subject:
             self.regions = {"brain": brain, "head": head & ~brain}
         else:
             self.regions = {"head": self.data > FOREGROUND * np.percentile(self.data, 99.5)}
+        # fitted in the brain (else the one region): bone and air give N4 only noise to fit
+        fit_region = self.regions.get("brain", self.regions.get("head"))
+        self.bias = bias_field(self.data, fit_region) if correct_bias else None
+        self.flat = self.data if self.bias is None else self.data / self.bias
 
 
 class _Matches:
     """Both candidate matches (plain and negated) of one source subject to one reference,
-    per region: computed once, then voted on and summed into the pseudo-target."""
+    per region, of the bias-free volumes where the subjects carry a bias field: computed
+    once, then voted on and summed into the pseudo-target."""
 
     def __init__(self, source: _Subject, reference: _Subject):
         self.source, self.reference = source, reference
-        self.volumes = {name: {negate: matched(source.data, reference.data, region,
+        self.volumes = {name: {negate: matched(source.flat, reference.flat, region,
                                                reference.regions.get(name, region), negate)
                                for negate in (False, True)}
                         for name, region in source.regions.items()}
 
     def votes(self) -> dict[str, bool]:
-        """Per region, :func:`prefers_negation` on the matches held."""
+        """Per region, :func:`prefers_negation` on the volumes as they are: on bias-free
+        ones the vote turned unreliable (T1 -> T2 fell from 4/4 to 0/4 for negation on the
+        seed-1 phantoms, docs/training.md), so only the matching uses them."""
+        corrected = self.source.bias is not None        # then the held matches are not the raw ones
         return {name: prefers_negation(self.source.data, self.reference.data, region,
-                                       self.reference.regions.get(name, region), self.volumes[name])
+                                       self.reference.regions.get(name, region),
+                                       None if corrected else self.volumes[name])
                 for name, region in self.source.regions.items()}
 
     def pseudo_target(self, negate: dict[str, bool]) -> np.ndarray:
-        """Each region's match with its sign (:func:`target_signs`); 0 outside the regions."""
-        return sum(self.volumes[name][negate[name]] for name in self.volumes)
+        """Each region's match with its sign (:func:`target_signs`), times the source's
+        bias field if it has one; 0 outside the regions."""
+        target = sum(self.volumes[name][negate[name]] for name in self.volumes)
+        return target if self.source.bias is None else target * self.source.bias
 
 
 def choose_signs(matches: Sequence[_Matches]) -> dict[str, float]:
@@ -145,7 +177,7 @@ def target_signs(shares: dict[str, float], split_vote: str = "skip") -> dict[str
 
 def load_slices_with_pseudo_targets(data_dir: str | Path, domains: Sequence[Domain], size: int, *,
                                     min_foreground: float = 0.05, axes: Sequence[int] | None = None,
-                                    split_vote: str = "skip",
+                                    split_vote: str = "skip", bias_correction: bool = False,
                                     ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
     """Training slices with their pseudo-targets, and the signs chosen.
 
@@ -156,12 +188,14 @@ def load_slices_with_pseudo_targets(data_dir: str | Path, domains: Sequence[Doma
     ``{"A->B": {region: share of subjects voting for negation}}``; a pair without a
     pseudo-target (:func:`target_signs`) has a NaN channel. Unpaired as the plain
     loader: each domain keeps its own subjects, and references come from the target's.
+    ``bias_correction``: match the volumes N4 has freed of their bias fields (module docstring).
     """
     data_dir = Path(data_dir)
     index = read_index(data_dir)
     config = preprocess_config(size, min_foreground=min_foreground)
     assignment = split_unpaired(index["subjects"], domains)
-    subjects = {d.name: [_Subject(data_dir, entry, d) for entry in assignment[d.name]] for d in domains}
+    subjects = {d.name: [_Subject(data_dir, entry, d, bias_correction) for entry in assignment[d.name]]
+                for d in domains}
     out, signs = {}, {}
     for a in domains:
         sources = subjects[a.name]

@@ -63,6 +63,7 @@ class TrainConfig:
     prior_late: float | None = None
     prior_late_from: int = 0
     prior_split_vote: str = "skip"   # a pair whose sign vote splits: no pseudo-target, or "plain" (prior.py)
+    prior_bias_correction: bool = False   # match N4-corrected volumes (prior.py; needs SimpleITK)
     crop: int = 0                    # random crop x crop windows of the slices (0: whole slices)
     crop_on_foreground: bool = False  # centre each window on a foreground pixel where the slice has one
     min_foreground: float = 0.05     # drop slices with less foreground (0: every slice, empty ones too)
