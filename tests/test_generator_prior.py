@@ -7,8 +7,8 @@ import torch
 
 from galip.runtime.domains import parse_domains
 from galip.train.i2i.losses import l1_where_known
-from galip.train.i2i.prior import (bias_field, decided, load_slices_with_pseudo_targets, matched, prefers_negation,
-                                   target_signs)
+from galip.train.i2i.prior import (bias_field, decided, load_slices_with_pseudo_targets, matched,
+                                   prefers_negation, target_signs)
 from galip.train.slices import load_training_slices
 
 from test_generator_train import DOMAINS, data_dir, tiny_config  # noqa: F401  (fixture)
