@@ -31,5 +31,6 @@ class EMA:
         return {"decay": self.decay, "module": self.module.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.decay = float(state["decay"])
+        """The averaged weights; the decay stays this EMA's (its owner's config: a resumed
+        run's equals the saved one, a run started from another's may differ)."""
         self.module.load_state_dict(state["module"])

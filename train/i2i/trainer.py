@@ -276,7 +276,6 @@ class I2ITrainer:
             raise ConfigError(f"--init-from {source} has another {', '.join(differ)} than this run "
                               f"({'; '.join(f'{k}: {theirs[k]} there, {mine[k]} here' for k in differ)})")
         self._load_networks(payload)
-        self.ema.decay = self.config.ema_decay   # the averaging is this run's, not the source's
 
     def _load_networks(self, payload: dict) -> None:
         """The generator, its EMA and the discriminator of a checkpoint payload."""
