@@ -114,7 +114,7 @@ class _Subject:
         else:
             self.regions = {"head": self.data > FOREGROUND * np.percentile(self.data, 99.5)}
         # fitted in the brain (else the one region): bone and air give N4 only noise to fit
-        fit_region = self.regions.get("brain", self.regions.get("head"))
+        fit_region = self.regions.get("brain", self.regions["head"])
         self.bias = bias_field(self.data, fit_region) if correct_bias else None
         self.flat = self.data if self.bias is None else self.data / self.bias
 
