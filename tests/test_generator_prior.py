@@ -114,3 +114,19 @@ def test_train_step_adds_the_prior_term_only_with_pseudo_targets_and_its_weight_
     assert np.isfinite(losses["G"]) and losses["prior"] > 0
     plain = I2ITrainer(config, parse_domains(DOMAINS)).train_step(x_a[:, :1], x_b[:, :1], 0, 1)
     assert "prior" not in plain
+
+
+def test_a_prior_only_step_trains_no_discriminator_and_runs_no_cycle():
+    from galip.train.i2i.trainer import I2ITrainer
+    config = tiny_config("none")
+    config.weights.cycle, config.weights.adv, config.weights.prior = 0.0, 0.0, 5.0
+    trainer = I2ITrainer(config, parse_domains(DOMAINS))
+    before = [p.detach().clone() for p in trainer.discriminator.parameters()]
+    calls = []
+    trainer.generator.register_forward_hook(lambda *_: calls.append(1))
+    g = torch.Generator().manual_seed(0)
+    losses = trainer.train_step(torch.rand(2, 4, 32, 32, generator=g), torch.rand(2, 4, 32, 32, generator=g), 0, 1)
+    assert set(losses) == {"identity", "prior", "G"} and losses["prior"] > 0
+    assert len(calls) == 1                                   # translations and identities; no cycle pass
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.discriminator.parameters()))
+    assert trainer.step == 1

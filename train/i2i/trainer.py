@@ -169,7 +169,8 @@ class I2ITrainer:
         return w
 
     def train_step(self, x_a: torch.Tensor, x_b: torch.Tensor, a: int, b: int) -> dict[str, float]:
-        """One G and one D update on unpaired batches x_a (domain a) and x_b (domain b).
+        """One G and one D update on unpaired batches x_a (domain a) and x_b (domain b);
+        without adversarial (nor CLIP) terms, no D update and no "D" entry.
 
         x_a, x_b: (N, 1, H, W) float32 in [0, 1], or (N, 1 + domains, H, W) with channel
         1 + d the pseudo-target for domain d (NaN where there is none; train/i2i/prior.py).
@@ -191,27 +192,28 @@ class I2ITrainer:
         # 1. translations (Eq. 6–7) and identities (Eq. 12) in one batched pass
         fake_b, fake_a, idt_a, idt_b = G(torch.cat([x_a, x_b, x_a, x_b]),
                                          torch.cat([t_b, t_a, t_a, t_b])).chunk(4)
-        # 2. cycle back to the source domains (Eq. 9)
-        rec_a, rec_b = G(torch.cat([fake_b, fake_a]), torch.cat([t_a, t_b])).chunk(2)
-        # 3. discriminator inputs: ViT features of generated (with grad) and real images (Eq. 4–7)
-        (fake_in_a, fake_in_b), fake_feats = self._disc_inputs(torch.cat([fake_a, fake_b]), 2, grad=True)
-        (real_in_a, real_in_b), real_feats = self._disc_inputs(torch.cat([x_a, x_b]), 2, grad=False)
-
-        # 4. generator objective: Eq. 1 with Eq. 2, 9, 12 (+ Eq. 10, 11 with a ViT)
-        D.requires_grad_(False)
-        terms = {
-            "adv": lsgan_generator(D(fake_in_a, a, e_a)) + lsgan_generator(D(fake_in_b, b, e_b)),
-            "cycle": l1(rec_a, x_a) + l1(rec_b, x_b),
-            "identity": l1(idt_a, x_a) + l1(idt_b, x_b),
-        }
+        terms = {"identity": l1(idt_a, x_a) + l1(idt_b, x_b)}
+        # 2. cycle back to the source domains (Eq. 9); a term whose weight is 0 (a
+        #    prior-only stage) costs nothing: neither its passes nor the discriminator's
+        if w.cycle > 0:
+            rec_a, rec_b = G(torch.cat([fake_b, fake_a]), torch.cat([t_a, t_b])).chunk(2)
+            terms["cycle"] = l1(rec_a, x_a) + l1(rec_b, x_b)
+        adversarial = w.adv > 0 or w.clip > 0 or w.cls > 0     # clip-free mode zeroes clip and cls
+        if adversarial:
+            # 3. discriminator inputs: ViT features of generated (with grad) and real images (Eq. 4–7)
+            (fake_in_a, fake_in_b), fake_feats = self._disc_inputs(torch.cat([fake_a, fake_b]), 2, grad=True)
+            (real_in_a, real_in_b), real_feats = self._disc_inputs(torch.cat([x_a, x_b]), 2, grad=False)
+            # 4. generator objective: Eq. 1 with Eq. 2, 9, 12 (+ Eq. 10, 11 with a ViT)
+            D.requires_grad_(False)
+            terms["adv"] = lsgan_generator(D(fake_in_a, a, e_a)) + lsgan_generator(D(fake_in_b, b, e_b))
+            if fake_feats is not None:
+                emb_fa, emb_fb = fake_feats.embedding.chunk(2)
+                cls_fa, cls_fb = fake_feats.cls.chunk(2)
+                cls_ra, cls_rb = real_feats.cls.chunk(2)
+                terms["clip"] = clip_loss(emb_fa, e_a) + clip_loss(emb_fb, e_b)
+                terms["cls"] = cls_loss(cls_ra, cls_fa) + cls_loss(cls_rb, cls_fb)
         if pseudo_b is not None and w.prior > 0:
             terms["prior"] = l1_where_known(fake_b, pseudo_b) + l1_where_known(fake_a, pseudo_a)
-        if fake_feats is not None:
-            emb_fa, emb_fb = fake_feats.embedding.chunk(2)
-            cls_fa, cls_fb = fake_feats.cls.chunk(2)
-            cls_ra, cls_rb = real_feats.cls.chunk(2)
-            terms["clip"] = clip_loss(emb_fa, e_a) + clip_loss(emb_fb, e_b)
-            terms["cls"] = cls_loss(cls_ra, cls_fa) + cls_loss(cls_rb, cls_fb)
         loss_g = total_generator_loss(terms, w)
         g_value = _finite_or_raise("G", loss_g, self.step)     # before any weight changes
         self.opt_g.zero_grad(set_to_none=True)
@@ -221,18 +223,22 @@ class I2ITrainer:
 
         # 5. discriminator objective, Eq. 3. The ViT is frozen and deterministic, so the
         #    detached features equal the features of the detached images: reuse them.
-        D.requires_grad_(True)
-        loss_d = (lsgan_discriminator(D(real_in_a, a, e_a), D(_detach(fake_in_a), a, e_a))
-                  + lsgan_discriminator(D(real_in_b, b, e_b), D(_detach(fake_in_b), b, e_b)))
-        d_value = _finite_or_raise("D", loss_d, self.step)
-        self.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        self.opt_d.step()
+        if adversarial:
+            D.requires_grad_(True)
+            loss_d = (lsgan_discriminator(D(real_in_a, a, e_a), D(_detach(fake_in_a), a, e_a))
+                      + lsgan_discriminator(D(real_in_b, b, e_b), D(_detach(fake_in_b), b, e_b)))
+            d_value = _finite_or_raise("D", loss_d, self.step)
+            self.opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            self.opt_d.step()
+            self.sched_d.step()         # whether a run is adversarial never changes within it
 
-        self.sched_g.step(); self.sched_d.step()
+        self.sched_g.step()
         self.step += 1
         out = {name: float(value.detach()) for name, value in terms.items()}
-        out.update(G=g_value, D=d_value)
+        out["G"] = g_value
+        if adversarial:
+            out["D"] = d_value
         return out
 
     def step_from(self, sampler) -> dict[str, float]:
