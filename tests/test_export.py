@@ -87,6 +87,20 @@ def test_fp32_graph_matches_eager_on_phantom_slices(session, eager, n, h, w):
     assert result, result
 
 
+def test_graph_with_an_intensity_curve_matches_eager():
+    from helpers_export import TINY_UNET
+    payload = generator_payload(seed=3, unet={**TINY_UNET, "curve_knots": 8})
+    _, unet, context, _ = generator_from_payload(payload)
+    assert unet.curve.to_values.weight.abs().sum() > 0              # randomised, not the zero start
+    image = np.random.default_rng(3).random((2, 1, 64, 32), dtype=np.float32)
+    domain = np.array([0, 2], np.int64)
+    with torch.no_grad():
+        expected = unet(torch.from_numpy(image), context[torch.as_tensor(domain)], torch.as_tensor(domain)).numpy()
+    result = parity.compare(_run(ort_session(export_generator(payload, opset=18)), image, domain), expected,
+                            max_abs=1e-4, name="translated")
+    assert result, result
+
+
 def test_domain_table_is_used(session):
     image = np.repeat(phantom_slices(1, 32, 32), 3, axis=0)
     out = _run(session, image, [0, 1, 2])

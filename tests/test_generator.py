@@ -58,6 +58,24 @@ def test_output_conv_is_zero_initialised_and_no_activation():
     assert torch.allclose(y, torch.full_like(y, -3.0))
 
 
+def test_intensity_curve_starts_at_zero_and_interpolates_its_knots():
+    from galip.train.i2i.unet import IntensityCurve
+    plain = I2IGalipUNet(UNetConfig(**TINY_UNET)).eval()
+    curved = I2IGalipUNet(UNetConfig(**TINY_UNET, curve_knots=5)).eval()
+    curved.load_state_dict(plain.state_dict(), strict=False)        # all but the (zero) curve
+    x, context, label = torch.rand(2, 1, 32, 32), torch.randn(2, 3, 16), torch.tensor([0, 1])
+    with torch.no_grad():
+        assert torch.equal(plain(x, context, label), curved(x, context, label))
+    curve = IntensityCurve(channels=4, knots=5)
+    with torch.no_grad():
+        curve.to_values.bias.copy_(torch.tensor([1.0, 0.0, 0.5, 0.5, 1.0]))   # knots at 0, .25, .5, .75, 1
+    image = torch.tensor([0.0, 0.125, 0.25, 0.6, 1.0, 1.5]).view(1, 1, 1, 6)
+    got = curve(image, torch.randn(1, 4, 2, 2)).flatten()
+    assert torch.allclose(got, torch.tensor([1.0, 0.5, 0.0, 0.5, 1.0, 1.0]))    # above 1: clamped
+    with pytest.raises(ValueError, match="one input channel"):
+        I2IGalipUNet(UNetConfig(**TINY_UNET, curve_knots=5, in_channels=2))
+
+
 def test_conditioning_changes_the_output():
     torch.manual_seed(1)
     unet = I2IGalipUNet(UNetConfig(**TINY_UNET)).eval()

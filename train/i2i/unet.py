@@ -12,6 +12,11 @@ blocks, attention at downsample factors 8/16/32 + middle, 32 channels per head,
 context 512, 3 class rows (T1/T2/PD, IXI) → 13,242,881 parameters (context 768 →
 14,127,617). The class embedding is indexed by ``Domain.class_id`` of the runtime's
 domain registry, so it has ``max(class_id) + 1`` rows for the trained domains.
+
+Not in the paper, off by default (``curve_knots``): an :class:`IntensityCurve` beside the
+output head. The head ends in GroupNorm, so the output's level and scale over an image
+come from the normalised features alone; a translation that is mostly a re-mapping of
+intensities (T1 -> T2 inverts them) is then slow to learn on a few thousand CPU steps.
 """
 from __future__ import annotations
 
@@ -38,6 +43,8 @@ class UNetConfig:
     n_classes: int = 3          # rows of the class embedding: max(Domain.class_id) + 1
     groups: int = 32            # GroupNorm groups
     dropout: float = 0.0
+    # knots of the intensity curve added to the output (0: none, the paper's U-Net; IntensityCurve)
+    curve_knots: int = 0
 
     @property
     def emb_dim(self) -> int:
@@ -254,6 +261,10 @@ class I2IGalipUNet(nn.Module):
                 self.output_blocks.append(Stage(layers))
         self.out = nn.Sequential(nn.GroupNorm(g, ch), nn.SiLU(),
                                  _zero(nn.Conv2d(ch, cfg.out_channels, 3, padding=1)))
+        mid = cfg.channel_mult[-1] * cfg.base_channels
+        if cfg.curve_knots and (cfg.in_channels, cfg.out_channels) != (1, 1):
+            raise ValueError("an intensity curve maps one input channel to one output channel")
+        self.curve = IntensityCurve(mid, cfg.curve_knots) if cfg.curve_knots else None
 
     def forward(self, image: torch.Tensor, context: torch.Tensor, class_id: torch.Tensor) -> torch.Tensor:
         return self.body(image, self.class_embed(class_id), context)    # emb: (N, 4·base)
@@ -266,9 +277,32 @@ class I2IGalipUNet(nn.Module):
             h = stage(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        curve = None if self.curve is None else self.curve(image, h)
         for stage in self.output_blocks:
             h = stage(torch.cat([h, skips.pop()], dim=1), emb, context)
-        return self.out(h)
+        return self.out(h) if curve is None else self.out(h) + curve
+
+
+class IntensityCurve(nn.Module):
+    """A piecewise-linear curve of the input intensity, added to the U-Net's output: the
+    values at ``knots`` evenly spaced intensities in [0, 1] are read off the pooled
+    bottleneck features (which carry the target's conditioning and what the source looks
+    like), so one curve per image and target, as a histogram match is one per volume.
+    Zero at initialisation (the plain U-Net). image (N, 1, H, W), features (N, C, h, w)
+    → (N, 1, H, W)."""
+
+    def __init__(self, channels: int, knots: int):
+        super().__init__()
+        if knots < 2:
+            raise ValueError(f"an intensity curve needs at least 2 knots, got {knots}")
+        self.to_values = _zero(nn.Linear(channels, knots))
+        self.register_buffer("positions", torch.arange(knots, dtype=torch.float32).view(1, knots, 1, 1))
+
+    def forward(self, image: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        values = self.to_values(features.mean(dim=(2, 3)))[:, :, None, None]        # (N, K, 1, 1)
+        where = image.clamp(0.0, 1.0) * (self.positions.shape[1] - 1)              # in knot units
+        weights = F.relu(1.0 - (where - self.positions).abs())                     # linear interpolation
+        return (weights * values).sum(dim=1, keepdim=True)
 
 
 def count_parameters(module: nn.Module) -> int:
