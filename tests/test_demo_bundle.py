@@ -31,11 +31,12 @@ def test_shipped_bundle_is_what_the_demo_recipe_makes():
     """``make demo-bundle`` re-makes the shipped models: the steps and shapes its recipe
     trains are the ones the shipped manifest records."""
     from galip.export import demo_bundle as recipe
+    from galip.train.i2i.unet import UNetConfig
 
     models = load_bundle(cli.SHIPPED_BUNDLE).manifest["models"]
     generator = models["generator"]
     assert generator["trained_steps"] == recipe.DEMO_STEPS + recipe.DEMO_FINETUNE_STEPS
-    assert generator["unet"] == recipe.demo_config().unet.to_dict()
+    assert UNetConfig.from_dict(generator["unet"]) == recipe.demo_config().unet
     assert generator["domains"] == recipe.DEMO_DOMAINS.split(",")
     assert models["diffusion"]["T2"]["trained_steps"] == recipe.DEMO_DIFFUSION["steps"]
     assert models["diffusion"]["T2"]["net"]["ch"] == recipe.DEMO_DIFFUSION_WIDTH

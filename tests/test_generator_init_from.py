@@ -55,6 +55,17 @@ def test_start_from_averages_with_this_runs_ema_decay(source):
     assert trainer.ema.decay == 0.5
 
 
+def test_a_checkpoint_written_before_the_curve_option_still_starts_a_run(source):
+    payload = load_checkpoint(source)
+    del payload["unet_config"]["curve_knots"]                  # as checkpoints of older versions
+    trainer = I2ITrainer(tiny_config("none", steps=10), parse_domains("T1,T2,PD"))
+    trainer.start_from(payload, source)
+    curved = tiny_config("none", steps=10)
+    curved.unet = dataclasses.replace(curved.unet, curve_knots=4)
+    with pytest.raises(ConfigError, match="another unet"):
+        I2ITrainer(curved, parse_domains("T1,T2,PD")).start_from(load_checkpoint(source), source)
+
+
 def test_a_fine_tuning_run_records_where_it_started(data_dir, source, tmp_path):  # noqa: F811
     tuned = loop.train_generator(tmp_path / "tuned", data_dir, "T1,T2,PD", {**NONE, "steps": 1},
                                  progress=False, trainer_config=tiny_config("none"), init_from=source)

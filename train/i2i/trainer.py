@@ -275,7 +275,7 @@ class I2ITrainer:
         check_format(payload, source)
         mine = self._network_facts()
         theirs = {"backbone": payload["mode"], "domains": [d["name"] for d in payload["domains"]],
-                  "unet": payload["unet_config"],
+                  "unet": UNetConfig.from_dict(payload["unet_config"]).to_dict(),   # older: fewer keys
                   **{key: payload["train_config"].get(key) for key in ("conv_channels", "histogram_head")}}
         differ = [key for key in mine if mine[key] != theirs[key]]
         if differ:
