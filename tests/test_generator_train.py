@@ -196,6 +196,7 @@ def cli():
     ("unknown", "unknown domain"), ("single", "at least 2"), ("missing", "does not exist"),
     ("empty", "index.json"), ("size", "multiple of 32"), ("resume", "does not exist"),
     ("no-domains", "--domains is missing"), ("crop", "--crop 48"), ("crop-big", "up to --size 64"),
+    ("curve", "--curve-knots 1"),
 ])
 def test_bad_arguments_exit_2_with_one_line(cli, data_dir, tmp_path, case, needle):
     empty = tmp_path / "empty"
@@ -210,6 +211,7 @@ def test_bad_arguments_exit_2_with_one_line(cli, data_dir, tmp_path, case, needl
         "no-domains": ["--data", data_dir],
         "crop": ["--data", data_dir, "--domains", DOMAINS, "--crop", "48"],
         "crop-big": ["--data", data_dir, "--domains", DOMAINS, "--size", "64", "--crop", "96"],
+        "curve": ["--data", data_dir, "--domains", DOMAINS, "--curve-knots", "1"],
     }[case]
     result = cli(*args, "--out", tmp_path / "out")
     assert result.exit_code == 2, result.output
@@ -226,6 +228,19 @@ def test_resume_with_a_different_setting_is_refused(data_dir, tmp_path):
         loop.train_generator(tmp_path, data_dir, None, {"steps": 7}, resume=True, progress=False)
     with pytest.raises(ConfigError, match="exists; pass --resume"):
         loop.train_generator(tmp_path, data_dir, "T1,T2", {}, progress=False)
+
+
+def test_curve_knots_set_the_unet_and_a_resume_must_keep_them(data_dir, tmp_path):
+    from galip.runtime.errors import ConfigError
+    from galip.train.checkpoint import load_checkpoint
+    loop.train_generator(tmp_path, data_dir, "T1,T2", {"backbone": "none", "steps": 2, "curve_knots": 4},
+                         save_every=1, progress=False, trainer_config=tiny_config("none"))
+    payload = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert payload["unet_config"]["curve_knots"] == 4
+    assert any(key.startswith("unet.curve.") for key in payload["generator"])
+    with pytest.raises(ConfigError, match="--curve-knots 8 differs from the checkpoint's 4"):
+        loop.train_generator(tmp_path, data_dir, None, {"curve_knots": 8}, resume=True, progress=False)
+    loop.train_generator(tmp_path, data_dir, None, {"curve_knots": 4}, resume=True, progress=False)
 
 
 def one_line(result) -> str:

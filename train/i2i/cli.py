@@ -40,6 +40,7 @@ def generator(
     crop: Annotated[Optional[int], typer.Option(min=0, help="Train on random CROP x CROP windows (a multiple of 32, at most --size; 0 = whole slices) \\[default: 0].")] = None,
     min_foreground: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Skip slices with less foreground than this (0 keeps empty slices, at their natural rate) \\[default: 0.05].")] = None,
     histogram_head: Annotated[Optional[bool], typer.Option("--histogram-head/--no-histogram-head", help="Clip-free: add an intensity-histogram discriminator head per domain \\[default: off].")] = None,
+    curve_knots: Annotated[Optional[int], typer.Option(min=0, help="Add an intensity curve with this many knots beside the U-Net's output head (not in the paper; docs/training.md); 0 = the paper's U-Net \\[default: 0].")] = None,
     init_from: Annotated[Optional[Path], typer.Option(
         help="Start from this generator checkpoint's networks (same domains and shapes) with fresh "
              "optimisers and lr schedule: fine-tunes a trained generator.", dir_okay=False)] = None,
@@ -52,7 +53,7 @@ def generator(
         from .loop import train_generator          # checks the arguments before torch loads
         given = {"steps": steps, "size": size, "batch": batch, "seed": seed,
                  "backbone": None if backbone is None else backbone.value, "crop": crop,
-                 "min_foreground": min_foreground, "histogram_head": histogram_head}
+                 "min_foreground": min_foreground, "histogram_head": histogram_head, "curve_knots": curve_knots}
         result = train_generator(out, data, domains, given, save_every=save_every, resume=resume,
                                  progress=is_interactive(), init_from=init_from)
     losses = " ".join(f"{k} {v:.4g}" for k, v in result["losses"].items())

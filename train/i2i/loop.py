@@ -39,6 +39,8 @@ def check_arguments(data_dir: Path, domains: str | None, given: dict, out: Path,
     crop = given.get("crop")
     if crop and (crop % 32 or crop > (size or 128)):
         raise ConfigError(f"--crop {crop} is not a multiple of 32 up to --size {size or 128} (0 trains on whole slices)")
+    if given.get("curve_knots") == 1:
+        raise ConfigError("--curve-knots 1 is no curve; pass 0 (none) or at least 2")
     return checkpoint
 
 
@@ -46,6 +48,17 @@ def trained_steps(payload: dict) -> int:
     """Optimiser steps behind a checkpoint's weights: its own, plus those of the checkpoint
     it was fine-tuned from."""
     return int(payload.get("step", 0)) + int((payload.get("init_from") or {}).get("trained_steps", 0))
+
+
+UNET_SETTINGS = ("curve_knots",)   # options that set a field of the U-Net's config, not of TrainConfig
+
+
+def _saved_setting(saved: dict, key: str):
+    """The value a checkpoint's train config holds for the option ``key``."""
+    if key in UNET_SETTINGS:
+        from .unet import UNetConfig
+        return getattr(UNetConfig.from_dict(saved["unet"]), key)      # older configs: the default
+    return saved.get(key)
 
 
 def _resumed_settings(payload: dict, domains: str | None, given: dict) -> tuple[list[Domain], dict]:
@@ -57,8 +70,8 @@ def _resumed_settings(payload: dict, domains: str | None, given: dict) -> tuple[
         raise ConfigError(f"--domains {domains} differs from the checkpoint's "
                           f"{','.join(d.name for d in saved_domains)}; drop it or train into another --out")
     for key, value in given.items():
-        if value is not None and value != saved.get(key):
-            raise ConfigError(f"--{key} {value} differs from the checkpoint's {saved.get(key)}; "
+        if value is not None and value != _saved_setting(saved, key):
+            raise ConfigError(f"--{key.replace('_', '-')} {value} differs from the checkpoint's {_saved_setting(saved, key)}; "
                               "drop it to continue the same schedule, or train into another --out")
     return saved_domains, saved
 
@@ -100,7 +113,7 @@ def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict,
         config = copy.deepcopy(trainer_config) if trainer_config is not None else TrainConfig()
         for key, value in given.items():
             if value is not None:
-                setattr(config, key, value)
+                setattr(config.unet if key in UNET_SETTINGS else config, key, value)
     trainer = I2ITrainer(config, domain_list)          # backbone errors before the slow data load
     started_from = payload.get("init_from") if payload is not None else None
     if init_from is not None:
