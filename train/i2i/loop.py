@@ -70,8 +70,11 @@ def _resumed_settings(payload: dict, domains: str | None, given: dict) -> tuple[
         raise ConfigError(f"--domains {domains} differs from the checkpoint's "
                           f"{','.join(d.name for d in saved_domains)}; drop it or train into another --out")
     for key, value in given.items():
-        if value is not None and value != _saved_setting(saved, key):
-            raise ConfigError(f"--{key.replace('_', '-')} {value} differs from the checkpoint's {_saved_setting(saved, key)}; "
+        if value is None:
+            continue
+        held = _saved_setting(saved, key)
+        if value != held:
+            raise ConfigError(f"--{key.replace('_', '-')} {value} differs from the checkpoint's {held}; "
                               "drop it to continue the same schedule, or train into another --out")
     return saved_domains, saved
 
