@@ -136,6 +136,7 @@ def merge_preprocess(existing: dict | None, stored: dict | None, multiple: int) 
     checkpoint's, the network's (``multiple``) and the bundle's; ConfigError when another model of the bundle was trained differently."""
     config = PreprocessConfig.from_dict(stored or {})
     new = {**config.to_dict(), "size_multiple": math.lcm(config.size_multiple, int(multiple))}
+    new.pop("bias_field")      # a fact of each model's training: the model's own entry (model_preprocess)
     if not existing:
         return new
     for key in ("axis", "spacing", "percentiles"):
@@ -143,6 +144,13 @@ def merge_preprocess(existing: dict | None, stored: dict | None, multiple: int) 
             raise ConfigError(f"this model was trained with preprocess {key}={new[key]!r} but the bundle's "
                               f"other models use {existing.get(key)!r}; export it into another --out")
     return {**existing, "size_multiple": math.lcm(int(existing["size_multiple"]), int(multiple))}
+
+
+def model_preprocess(manifest: dict, stored: dict | None) -> dict:
+    """What a model's entry adds to its manifest entry: ``{"preprocess": the bundle's with
+    the model's bias_field}`` where the model was trained on bias-free slices, else nothing."""
+    bias = PreprocessConfig.from_dict(stored or {}).bias_field
+    return {} if bias == "none" else {"preprocess": {**manifest["preprocess"], "bias_field": bias}}
 
 
 def _norm_value(value):
@@ -265,6 +273,7 @@ def _export_generator(payload: dict, root: Path, manifest: dict, options: Export
         "io": {"inputs": dict(INPUTS), "outputs": dict(OUTPUTS)},
         "unet": unet_config.to_dict(), "trained_steps": trained_steps(payload),   # a fine-tuning's start too
         "trained_size": (payload.get("preprocess") or {}).get("size"),
+        **model_preprocess(manifest, payload.get("preprocess")),
     }
     manifest.setdefault("models", {})["generator"] = entry
     precision = "fp16" if options.fp16 else "fp32"
@@ -320,6 +329,7 @@ def _export_diffusion(payload: dict, root: Path, manifest: dict, options: Export
         "conditioning": {"xt_map": denoiser.lmi_config.xt_map, "clip_x0": True},
         "io": {"inputs": dict(dg.INPUTS), "outputs": dict(dg.OUTPUTS)}, "lmi_io": dict(dg.LMI_IO),
         "net": denoiser.net.config.to_dict(), "trained_steps": int(info.get("step") or 0),
+        **model_preprocess(manifest, info.get("preprocess")),
     }
     manifest.setdefault("models", {}).setdefault("diffusion", {})[target] = entry
     precision = "fp16" if options.fp16 else "fp32"

@@ -138,7 +138,8 @@ class Bundle:
 
     @property
     def preprocess(self) -> dict:
-        """``axis`` (int), ``spacing`` (mm), ``size_multiple`` (int), ``percentiles`` ([lo, hi])."""
+        """``axis`` (int), ``spacing`` (mm), ``size_multiple`` (int), ``percentiles`` ([lo, hi]),
+        ``bias_field`` ("none"/"n4", absent in older bundles: none)."""
         return self.manifest["preprocess"]
 
     @property

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .bias import BIAS_FIELDS
 from .contract.entries import DEFAULT_SAMPLER, PRECISIONS
 from .errors import BundleError
 from .limits import VOXEL_MM
@@ -150,6 +151,8 @@ def _preprocess(c: _Checker, pre: Any, where: str) -> None:
         c.number(pre["spacing"], f"{where}.spacing (mm, or null to keep the input's)", *VOXEL_MM)
     c.integer(pre["size_multiple"], f"{where}.size_multiple", 1, 1024)
     c.pair(pre["percentiles"], f"{where}.percentiles", 0.0, 100.0)
+    if "bias_field" in pre:                       # absent in bundles written before it existed: none
+        c.string(pre["bias_field"], f"{where}.bias_field", choices=BIAS_FIELDS)
 
 
 def _domains(c: _Checker, domains: Any) -> None:

@@ -2,6 +2,7 @@
 
 numpy only around the backends (never torch). The chain, per batch of ``batch`` slices::
 
+    flatten (bias_field "n4": source / its coil field, bias.py)   once per volume
     plan_volume (bundle's PreprocessConfig, source kind)      once per volume
     SlicePlan.prepare       raw canonical slices → model space [0, 1]
     generator:  translated = G(image, domain class id)
@@ -16,7 +17,7 @@ numpy only around the backends (never torch). The chain, per batch of ``batch`` 
     slices_to_volume at the end. ``planes=3`` repeats this along all three axes and
     ``tta="flip"`` on the left-right mirrored volume; the passes are averaged. Last,
     voxels outside the source's foreground (runtime/foreground.py, or the user's mask)
-    are set to the target's background.
+    are set to the target's background, after an MRI output got the source's bias field back.
 
 Whole-volume arrays: the input, the raw canonical slice stack from ``plan_volume``, the
 output slice stack (filled batch by batch) and the output volume; every model-space array
@@ -42,6 +43,7 @@ from .contract import (DEFAULT_ETA, DEFAULT_STEPS, GEN_DOMAIN, GEN_IMAGE, GEN_OU
                        DiffusionEntry, ModelEntry)
 from .domains import Domain, get_domain
 from .errors import BackendError, BundleError, ConfigError, GalipError
+from .bias import flatten
 from .foreground import head_mask
 from .intensity import CT_WINDOW, IntensityMap, fit_intensity
 from .limits import affordable_batch
@@ -240,6 +242,8 @@ class Translator:
         started = time.perf_counter()
         if foreground is None and self.settings.mask == "auto":
             foreground = head_mask(data, fit_intensity(np.asarray(data), kind, percentiles=tuple(self.config.percentiles)))
+        # the coil's bias field (runtime/bias.py): the model translates without it, then it is given back
+        data, field = flatten(data, kind, self.config.bias_field, self.config.percentiles, foreground)
         # per pass, the canonical slices that reach the model: the slab (if any), and of it
         # only slices with foreground (an empty slice is background whatever the model says)
         todo = [canonical_slices(affine, np.shape(data), axis, self._mirrored(span, data, affine, mirror) if flip else span,
@@ -257,6 +261,8 @@ class Translator:
             fused = out if fused is None else fused + out.astype(np.float64)
         # one pass (the default) is the volume itself: no float64 copy of it on the hot path
         volume = fused if len(passes) == 1 else (fused / len(passes)).astype(np.float32)
+        if field is not None and self.target.kind == "mri":
+            volume *= field
         if foreground is not None:
             volume[~foreground] = target_map.lo               # the target's background
         seconds = time.perf_counter() - started

@@ -30,13 +30,16 @@ class PreprocessConfig:
     """Preprocessing a model was trained with; stored in checkpoints and bundle manifests.
 
     ``spacing`` is the in-plane spacing (mm) slices are resampled to (None: keep the
-    input's); ``size_multiple`` is what the network's down-sampling needs.
+    input's); ``size_multiple`` is what the network's down-sampling needs;
+    ``bias_field`` ("none" or "n4") whether an MRI source's coil bias field is divided out
+    before and multiplied back after the model (runtime/bias.py).
     """
 
     axis: int = 2
     spacing: float | None = None
     size_multiple: int = 32
     percentiles: tuple[float, float] = (0.5, 99.5)
+    bias_field: str = "none"
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -47,7 +50,8 @@ class PreprocessConfig:
     def from_dict(cls, data: dict) -> "PreprocessConfig":
         return cls(axis=int(data.get("axis", 2)), spacing=data.get("spacing"),
                    size_multiple=int(data.get("size_multiple", 32)),
-                   percentiles=tuple(data.get("percentiles", (0.5, 99.5))))
+                   percentiles=tuple(data.get("percentiles", (0.5, 99.5))),
+                   bias_field=str(data.get("bias_field", "none")))
 
 
 @dataclass

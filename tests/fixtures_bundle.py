@@ -157,13 +157,15 @@ def _domains(names) -> dict:
 
 def build_tiny_bundle(root: str | Path, *, spacing: float | None = None, axis: int = 2,
                       diffusion_targets: tuple[str, ...] = ("T2",), timesteps: int = SCHEDULE["timesteps"],
-                      name: str | None = "tiny", source_kinds: tuple[str, ...] | None = None) -> Path:
+                      name: str | None = "tiny", source_kinds: tuple[str, ...] | None = None,
+                      bias_field: str | None = None) -> Path:
     """Write the tiny bundle into ``root`` (created) and return it.
 
     ``spacing`` None keeps the input's in-plane spacing (no resampling, so identity runs
     are exact); slices are padded to multiples of 32. ``timesteps``: T of the diffusion
     schedule (small T makes ``--sampler ddpm`` quick). ``source_kinds``: what the
     generator's manifest entry says it was trained on (None: derived from its domains).
+    ``bias_field``: the generator's own preprocess says so ("none"/"n4"; None: no entry).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -177,6 +179,9 @@ def build_tiny_bundle(root: str | Path, *, spacing: float | None = None, axis: i
     }}
     if source_kinds is not None:
         models["generator"]["source_kinds"] = list(source_kinds)
+    preprocess = {"axis": axis, "spacing": spacing, "size_multiple": 32, "percentiles": [0.5, 99.5]}
+    if bias_field is not None:
+        models["generator"]["preprocess"] = {**preprocess, "bias_field": bias_field}
     if diffusion_targets:
         onnx.save(lmi_onnx.lmi_model(**LMI), root / "lmi.onnx")
         models["diffusion"] = {}
@@ -189,7 +194,7 @@ def build_tiny_bundle(root: str | Path, *, spacing: float | None = None, axis: i
                 "sampler": {"default": "ddim", "steps": 4}, "data_range": [-1.0, 1.0],
             }
     manifest = {
-        "preprocess": {"axis": axis, "spacing": spacing, "size_multiple": 32, "percentiles": [0.5, 99.5]},
+        "preprocess": preprocess,
         "domains": _domains(GENERATOR_DOMAINS),
         "models": models,
     }

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ pytest.importorskip("onnxruntime")
 
 from galip.export.cli import app  # noqa: E402
 from galip.runtime.bundle import load_bundle  # noqa: E402
+from galip.runtime.pipeline import prepare  # noqa: E402
+from galip.runtime.settings import Settings  # noqa: E402
 from test_export import FakeTRT  # noqa: E402
 
 SKIP_LINE = "engines skipped: TensorRT not installed: pip install 'galip[gpu]' on a machine with an NVIDIA GPU"
@@ -160,3 +163,21 @@ def test_export_records_the_sampler_it_is_given(checkpoints, tmp_path, sampler, 
     assert result.exit_code == 0, result.output
     recorded = load_bundle(tmp_path / "b").manifest["models"]["diffusion"]["T2"]["sampler"]
     assert recorded == {**entry, "spacing": "trailing"}        # steps capped at the schedule's T = 20
+
+
+def test_a_bias_free_generator_says_so_in_its_own_entry(tmp_path, no_tensorrt):
+    payload = generator_payload(seed=2)
+    payload["preprocess"] = {**payload["preprocess"], "bias_field": "n4"}
+    checkpoint = save_payload(payload, tmp_path / "gen" / "checkpoint.pt")
+    diffusion = save_payload(diffusion_payload(seed=3, target="T2"), tmp_path / "dif" / "checkpoint.pt")
+    bundle = tmp_path / "bundle"
+    for source in (diffusion, checkpoint):             # a diffusion model trained on biased slices beside it
+        result = invoke(source, "--out", bundle, "--no-fp16", "--no-engines")
+        assert result.exit_code == 0, result.output
+    loaded = load_bundle(bundle)
+    models = loaded.manifest["models"]
+    assert "bias_field" not in loaded.preprocess                       # the bundle's shared settings
+    assert models["generator"]["preprocess"] == {**loaded.preprocess, "bias_field": "n4"}
+    assert "preprocess" not in models["diffusion"]["T2"]
+    assert prepare(loaded, "T2").config.bias_field == "n4"
+    assert prepare(loaded, "T2", replace(Settings(), model="diffusion")).config.bias_field == "none"

@@ -7,8 +7,10 @@ import torch
 
 from galip.runtime.domains import parse_domains
 from galip.train.i2i.losses import l1_where_known
-from galip.train.i2i.prior import (bias_field, decided, load_slices_with_pseudo_targets, matched,
-                                   prefers_negation, target_signs)
+from galip.runtime.bias import n4_field
+from galip.runtime.errors import ConfigError
+from galip.train.i2i.prior import (decided, load_slices_with_pseudo_targets, matched, prefers_negation,
+                                   target_signs)
 from galip.train.slices import load_training_slices
 
 from test_generator_train import DOMAINS, data_dir, tiny_config  # noqa: F401  (fixture)
@@ -46,10 +48,10 @@ def test_n4_finds_a_smooth_bias_field():
     volume, region = _tissues(broad=1.0, thin=0.4, phase=0, seed=3)
     x = np.linspace(-1, 1, volume.shape[0])[:, None, None]
     true_log = np.broadcast_to(0.3 * x - 0.2 * x ** 2, volume.shape)
-    estimate = bias_field(volume * np.exp(true_log), region)
+    estimate = n4_field(volume * np.exp(true_log), region)
     assert estimate.shape == volume.shape and np.all(estimate > 0)
     assert np.corrcoef(np.log(estimate[region]), true_log[region])[0, 1] > 0.9
-    flat = bias_field(volume, region)                       # no field: N4 finds (almost) none
+    flat = n4_field(volume, region)                       # no field: N4 finds (almost) none
     assert np.log(flat[region]).std() < 0.2 * true_log[region].std()
 
 
@@ -93,6 +95,34 @@ def test_bias_corrected_pseudo_targets_keep_their_shape_and_range(data_dir):  # 
         assert stack.shape == plain[name].shape and np.all(np.isfinite(stack))
         assert stack.min() >= 0 and stack.max() <= 1
         np.testing.assert_array_equal(stack[:, 0], plain[name][:, 0])   # the slices themselves are untouched
+
+
+def test_bias_free_slices_are_what_the_plain_loader_gives_with_the_same_setting(data_dir):  # noqa: F811
+    domains = parse_domains(DOMAINS)
+    flat, _ = load_slices_with_pseudo_targets(data_dir, domains, 32, min_foreground=0.0, bias_field="n4")
+    plain = load_training_slices(data_dir, domains, 32, min_foreground=0.0, bias_field="n4")
+    biased = load_training_slices(data_dir, domains, 32, min_foreground=0.0)
+    for name, stack in flat.items():
+        np.testing.assert_array_equal(stack[:, 0], plain[name])     # one chain: the runtime's flatten
+        assert not np.array_equal(plain[name], biased[name])        # and it did divide something out
+        assert np.all(np.isfinite(stack)) and stack.min() >= 0 and stack.max() <= 1
+
+
+def test_a_back_translated_domain_learns_from_the_other_domains_subjects(data_dir):  # noqa: F811
+    domains = parse_domains(DOMAINS)                                 # T1, T2, PD: one subject each
+    slices, signs = load_slices_with_pseudo_targets(data_dir, domains, 32, min_foreground=0.0,
+                                                    back_translate=("PD",))
+    assert not any(pair.startswith("PD->") for pair in signs)       # PD's own slices are not matched
+    pd = slices["PD"]
+    assert pd.shape == (12, 4, 32, 32)                               # its 4 slices + 4 from T1's, 4 from T2's
+    assert np.isnan(pd[:4, 1:3]).all() and np.isfinite(pd[4:]).all()
+    np.testing.assert_array_equal(pd[:, 3], pd[:, 0])                # its own channel: the input again
+    t1, t2 = slices["T1"], slices["T2"]
+    # the synthetic PD is T1's pseudo-target for PD, paired with that T1 slice and its T2 target
+    np.testing.assert_array_equal(pd[4:8], t1[:, [3, 1, 2, 3]])
+    np.testing.assert_array_equal(pd[8:], t2[:, [3, 1, 2, 3]])
+    with pytest.raises(ConfigError, match="back_translate"):
+        load_slices_with_pseudo_targets(data_dir, domains, 32, back_translate=("T1", "T2", "PD"))
 
 
 def test_prior_term_ignores_missing_pseudo_targets():

@@ -243,6 +243,17 @@ def test_curve_knots_set_the_unet_and_a_resume_must_keep_them(data_dir, tmp_path
     loop.train_generator(tmp_path, data_dir, None, {"curve_knots": 4}, resume=True, progress=False)
 
 
+def test_a_bias_free_run_records_it_for_the_bundle_and_a_resume_must_keep_it(data_dir, tmp_path):
+    from galip.runtime.errors import ConfigError
+    from galip.train.checkpoint import load_checkpoint
+    loop.train_generator(tmp_path, data_dir, "T1,T2", {"backbone": "none", "steps": 2, "bias_field": "n4"},
+                         save_every=1, progress=False, trainer_config=tiny_config("none"))
+    payload = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert payload["preprocess"]["bias_field"] == "n4" and payload["train_config"]["bias_field"] == "n4"
+    with pytest.raises(ConfigError, match="--bias-field none differs from the checkpoint's n4"):
+        loop.train_generator(tmp_path, data_dir, None, {"bias_field": "none"}, resume=True, progress=False)
+
+
 def one_line(result) -> str:
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1, result.output

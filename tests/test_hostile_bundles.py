@@ -79,6 +79,7 @@ FIELD_CASES = [
     (("domains", "T2", "class_id"), "one", "domains.T2.class_id should be an integer from 0 to 1023, found 'one'"),
     (("domains", "T2", "suffix"), 5, "domains.T2.suffix should be a string matching"),
     (("preprocess", "percentiles"), [99, 1], "preprocess.percentiles should be [low, high] with low < high"),
+    (("preprocess", "bias_field"), "n3", "preprocess.bias_field should be one of none, n4, found 'n3'"),
     (("domains", "T2", "class_id"), True, "found True"),
     (("domains", "T2", "kind"), "pet", "domains.T2.kind should be one of mri, ct, found 'pet'"),
     (("models", "generator", "graphs", "fp32"), "generator.onnx", "models.generator.graphs.fp32 should be an object"),

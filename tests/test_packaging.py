@@ -32,7 +32,7 @@ def test_gpu_extras_are_one_coherent_stack_per_cuda_major():
     ort_cuda = {12: (Version("1.21"), Version("1.26.99")), 13: (Version("1.27"), Version("1.99"))}
     for major in (12, 13):
         reqs = {r.name: r for r in map(Requirement, extras[f"gpu-cu{major}"])}
-        assert set(reqs) == {"onnx", f"tensorrt-cu{major}", "cuda-python", "onnxruntime-gpu"}
+        assert set(reqs) == {"onnx", "SimpleITK", f"tensorrt-cu{major}", "cuda-python", "onnxruntime-gpu"}
         trt = reqs[f"tensorrt-cu{major}"].specifier
         assert "10.13.2" in trt and "11.4.0" in trt and "12.0" not in trt and "10.8.0" not in trt
         cuda = reqs["cuda-python"].specifier

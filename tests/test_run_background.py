@@ -1,4 +1,5 @@
-"""galip-run keeps air as air: zero black level, the foreground mask, source kinds, planes/TTA."""
+"""galip-run keeps air as air: zero black level, the foreground mask, source kinds, planes/TTA,
+and a bias-free bundle's coil field."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +10,9 @@ import pytest
 from scipy import ndimage
 from typer.testing import CliRunner
 
+from galip.runtime import bias
 from galip.runtime.cli import app
+from galip.runtime.errors import GalipError
 from galip.runtime.foreground import head_mask
 from galip.runtime.intensity import fit_intensity
 
@@ -132,3 +135,38 @@ def test_bad_fusion_and_mask_options_are_one_line(tmp_path, bundle, option, valu
     result = run(source, "--to", "T2", "--bundle", bundle, option, value)
     assert result.exit_code == 2, result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_bias_free_bundle_translates_the_flat_source_and_gives_the_field_back(tmp_path, monkeypatch):
+    data, head = head_volume()
+    x = np.linspace(-1, 1, data.shape[0])[:, None, None]
+    field = np.broadcast_to(np.exp(0.3 * x), data.shape).astype(np.float32)
+    fits = []
+    # N4 itself is tested in test_generator_prior; here the field is known, so the check is exact
+    monkeypatch.setattr(bias, "n4_field", lambda volume, mask: fits.append(mask) or field)
+    n4 = build_tiny_bundle(tmp_path / "n4", diffusion_targets=(), bias_field="n4")
+    plain = build_tiny_bundle(tmp_path / "plain", diffusion_targets=())
+    biased = write_volume(tmp_path / "biased.nii.gz", data * field, lps_affine())
+    flat = write_volume(tmp_path / "flat.nii.gz", data, lps_affine())
+    # one mask for every run (the auto mask of a biased and a flat head differ at the edge)
+    mask = write_volume(tmp_path / "head.nii.gz", head.astype(np.uint8), lps_affine())
+    outs = {}
+    for name, source, bundle in (("n4", biased, n4), ("plain", flat, plain), ("ignored", biased, plain)):
+        outs[name] = tmp_path / f"{name}.nii.gz"
+        result = run(source, "--to", "T2", "--bundle", bundle, "--out", outs[name], "--mask", mask)
+        assert result.exit_code == 0, result.output
+    assert len(fits) == 1 and np.array_equal(fits[0], head)         # fitted once, in the mask
+    got, want = _load(outs["n4"]), _load(outs["plain"]) * field
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * float(want.max()))
+    # a bundle without the setting translates the biased source as it is: the inverted
+    # contrast then carries the field upside down
+    assert np.abs(_load(outs["ignored"]) - want).max() > 0.05 * float(want.max())
+
+
+def test_flatten_leaves_ct_and_bias_free_bundles_alone_and_names_bad_settings():
+    data, _ = head_volume()
+    for kind, method in (("ct", "n4"), ("mri", "none")):
+        same, field = bias.flatten(data, kind, method, (0.5, 99.5))
+        assert same is data and field is None
+    with pytest.raises(GalipError, match="bias_field"):
+        bias.flatten(data, "mri", "n3", (0.5, 99.5))

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from galip.runtime.bias import flatten
 from galip.runtime.domains import Domain
 from galip.runtime.errors import ConfigError
 from galip.runtime.preprocess import PreprocessConfig, plan_volume
@@ -21,10 +22,10 @@ from galip.runtime.volume import load_volume
 
 def preprocess_config(size: int, *, axis: int = 2, spacing: float | None = None,
                       percentiles: tuple[float, float] = (0.5, 99.5),
-                      min_foreground: float = 0.05) -> dict:
+                      min_foreground: float = 0.05, bias_field: str = "none") -> dict:
     """The preprocessing settings stored in checkpoints and, later, the bundle manifest:
     the runtime's :class:`PreprocessConfig` plus the training crop size and slice filter."""
-    config = PreprocessConfig(axis=axis, spacing=spacing, percentiles=tuple(percentiles))
+    config = PreprocessConfig(axis=axis, spacing=spacing, percentiles=tuple(percentiles), bias_field=bias_field)
     return {**config.to_dict(), "size": int(size), "min_foreground": float(min_foreground)}
 
 
@@ -71,16 +72,20 @@ def volume_slices(path: str | Path, domain: Domain, config: dict,
     each is prepared exactly as the runtime prepares a volume sliced along it.
     ``config["min_foreground"]`` 0 keeps every slice, the empty ones above the head
     included, at the rate a volume has them (so a model learns that empty stays empty).
+    ``config["bias_field"]`` "n4": the volume's coil field is divided out first, as the
+    runtime does (galip.runtime.bias).
     """
     volume = load_volume(path)
-    stack = prepared_slices(volume.data, volume.affine_mm, domain.kind, config, axes)
+    data, _ = flatten(volume.data, domain.kind, config.get("bias_field", "none"), config["percentiles"])
+    stack = prepared_slices(data, volume.affine_mm, domain.kind, config, axes)
     return np.ascontiguousarray(stack[kept_slices(stack, config)], dtype=np.float32)
 
 
 def prepared_slices(data: np.ndarray, affine_mm: np.ndarray, kind: str, config: dict,
                     axes: Sequence[int] | None = None) -> np.ndarray:
     """Every slice of one volume along each of ``axes`` (default: the config's axis), as
-    the runtime prepares it and centre-fitted to ``config["size"]``: (n, size, size)."""
+    the runtime prepares it and centre-fitted to ``config["size"]``: (n, size, size).
+    ``data`` is already bias-free where the config asks for that (:func:`volume_slices`)."""
     stacks = []
     for axis in axes if axes is not None else [config["axis"]]:
         plan, raw = plan_volume(data, affine_mm, kind, PreprocessConfig.from_dict({**config, "axis": axis}))
@@ -96,16 +101,18 @@ def kept_slices(stack: np.ndarray, config: dict) -> np.ndarray:
 def load_training_slices(data_dir: str | Path, domains: Sequence[Domain], size: int, *,
                          axis: int = 2, spacing: float | None = None,
                          split: str = "unpaired", min_foreground: float = 0.05,
-                         axes: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+                         axes: Sequence[int] | None = None, bias_field: str = "none") -> dict[str, np.ndarray]:
     """Slices per domain name, ``(n, size, size)`` float32 in [0, 1].
 
     ``split="unpaired"`` gives each domain different subjects; ``"all"`` uses every
     subject for every domain (diffusion trains on one domain, so it wants all of them).
     ``min_foreground``: drop slices with less foreground than this (0 keeps all);
-    ``axes``: slice along each of these axes (default: ``axis`` only).
+    ``axes``: slice along each of these axes (default: ``axis`` only); ``bias_field``:
+    "n4" trains on bias-free slices (galip.runtime.bias).
     """
     index = read_index(data_dir)
-    config = preprocess_config(size, axis=axis, spacing=spacing, min_foreground=min_foreground)
+    config = preprocess_config(size, axis=axis, spacing=spacing, min_foreground=min_foreground,
+                               bias_field=bias_field)
     if split == "unpaired":
         assignment = split_unpaired(index["subjects"], domains)
     elif split == "all":

@@ -17,6 +17,11 @@ from rich.console import Console
 from galip.runtime.cli_support import is_interactive, user_errors
 
 
+class BiasField(str, Enum):
+    none = "none"
+    n4 = "n4"
+
+
 class Backbone(str, Enum):
     biomedclip = "biomedclip"
     tiny = "tiny"
@@ -41,6 +46,7 @@ def generator(
     min_foreground: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Skip slices with less foreground than this (0 keeps empty slices, at their natural rate) \\[default: 0.05].")] = None,
     histogram_head: Annotated[Optional[bool], typer.Option("--histogram-head/--no-histogram-head", help="Clip-free: add an intensity-histogram discriminator head per domain \\[default: off].")] = None,
     curve_knots: Annotated[Optional[int], typer.Option(min=0, help="Add an intensity curve with this many knots beside the U-Net's output head (not in the paper; docs/training.md); 0 = the paper's U-Net \\[default: 0].")] = None,
+    bias_field: Annotated[Optional[BiasField], typer.Option(help="n4: train on slices with the coil's bias field divided out (SimpleITK's N4), as galip-run then does for this model's bundle; none: slices as they are \\[default: none].")] = None,
     init_from: Annotated[Optional[Path], typer.Option(
         help="Start from this generator checkpoint's networks (same domains and shapes) with fresh "
              "optimisers and lr schedule: fine-tunes a trained generator.", dir_okay=False)] = None,
@@ -53,7 +59,8 @@ def generator(
         from .loop import train_generator          # checks the arguments before torch loads
         given = {"steps": steps, "size": size, "batch": batch, "seed": seed,
                  "backbone": None if backbone is None else backbone.value, "crop": crop,
-                 "min_foreground": min_foreground, "histogram_head": histogram_head, "curve_knots": curve_knots}
+                 "min_foreground": min_foreground, "histogram_head": histogram_head, "curve_knots": curve_knots,
+                 "bias_field": None if bias_field is None else bias_field.value}
         result = train_generator(out, data, domains, given, save_every=save_every, resume=resume,
                                  progress=is_interactive(), init_from=init_from)
     losses = " ".join(f"{k} {v:.4g}" for k, v in result["losses"].items())

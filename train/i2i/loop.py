@@ -54,11 +54,11 @@ UNET_SETTINGS = ("curve_knots",)   # options that set a field of the U-Net's con
 
 
 def _saved_setting(saved: dict, key: str):
-    """The value a checkpoint's train config holds for the option ``key``."""
-    if key in UNET_SETTINGS:
-        from .unet import UNetConfig
-        return getattr(UNetConfig.from_dict(saved["unet"]), key)      # older configs: the default
-    return saved.get(key)
+    """The value a checkpoint's train config holds for the option ``key`` (older configs
+    without it: the default)."""
+    from .trainer import TrainConfig
+    config = TrainConfig.from_dict(saved)
+    return getattr(config.unet if key in UNET_SETTINGS else config, key)
 
 
 def _resumed_settings(payload: dict, domains: str | None, given: dict) -> tuple[list[Domain], dict]:
@@ -129,10 +129,12 @@ def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict,
         slices, signs = load_slices_with_pseudo_targets(data_dir, domain_list, config.size,
                                                         min_foreground=config.min_foreground, axes=config.axes,
                                                         split_vote=config.prior_split_vote,
-                                                        bias_correction=config.prior_bias_correction)
+                                                        bias_correction=config.prior_bias_correction,
+                                                        bias_field=config.bias_field,
+                                                        back_translate=config.prior_back_translate)
     else:
-        slices = load_training_slices(data_dir, domain_list, config.size,
-                                      min_foreground=config.min_foreground, axes=config.axes)
+        slices = load_training_slices(data_dir, domain_list, config.size, min_foreground=config.min_foreground,
+                                      axes=config.axes, bias_field=config.bias_field)
     sampler = SliceSampler(slices, config.batch, config.seed, config.crop, config.crop_on_foreground)
     probes = probe_batch(slices)
     if payload is not None:
@@ -147,7 +149,8 @@ def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict,
         save_checkpoint(checkpoint, {**trainer.state_dict(), "rng": capture_rng(),
                                      "sampler": sampler.state_dict(),
                                      "preprocess": preprocess_config(
-                                         config.size, min_foreground=config.min_foreground),
+                                         config.size, min_foreground=config.min_foreground,
+                                         bias_field=config.bias_field),
                                      "data_dir": str(data_dir), "init_from": started_from})
 
     losses: dict[str, float] = {}

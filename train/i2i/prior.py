@@ -19,11 +19,20 @@ domain, a pseudo-target, and the generator is pulled towards it by an L1 term (t
   reference's intensity histogram exactly; only where the bright tissue sits (thin
   sulci and ventricles in a T2, broad white matter in a T1) tells them apart;
 * optionally (``bias_correction``) both volumes are first divided by N4's estimate of
-  their bias field (SimpleITK) and the match is multiplied back by the source's (a
-  receive-coil property that a subject's contrasts share). A PD's tissue contrast is a
-  few percent, so without it the +-10-20 % field decides which voxels the match darkens
-  (the dark blotches of docs/training.md). The sign is still voted on the volumes as
-  they are: on bias-free ones the vote turned unreliable.
+  their bias field (galip.runtime.bias, fitted in the head mask the runtime uses) and
+  the match is multiplied back by the source's (a receive-coil property that a
+  subject's contrasts share). A PD's tissue contrast is a few percent, so without it
+  the +-10-20 % field decides which voxels the match darkens (the dark blotches of
+  docs/training.md). The sign is still voted on the volumes as they are: on bias-free
+  ones the vote turned unreliable. With ``bias_field="n4"`` the model itself trains on
+  bias-free slices (as the runtime then feeds it): the slice and its pseudo-targets
+  stay bias-free;
+* ``back_translate``: source domains whose own intensities do not tell the tissues
+  apart (a PDw's CSF and WM differ by ~3 %), so that no map of a voxel's intensity can
+  say what it is in another contrast. Their own slices get no pseudo-targets; instead
+  they get synthetic slices: every other domain's subjects as their pseudo-target for
+  this domain, paired with that subject's slice and pseudo-targets. The generator has
+  to learn from the anatomy where a PDw's CSF lies, which a histogram match cannot.
 
 No paired image is used anywhere: the truth of a subject's other contrasts never enters.
 The brain and head masks are those ``galip-data`` writes beside each subject; a data set
@@ -37,7 +46,9 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from galip.runtime.bias import flatten
 from galip.runtime.domains import Domain
+from galip.runtime.errors import ConfigError
 from galip.runtime.volume import load_volume
 
 from ..slices import (kept_slices, prepared_slices, preprocess_config, read_index, split_unpaired,
@@ -48,20 +59,6 @@ BINS = 32
 FOREGROUND = 0.05   # share of a region's 99.5th percentile: the fallback foreground
 DECISIVE = 1.0      # share of subjects that must agree on a sign for the pair to get a prior (all)
 SPLIT_VOTES = ("skip", "plain")   # what a pair whose vote splits gets: no pseudo-target, or the plain match
-N4_SHRINK = 2       # N4 fits the field on a grid this much coarser (a smooth field; 8x fewer voxels)
-N4_ITERATIONS = (50, 50, 50)   # per fitting level (SimpleITK's default is 4 levels of 50)
-
-
-def bias_field(volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """N4's estimate (SimpleITK) of ``volume``'s smooth multiplicative bias field, fitted
-    inside ``mask`` where the volume is positive, at full resolution (> 0 everywhere)."""
-    import SimpleITK as sitk
-    image = sitk.GetImageFromArray(np.ascontiguousarray(volume, dtype=np.float32))
-    fit_mask = sitk.GetImageFromArray((mask & (volume > 0)).astype(np.uint8))
-    n4 = sitk.N4BiasFieldCorrectionImageFilter()
-    n4.SetMaximumNumberOfIterations(list(N4_ITERATIONS))
-    n4.Execute(sitk.Shrink(image, [N4_SHRINK] * 3), sitk.Shrink(fit_mask, [N4_SHRINK] * 3))
-    return np.exp(sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(image))).astype(np.float32)
 
 
 def joint_histogram(volume: np.ndarray, region: np.ndarray) -> np.ndarray:
@@ -103,7 +100,7 @@ class _Subject:
     """One subject's volume of one domain with its regions (brain, rest of the head), and
     with ``correct_bias`` its N4 bias field; ``flat`` is the volume divided by it."""
 
-    def __init__(self, data_dir: Path, entry: dict, domain: Domain, correct_bias: bool = False):
+    def __init__(self, data_dir: Path, entry: dict, domain: Domain, correct_bias: bool, config: dict):
         volume = load_volume(subject_file(data_dir, entry, domain))
         self.data, self.affine = volume.data, volume.affine_mm
         files = entry.get("files", {})
@@ -113,10 +110,9 @@ class _Subject:
             self.regions = {"brain": brain, "head": head & ~brain}
         else:
             self.regions = {"head": self.data > FOREGROUND * np.percentile(self.data, 99.5)}
-        # fitted in the brain (else the one region): bone and air give N4 only noise to fit
-        fit_region = self.regions.get("brain", self.regions["head"])
-        self.bias = bias_field(self.data, fit_region) if correct_bias else None
-        self.flat = self.data if self.bias is None else self.data / self.bias
+        # the field the runtime would divide out of this volume (galip.runtime.bias)
+        self.flat, self.bias = flatten(self.data, domain.kind, "n4" if correct_bias else "none",
+                                       config["percentiles"])
 
 
 class _Matches:
@@ -141,11 +137,11 @@ class _Matches:
                                        None if corrected else self.volumes[name])
                 for name, region in self.source.regions.items()}
 
-    def pseudo_target(self, negate: dict[str, bool]) -> np.ndarray:
+    def pseudo_target(self, negate: dict[str, bool], bias_free: bool = False) -> np.ndarray:
         """Each region's match with its sign (:func:`target_signs`), times the source's
-        bias field if it has one; 0 outside the regions."""
+        bias field if it has one and not ``bias_free``; 0 outside the regions."""
         target = sum(self.volumes[name][negate[name]] for name in self.volumes)
-        return target if self.source.bias is None else target * self.source.bias
+        return target if self.source.bias is None or bias_free else target * self.source.bias
 
 
 def choose_signs(matches: Sequence[_Matches]) -> dict[str, float]:
@@ -178,6 +174,7 @@ def target_signs(shares: dict[str, float], split_vote: str = "skip") -> dict[str
 def load_slices_with_pseudo_targets(data_dir: str | Path, domains: Sequence[Domain], size: int, *,
                                     min_foreground: float = 0.05, axes: Sequence[int] | None = None,
                                     split_vote: str = "skip", bias_correction: bool = False,
+                                    bias_field: str = "none", back_translate: Sequence[str] = (),
                                     ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
     """Training slices with their pseudo-targets, and the signs chosen.
 
@@ -188,30 +185,49 @@ def load_slices_with_pseudo_targets(data_dir: str | Path, domains: Sequence[Doma
     ``{"A->B": {region: share of subjects voting for negation}}``; a pair without a
     pseudo-target (:func:`target_signs`) has a NaN channel. Unpaired as the plain
     loader: each domain keeps its own subjects, and references come from the target's.
-    ``bias_correction``: match the volumes N4 has freed of their bias fields (module docstring).
+    ``bias_correction``: match the volumes N4 has freed of their bias fields;
+    ``bias_field="n4"``: and keep the slices and pseudo-targets bias-free;
+    ``back_translate``: domain names whose pseudo-pairs are synthetic (module docstring).
     """
     data_dir = Path(data_dir)
     index = read_index(data_dir)
-    config = preprocess_config(size, min_foreground=min_foreground)
+    config = preprocess_config(size, min_foreground=min_foreground, bias_field=bias_field)
+    unknown = set(back_translate) - {d.name for d in domains}
+    if unknown or len(back_translate) >= len(domains):
+        raise ConfigError(f"back_translate {sorted(back_translate)} must name some, not all, of the domains "
+                          f"{', '.join(d.name for d in domains)}")
+    bias_free = bias_field == "n4"
     assignment = split_unpaired(index["subjects"], domains)
-    subjects = {d.name: [_Subject(data_dir, entry, d, bias_correction) for entry in assignment[d.name]]
-                for d in domains}
-    out, signs = {}, {}
+    subjects = {d.name: [_Subject(data_dir, entry, d, bias_correction or bias_free, config)
+                         for entry in assignment[d.name]] for d in domains}
+    channels, signs = {}, {}
     for a in domains:
         sources = subjects[a.name]
-        channels = [[prepared_slices(s.data, s.affine, a.kind, config, axes)] for s in sources]
+        channels[a.name] = [[prepared_slices(s.flat if bias_free else s.data, s.affine, a.kind, config, axes)]
+                            for s in sources]
         for b in domains:
             if b is a:
-                for c in channels:
+                for c in channels[a.name]:
                     c.append(c[0])
+                continue
+            if a.name in back_translate:
+                for c in channels[a.name]:
+                    c.append(np.full_like(c[0], np.nan))
                 continue
             references = subjects[b.name]
             matches = [_Matches(s, references[k % len(references)]) for k, s in enumerate(sources)]
             shares = signs[f"{a.name}->{b.name}"] = choose_signs(matches)
             negate = target_signs(shares, split_vote)
-            for c, pair in zip(channels, matches):
+            for c, pair in zip(channels[a.name], matches):
                 c.append(np.full_like(c[0], np.nan) if negate is None else
-                         prepared_slices(pair.pseudo_target(negate), pair.source.affine, b.kind, config, axes))
-        stacks = [np.stack(c, axis=1)[kept_slices(c[0], config)] for c in channels]
+                         prepared_slices(pair.pseudo_target(negate, bias_free), pair.source.affine, b.kind,
+                                         config, axes))
+    for k, a in enumerate(domains):
+        if a.name in back_translate:
+            channels[a.name] += [[c[1 + k], *c[1:]] for d in domains if d.name not in back_translate
+                                 for c in channels[d.name] if np.isfinite(c[1 + k]).all()]
+    out = {}
+    for a in domains:
+        stacks = [np.stack(c, axis=1)[kept_slices(c[0], config)] for c in channels[a.name]]
         out[a.name] = np.ascontiguousarray(np.concatenate(stacks), dtype=np.float32)
     return out, signs

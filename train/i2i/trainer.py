@@ -64,6 +64,9 @@ class TrainConfig:
     prior_late_from: int = 0
     prior_split_vote: str = "skip"   # a pair whose sign vote splits: no pseudo-target, or "plain" (prior.py)
     prior_bias_correction: bool = False   # match N4-corrected volumes (prior.py; needs SimpleITK)
+    # source domains whose pseudo-pairs are synthetic, made from the other domains' subjects (prior.py)
+    prior_back_translate: tuple[str, ...] = ()
+    bias_field: str = "none"         # "n4": train on bias-free slices, as the runtime then feeds them (runtime/bias.py)
     crop: int = 0                    # random crop x crop windows of the slices (0: whole slices)
     crop_on_foreground: bool = False  # centre each window on a foreground pixel where the slice has one
     min_foreground: float = 0.05     # drop slices with less foreground (0: every slice, empty ones too)
@@ -72,6 +75,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["betas"], d["axes"] = list(self.betas), list(self.axes)
+        d["prior_back_translate"] = list(self.prior_back_translate)
         d["unet"], d["tiny"] = self.unet.to_dict(), self.tiny.to_dict()
         return d
 
@@ -80,6 +84,7 @@ class TrainConfig:
         d = dict(d)
         d["betas"] = tuple(d["betas"])
         d["axes"] = tuple(d.get("axes", (2,)))
+        d["prior_back_translate"] = tuple(d.get("prior_back_translate", ()))
         d["weights"] = LossWeights(**d["weights"])
         d["unet"] = UNetConfig.from_dict(d["unet"])
         tiny = dict(d["tiny"])

@@ -1,0 +1,60 @@
+"""A receive coil's smooth gain over the head, estimated and divided out before translation.
+
+An MRI volume is its tissue contrast times a slowly varying bias field of the receive coil
+(+-10-20 % across a head). The field belongs to the coil, not to the contrast, so a
+subject's T1w, T2w and PDw share it: the right translation of a biased source is the
+translation of the bias-free source, times the same field. A network that sees only a
+window of the head cannot know the field's level there, so a bundle whose preprocessing
+says ``bias_field: "n4"`` was trained on bias-free slices, and the runtime
+
+    field = N4(source, inside the head mask)     SimpleITK's N4 (Tustison et al. 2010)
+    translate(source / field) * field
+
+Training (train/slices.py, train/i2i/prior.py) calls the same :func:`flatten`, so the field
+a model learnt without is the one the runtime removes. CT has no such field: CT sources
+are left as they are. SimpleITK is imported only when a bundle asks for N4.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import ConfigError
+from .foreground import head_mask
+from .intensity import fit_intensity
+
+BIAS_FIELDS = ("none", "n4")   # a bundle's preprocess.bias_field: keep the source, or divide N4's field out
+N4_SHRINK = 2                  # the field is fitted on a grid this much coarser (smooth; 8x fewer voxels)
+N4_ITERATIONS = (50, 50, 50)   # per fitting level (SimpleITK's default is 4 levels of 50)
+
+
+def n4_field(volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """N4's estimate of ``volume``'s multiplicative bias field, fitted inside ``mask`` where
+    the volume is positive, at full resolution: float32, > 0 everywhere."""
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        raise ConfigError("this bundle divides out the coil's bias field with N4, which needs SimpleITK; "
+                          "pip install 'galip[cpu]' (or SimpleITK)") from None
+    volume = np.ascontiguousarray(volume, dtype=np.float32)
+    image = sitk.GetImageFromArray(volume)
+    fit_mask = sitk.GetImageFromArray((np.asarray(mask, bool) & (volume > 0)).astype(np.uint8))
+    n4 = sitk.N4BiasFieldCorrectionImageFilter()
+    n4.SetMaximumNumberOfIterations(list(N4_ITERATIONS))
+    n4.Execute(sitk.Shrink(image, [N4_SHRINK] * 3), sitk.Shrink(fit_mask, [N4_SHRINK] * 3))
+    return np.exp(sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(image))).astype(np.float32)
+
+
+def flatten(data: np.ndarray, kind: str, method: str, percentiles: tuple[float, float],
+            mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(data / field, field)`` for an MRI under ``method="n4"``, the field fitted inside
+    ``mask`` (default: the head mask the runtime's ``--mask auto`` uses); ``(data, None)``
+    for ``"none"`` or a CT."""
+    if method not in BIAS_FIELDS:
+        raise ConfigError(f"bias_field must be one of {', '.join(BIAS_FIELDS)}, got {method!r}")
+    if method == "none" or kind != "mri":
+        return data, None
+    data = np.asarray(data, np.float32)
+    if mask is None:
+        mask = head_mask(data, fit_intensity(data, kind, percentiles=tuple(percentiles)))
+    field = n4_field(data, mask)
+    return data / field, field
