@@ -23,13 +23,15 @@ from .foreground import head_mask
 from .intensity import fit_intensity
 
 BIAS_FIELDS = ("none", "n4")   # a bundle's preprocess.bias_field: keep the source, or divide N4's field out
-N4_SHRINK = 2                  # the field is fitted on a grid this much coarser (smooth; 8x fewer voxels)
+N4_GRID_MM = 4.0               # the field is fitted on a grid about this coarse (it is smooth; a 2 mm
+                               # volume shrinks 2x per axis, 8x fewer voxels; a 1 mm one 4x: 64x)
 N4_ITERATIONS = (50, 50, 50)   # per fitting level (SimpleITK's default is 4 levels of 50)
 
 
-def n4_field(volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def n4_field(volume: np.ndarray, mask: np.ndarray, voxel_mm: tuple[float, ...]) -> np.ndarray:
     """N4's estimate of ``volume``'s multiplicative bias field, fitted inside ``mask`` where
-    the volume is positive, at full resolution: float32, > 0 everywhere."""
+    the volume is positive on a grid of about ``N4_GRID_MM`` (``voxel_mm``: the voxel
+    sizes of ``volume``'s axes), at full resolution: float32, > 0 everywhere."""
     try:
         import SimpleITK as sitk
     except ImportError:
@@ -40,15 +42,17 @@ def n4_field(volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
     fit_mask = sitk.GetImageFromArray((np.asarray(mask, bool) & (volume > 0)).astype(np.uint8))
     n4 = sitk.N4BiasFieldCorrectionImageFilter()
     n4.SetMaximumNumberOfIterations(list(N4_ITERATIONS))
-    n4.Execute(sitk.Shrink(image, [N4_SHRINK] * 3), sitk.Shrink(fit_mask, [N4_SHRINK] * 3))
+    # SimpleITK's index order is the array's reversed
+    shrink = [max(1, round(N4_GRID_MM / float(mm))) for mm in reversed(tuple(voxel_mm)[:3])]
+    n4.Execute(sitk.Shrink(image, shrink), sitk.Shrink(fit_mask, shrink))
     return np.exp(sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(image))).astype(np.float32)
 
 
-def flatten(data: np.ndarray, kind: str, method: str, percentiles: tuple[float, float],
+def flatten(data: np.ndarray, affine_mm: np.ndarray, kind: str, method: str, percentiles: tuple[float, float],
             mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """``(data / field, field)`` for an MRI under ``method="n4"``, the field fitted inside
     ``mask`` (default: the head mask the runtime's ``--mask auto`` uses); ``(data, None)``
-    for ``"none"`` or a CT."""
+    for ``"none"`` or a CT. ``affine_mm``: the volume's voxel-to-mm affine."""
     if method not in BIAS_FIELDS:
         raise ConfigError(f"bias_field must be one of {', '.join(BIAS_FIELDS)}, got {method!r}")
     if method == "none" or kind != "mri":
@@ -56,5 +60,5 @@ def flatten(data: np.ndarray, kind: str, method: str, percentiles: tuple[float, 
     data = np.asarray(data, np.float32)
     if mask is None:
         mask = head_mask(data, fit_intensity(data, kind, percentiles=tuple(percentiles)))
-    field = n4_field(data, mask)
+    field = n4_field(data, mask, tuple(np.linalg.norm(np.asarray(affine_mm)[:3, :3], axis=0)))
     return data / field, field

@@ -243,7 +243,7 @@ class Translator:
         if foreground is None and self.settings.mask == "auto":
             foreground = head_mask(data, fit_intensity(np.asarray(data), kind, percentiles=tuple(self.config.percentiles)))
         # the coil's bias field (runtime/bias.py): the model translates without it, then it is given back
-        data, field = flatten(data, kind, self.config.bias_field, self.config.percentiles, foreground)
+        data, field = flatten(data, affine, kind, self.config.bias_field, self.config.percentiles, foreground)
         # per pass, the canonical slices that reach the model: the slab (if any), and of it
         # only slices with foreground (an empty slice is background whatever the model says)
         todo = [canonical_slices(affine, np.shape(data), axis, self._mirrored(span, data, affine, mirror) if flip else span,

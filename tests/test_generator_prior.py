@@ -48,11 +48,20 @@ def test_n4_finds_a_smooth_bias_field():
     volume, region = _tissues(broad=1.0, thin=0.4, phase=0, seed=3)
     x = np.linspace(-1, 1, volume.shape[0])[:, None, None]
     true_log = np.broadcast_to(0.3 * x - 0.2 * x ** 2, volume.shape)
-    estimate = n4_field(volume * np.exp(true_log), region)
+    estimate = n4_field(volume * np.exp(true_log), region, (2.0, 2.0, 2.0))
     assert estimate.shape == volume.shape and np.all(estimate > 0)
     assert np.corrcoef(np.log(estimate[region]), true_log[region])[0, 1] > 0.9
-    flat = n4_field(volume, region)                       # no field: N4 finds (almost) none
+    flat = n4_field(volume, region, (2.0, 2.0, 2.0))                       # no field: N4 finds (almost) none
     assert np.log(flat[region]).std() < 0.2 * true_log[region].std()
+
+
+def test_n4_fits_on_a_grid_of_about_4_mm_whatever_the_voxels(monkeypatch):
+    sitk = pytest.importorskip("SimpleITK")
+    volume, region = _tissues(broad=1.0, thin=0.4, phase=0, seed=3)
+    seen, shrink = [], sitk.Shrink
+    monkeypatch.setattr(sitk, "Shrink", lambda image, factors: seen.append(list(factors)) or shrink(image, factors))
+    n4_field(volume, region, (1.0, 2.0, 4.0))
+    assert seen == [[1, 2, 4]] * 2                          # SimpleITK's axis order: the array's reversed
 
 
 def test_a_pair_gets_a_prior_only_on_a_unanimous_vote():

@@ -143,7 +143,7 @@ def test_a_bias_free_bundle_translates_the_flat_source_and_gives_the_field_back(
     field = np.broadcast_to(np.exp(0.3 * x), data.shape).astype(np.float32)
     fits = []
     # N4 itself is tested in test_generator_prior; here the field is known, so the check is exact
-    monkeypatch.setattr(bias, "n4_field", lambda volume, mask: fits.append(mask) or field)
+    monkeypatch.setattr(bias, "n4_field", lambda volume, mask, voxel_mm: fits.append(mask) or field)
     n4 = build_tiny_bundle(tmp_path / "n4", diffusion_targets=(), bias_field="n4")
     plain = build_tiny_bundle(tmp_path / "plain", diffusion_targets=())
     biased = write_volume(tmp_path / "biased.nii.gz", data * field, lps_affine())
@@ -166,7 +166,7 @@ def test_a_bias_free_bundle_translates_the_flat_source_and_gives_the_field_back(
 def test_flatten_leaves_ct_and_bias_free_bundles_alone_and_names_bad_settings():
     data, _ = head_volume()
     for kind, method in (("ct", "n4"), ("mri", "none")):
-        same, field = bias.flatten(data, kind, method, (0.5, 99.5))
+        same, field = bias.flatten(data, np.eye(4), kind, method, (0.5, 99.5))
         assert same is data and field is None
     with pytest.raises(GalipError, match="bias_field"):
-        bias.flatten(data, "mri", "n3", (0.5, 99.5))
+        bias.flatten(data, np.eye(4), "mri", "n3", (0.5, 99.5))

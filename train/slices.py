@@ -76,7 +76,8 @@ def volume_slices(path: str | Path, domain: Domain, config: dict,
     runtime does (galip.runtime.bias).
     """
     volume = load_volume(path)
-    data, _ = flatten(volume.data, domain.kind, config.get("bias_field", "none"), config["percentiles"])
+    data, _ = flatten(volume.data, volume.affine_mm, domain.kind, config.get("bias_field", "none"),
+                      config["percentiles"])
     stack = prepared_slices(data, volume.affine_mm, domain.kind, config, axes)
     return np.ascontiguousarray(stack[kept_slices(stack, config)], dtype=np.float32)
 

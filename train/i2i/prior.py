@@ -111,7 +111,7 @@ class _Subject:
         else:
             self.regions = {"head": self.data > FOREGROUND * np.percentile(self.data, 99.5)}
         # the field the runtime would divide out of this volume (galip.runtime.bias)
-        self.flat, self.bias = flatten(self.data, domain.kind, "n4" if correct_bias else "none",
+        self.flat, self.bias = flatten(self.data, self.affine, domain.kind, "n4" if correct_bias else "none",
                                        config["percentiles"])
 
 
