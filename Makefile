@@ -45,7 +45,7 @@ demo: $(VENV)/.stamp-demo
 		echo "demo: sample volume written to $(DEMO)/data; no demo bundle is shipped yet, so no translation (train with galip-train, export with galip-export, then galip-run --bundle DIR)"; \
 	fi
 
-# Re-makes the shipped demo bundle (small clip-free generator, about 35 min on one core, then the
+# Re-makes the shipped demo bundle (small clip-free generator, about 40 min on one core, then the
 # T2 score network, about 90 min; resumable). A re-made generator differs from the shipped one (docs/training.md).
 demo-bundle: $(VENV)/.stamp-test
 	$(PY) -m galip.export.demo_bundle --work $(DEMO)/bundle_work --bundle runtime/bundles/demo
