@@ -27,7 +27,7 @@ from .bundle import load_bundle
 from .cli_support import err_console, user_errors
 from .errors import ConfigError, OutputError
 from .foreground import mask_from_file
-from .pipeline import CT_GUESS_BELOW, MASKS, Settings, Translator, guess_kind, prepare
+from .pipeline import CT_GUESS_BELOW, MASKS, Result, Settings, Translator, guess_kind, prepare
 from .settings import LMI_MODES, parse_slices
 from .signals import stop_on_signals
 from .volume import load_volume, save_volume
@@ -96,14 +96,16 @@ def _progress() -> Progress:
     return Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal)
 
 
-def _summary(out: Path, translator: Translator, n_slices: int, wall: float) -> str:
+def _summary(out: Path, translator: Translator, result: Result, wall: float) -> str:
     settings, choice = translator.settings, translator.choice
     how = settings.model
     if translator.table is not None:
         table = translator.table
         eta = f", eta {table.eta:g}" if table.sampler == "ddim" else ""
         how += f" ({table.sampler}, {len(table)} steps{eta}, seed {settings.seed})"
-    return (f"wrote {out}: {translator.target.name} by {how}, {n_slices} slices, {wall:.1f} s; "
+    if result.bias_field is not None:
+        how += ", the source's coil bias field divided out and given back (N4)"
+    return (f"wrote {out}: {translator.target.name} by {how}, {result.n_slices} slices, {wall:.1f} s; "
             f"{choice.reason}")
 
 
@@ -256,4 +258,4 @@ def main(
                           output_map=result.target_map, labels=(f"source ({kind})", translator.target.name),
                           title=translator.description, overwrite=overwrite,
                           centre=translator.preview_centre(volume.data.shape, volume.affine_mm))
-    typer.echo(_summary(out, translator, result.n_slices, time.perf_counter() - started))
+    typer.echo(_summary(out, translator, result, time.perf_counter() - started))

@@ -68,6 +68,7 @@ class Result:
     table: StepTable | None = None
     foreground: np.ndarray | None = None   # (X, Y, Z) bool; outside it the output is background
     n_slices: int = 0                      # slices translated, over all planes/TTA passes
+    bias_field: np.ndarray | None = None   # (X, Y, Z) the source's coil field, divided out and given back (bias.py)
 
 
 def guess_kind(data: np.ndarray) -> str:
@@ -266,7 +267,7 @@ class Translator:
         if foreground is not None:
             volume[~foreground] = target_map.lo               # the target's background
         seconds = time.perf_counter() - started
-        return Result(volume, plan, target_map, self.choice, seconds, self.table, foreground, done)
+        return Result(volume, plan, target_map, self.choice, seconds, self.table, foreground, done, field)
 
     def _slab(self, data: np.ndarray, affine: np.ndarray) -> tuple[int, int] | None:
         """``settings.slices`` checked against the input's extent on the slicing axis."""

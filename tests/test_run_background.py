@@ -155,6 +155,7 @@ def test_a_bias_free_bundle_translates_the_flat_source_and_gives_the_field_back(
         outs[name] = tmp_path / f"{name}.nii.gz"
         result = run(source, "--to", "T2", "--bundle", bundle, "--out", outs[name], "--mask", mask)
         assert result.exit_code == 0, result.output
+        assert ("bias field divided out" in result.output) == (bundle == n4)   # the summary says so
     assert len(fits) == 1 and np.array_equal(fits[0], head)         # fitted once, in the mask
     got, want = _load(outs["n4"]), _load(outs["plain"]) * field
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * float(want.max()))
