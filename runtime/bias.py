@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 from .foreground import head_mask
 from .intensity import fit_intensity
 
@@ -31,21 +31,33 @@ N4_ITERATIONS = (50, 50, 50)   # per fitting level (SimpleITK's default is 4 lev
 def n4_field(volume: np.ndarray, mask: np.ndarray, voxel_mm: tuple[float, ...]) -> np.ndarray:
     """N4's estimate of ``volume``'s multiplicative bias field, fitted inside ``mask`` where
     the volume is positive on a grid of about ``N4_GRID_MM`` (``voxel_mm``: the voxel
-    sizes of ``volume``'s axes), at full resolution: float32, > 0 everywhere."""
+    sizes of ``volume``'s axes), at full resolution: float32, > 0 everywhere. A single
+    slice is fitted in 2-D; InputError (one line) where nothing can be fitted."""
     try:
         import SimpleITK as sitk
     except ImportError:
         raise ConfigError("this bundle divides out the coil's bias field with N4, which needs SimpleITK; "
                           "pip install 'galip[cpu]' (or SimpleITK)") from None
     volume = np.ascontiguousarray(volume, dtype=np.float32)
-    image = sitk.GetImageFromArray(volume)
-    fit_mask = sitk.GetImageFromArray((np.asarray(mask, bool) & (volume > 0)).astype(np.uint8))
+    fit = np.asarray(mask, bool) & (volume > 0)
+    axes = [a for a in range(volume.ndim) if volume.shape[a] > 1]     # N4 cannot fit along a 1-voxel axis
+    if len(axes) < 2 or fit.sum() < 8:
+        raise InputError(f"a volume of {volume.shape} voxels with {int(fit.sum())} inside the head mask is too "
+                         "little for the bundle's N4 bias-field fit; give a larger volume (or another --mask)")
+    shape = [volume.shape[a] for a in axes]
+    image = sitk.GetImageFromArray(volume.reshape(shape))
+    fit_mask = sitk.GetImageFromArray(fit.reshape(shape).astype(np.uint8))
+    # SimpleITK's index order is the array's reversed; every shrunk axis keeps >= 2 voxels
+    shrink = [max(1, min(round(N4_GRID_MM / float(voxel_mm[a])), shape[k] // 2)) for k, a in enumerate(axes)][::-1]
     n4 = sitk.N4BiasFieldCorrectionImageFilter()
     n4.SetMaximumNumberOfIterations(list(N4_ITERATIONS))
-    # SimpleITK's index order is the array's reversed
-    shrink = [max(1, round(N4_GRID_MM / float(mm))) for mm in reversed(tuple(voxel_mm)[:3])]
-    n4.Execute(sitk.Shrink(image, shrink), sitk.Shrink(fit_mask, shrink))
-    return np.exp(sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(image))).astype(np.float32)
+    try:
+        n4.Execute(sitk.Shrink(image, shrink), sitk.Shrink(fit_mask, shrink))
+        log_field = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(image))
+    except RuntimeError as error:                  # ITK's message: many lines, the reason near the end
+        reason = " ".join(str(error).split())[-200:]
+        raise InputError(f"N4 could not fit a bias field to this {volume.shape} volume: ...{reason}") from None
+    return np.exp(log_field).reshape(volume.shape).astype(np.float32)
 
 
 def flatten(data: np.ndarray, affine_mm: np.ndarray, kind: str, method: str, percentiles: tuple[float, float],

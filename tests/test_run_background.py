@@ -171,3 +171,24 @@ def test_flatten_leaves_ct_and_bias_free_bundles_alone_and_names_bad_settings():
         assert same is data and field is None
     with pytest.raises(GalipError, match="bias_field"):
         bias.flatten(data, np.eye(4), "mri", "n3", (0.5, 99.5))
+
+
+@pytest.mark.parametrize("shape", [(30, 30, 1), (6, 6, 3), (2, 2, 2)])
+def test_n4_fits_a_single_slice_and_small_volumes(tmp_path, shape):
+    pytest.importorskip("SimpleITK")
+    n4 = build_tiny_bundle(tmp_path / "n4", diffusion_targets=(), bias_field="n4")
+    data = np.random.default_rng(0).uniform(10, 20, shape).astype(np.float32)
+    source, out = write_volume(tmp_path / "s.nii.gz", data, lps_affine()), tmp_path / "o.nii.gz"
+    result = run(source, "--to", "T2", "--bundle", n4, "--out", out, "--mask", "none")
+    assert result.exit_code == 0, result.output
+    assert _load(out).shape == shape and np.isfinite(_load(out)).all()
+
+
+def test_a_volume_n4_cannot_fit_is_one_line(tmp_path):
+    pytest.importorskip("SimpleITK")
+    n4 = build_tiny_bundle(tmp_path / "n4", diffusion_targets=(), bias_field="n4")
+    data = np.random.default_rng(0).uniform(10, 20, (1, 1, 40)).astype(np.float32)
+    source, out = write_volume(tmp_path / "line.nii.gz", data, lps_affine()), tmp_path / "o.nii.gz"
+    result = run(source, "--to", "T2", "--bundle", n4, "--out", out)
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "N4" in result.output and not out.exists()
