@@ -38,12 +38,12 @@ import numpy as np
 
 from .backends.base import Runner, RunnerFactory
 from .backends.select import Choice, select_backend, select_lmi
+from .bias import flatten
 from .bundle import Bundle
 from .contract import (DEFAULT_ETA, DEFAULT_STEPS, GEN_DOMAIN, GEN_IMAGE, GEN_OUTPUT, LMI_OUT, LMI_X, LMI_Y,
                        DiffusionEntry, ModelEntry)
 from .domains import Domain, get_domain
 from .errors import BackendError, BundleError, ConfigError, GalipError
-from .bias import flatten
 from .foreground import head_mask
 from .intensity import CT_WINDOW, IntensityMap, fit_intensity
 from .limits import affordable_batch
