@@ -53,18 +53,16 @@ def trained_steps(payload: dict) -> int:
 UNET_SETTINGS = ("curve_knots",)   # options that set a field of the U-Net's config, not of TrainConfig
 
 
-def _saved_setting(saved: dict, key: str):
-    """The value a checkpoint's train config holds for the option ``key`` (older configs
-    without it: the default)."""
+def _holder(config, key: str):
+    """The config object that holds the option ``key``: the U-Net's or the TrainConfig itself."""
+    return config.unet if key in UNET_SETTINGS else config
+
+
+def _resumed_settings(payload: dict, domains: str | None, given: dict) -> tuple[list[Domain], TrainConfig]:
+    """Domains and TrainConfig of the checkpoint (its format already checked; older configs
+    without a setting: its default); an explicit option that differs is an error."""
     from .trainer import TrainConfig
-    config = TrainConfig.from_dict(saved)
-    return getattr(config.unet if key in UNET_SETTINGS else config, key)
-
-
-def _resumed_settings(payload: dict, domains: str | None, given: dict) -> tuple[list[Domain], dict]:
-    """Domains and settings of the checkpoint (its format already checked); an explicit
-    option that differs is an error."""
-    saved = payload["train_config"]
+    config = TrainConfig.from_dict(payload["train_config"])
     saved_domains = [Domain(**d) for d in payload["domains"]]
     if domains is not None and [d.name for d in parse_domains(domains)] != [d.name for d in saved_domains]:
         raise ConfigError(f"--domains {domains} differs from the checkpoint's "
@@ -72,11 +70,11 @@ def _resumed_settings(payload: dict, domains: str | None, given: dict) -> tuple[
     for key, value in given.items():
         if value is None:
             continue
-        held = _saved_setting(saved, key)
+        held = getattr(_holder(config, key), key)
         if value != held:
             raise ConfigError(f"--{key.replace('_', '-')} {value} differs from the checkpoint's {held}; "
                               "drop it to continue the same schedule, or train into another --out")
-    return saved_domains, saved
+    return saved_domains, config
 
 
 def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict, *, save_every: int = 1000,
@@ -109,14 +107,13 @@ def train_generator(out: Path, data_dir: Path, domains: str | None, given: dict,
     payload = load_checkpoint(checkpoint) if resume else None
     if payload is not None:
         check_format(payload, checkpoint)              # before reading any key of it
-        domain_list, saved = _resumed_settings(payload, domains, given)
-        config = TrainConfig.from_dict(saved)
+        domain_list, config = _resumed_settings(payload, domains, given)
     else:
         domain_list = parse_domains(domains)
         config = copy.deepcopy(trainer_config) if trainer_config is not None else TrainConfig()
         for key, value in given.items():
             if value is not None:
-                setattr(config.unet if key in UNET_SETTINGS else config, key, value)
+                setattr(_holder(config, key), key, value)
     trainer = I2ITrainer(config, domain_list)          # backbone errors before the slow data load
     started_from = payload.get("init_from") if payload is not None else None
     if init_from is not None:
