@@ -13,10 +13,14 @@ import copy
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from galip.runtime.domains import Domain, parse_domains
 from galip.runtime.errors import ConfigError
 from galip.train.run_folder import check_run_folder
+
+if TYPE_CHECKING:                                   # torch loads only after the arguments are checked
+    from .trainer import TrainConfig
 
 
 def check_arguments(data_dir: Path, domains: str | None, given: dict, out: Path, resume: bool,
